@@ -1,0 +1,70 @@
+"""PrepConfig: every setting that decides what a shard holds, saved in each shard's stats, the run config and the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+from shards import schema
+
+SOURCE_KINDS = ("coco", "imagenet", "folder")
+SS_MODES = ("fast", "quality", "single")
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    # source
+    kind: str  # one of SOURCE_KINDS
+    root: str  # as given on the command line (kept for the record, not part of the fingerprint)
+    annotations: Optional[str] = None  # COCO instances JSON
+    # selective search (defaults from ORL / UniVIP)
+    mode: str = "fast"
+    ss_max_side: int = 500  # image resized so its longer side is at most this before selective search
+    seed: int = 0  # per-image C rand() seed = f(seed, key): same boxes, same order, in any process
+    # filters, applied in selective-search order
+    min_side: int = 64  # px, in stored-image pixels
+    max_aspect: float = 3.0
+    iou: float = 0.5  # greedy suppression threshold
+    max_boxes: int = 100
+    min_boxes: int = 4  # images with fewer kept boxes are kept and counted (K of UniVIP)
+    # storage
+    max_side: Optional[int] = None  # downscale stored images so the longer side is at most this
+    jpeg_quality: int = 95
+    max_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default), refused without decoding
+    shard_size: int = 1000
+    prefix: str = ""  # shard name prefix; "" means the source kind
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
+        if self.mode not in SS_MODES:
+            raise ValueError(f"mode must be one of {SS_MODES}, got {self.mode!r}")
+        for name in ("ss_max_side", "max_boxes", "shard_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.iou <= 1:
+            raise ValueError(f"iou must be in (0, 1], got {self.iou}")
+        if self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be >= 16, got {self.max_side}")
+
+    @property
+    def shard_prefix(self) -> str:
+        return self.prefix or self.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PrepConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def fingerprint(self) -> str:
+        """Digest of the settings that decide shard content; ``root`` is left out so a moved dataset can resume."""
+        d = self.to_dict()
+        d.pop("root")
+        return schema.fingerprint(d)

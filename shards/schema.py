@@ -1,0 +1,262 @@
+"""The shard format: the one definition every writer, reader, stats tool and test imports.
+
+A shard named ``{prefix}-{index:06d}`` is three files (or objects) side by side:
+
+- ``NAME.tar``        WebDataset tar: ``KEY.jpg`` (RGB JPEG) and ``KEY.json`` (sample metadata) per sample,
+                      members in input order, each pair jpg-then-json, mtime 0, owner 0, mode 0644 (byte-reproducible).
+- ``NAME.parquet``    one row per *input* assigned to the shard, failures included (``PARQUET_SCHEMA``).
+- ``NAME.stats.json`` written last: its presence marks the shard done (``make_stats``).
+
+``manifest.json`` sits beside the shards once every shard is done (``make_manifest``).
+Boxes are integer ``[x0, y0, x1, y1]`` in the stored image's pixels, end-exclusive
+(``0 <= x0 < x1 <= width``), in selective-search rank order. ``docs/format.md`` is the prose version of this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+
+# --- names -------------------------------------------------------------------------------------------------------
+IMAGE_EXT = "jpg"
+META_EXT = "json"
+TAR_SUFFIX = ".tar"
+PARQUET_SUFFIX = ".parquet"
+STATS_SUFFIX = ".stats.json"
+MANIFEST_NAME = "manifest.json"
+# Written when a run starts; a later run into the same output must have the same fingerprint (or --overwrite).
+RUN_CONFIG_NAME = "prep_config.json"
+SHARD_DIGITS = 6
+
+_SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{%d})$" % SHARD_DIGITS)
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """``coco``, 3 -> ``coco-000003`` (the stem shared by a shard's tar, parquet and stats)."""
+    if not 0 <= index < 10**SHARD_DIGITS:
+        raise ValueError(f"shard index {index} out of range")
+    return f"{prefix}-{index:0{SHARD_DIGITS}d}"
+
+
+def parse_shard_name(name: str) -> tuple[str, int]:
+    """Inverse of ``shard_name``; accepts the stem or any of the three file names."""
+    for suffix in (TAR_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    m = _SHARD_RE.match(name)
+    if not m:
+        raise ValueError(f"not a shard name: {name!r}")
+    return m.group("prefix"), int(m.group("index"))
+
+
+# --- keys --------------------------------------------------------------------------------------------------------
+# WebDataset splits a member name into key and extension at the *first* dot, so a key must not hold one; slashes
+# would make directories inside the tar. USTAR names are limited to 100 bytes, so keys stay short and ASCII.
+KEY_MAX_LEN = 80
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,%d}$" % KEY_MAX_LEN)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+def is_valid_key(key: str) -> bool:
+    return bool(_KEY_RE.match(key))
+
+
+def sanitize_key(text: str) -> str:
+    """A readable, WebDataset-safe key from a relative path: ``a b/ç.d.jpg`` -> ``a_b__c_d``.
+
+    Not injective (callers that need unique keys resolve collisions, see ``prep.sources``)."""
+    stem = text.rsplit(".", 1)[0] if "." in text.rsplit("/", 1)[-1] else text
+    parts = [_UNSAFE.sub("_", p).strip("_") or "_" for p in stem.split("/")]
+    key = "__".join(parts)
+    if len(key) > KEY_MAX_LEN:
+        # keep the (most specific) end of the path and make the cut unique with a digest of the whole path
+        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+        key = key[-(KEY_MAX_LEN - 11):] + "-" + digest
+    return key
+
+
+# --- per-sample metadata (KEY.json) ------------------------------------------------------------------------------
+def encode_meta(
+    *,
+    key: str,
+    path: str,
+    width: int,
+    height: int,
+    boxes: np.ndarray,
+    label: int | None = None,
+    image_id: int | None = None,
+) -> bytes:
+    """Canonical bytes of ``KEY.json`` (sorted keys, no spaces: identical inputs give identical bytes)."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "path": path,
+        "width": int(width),
+        "height": int(height),
+        "boxes": boxes.tolist(),
+        "label": None if label is None else int(label),
+        "image_id": None if image_id is None else int(image_id),
+    }
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def decode_meta(data: bytes) -> dict[str, Any]:
+    """``KEY.json`` bytes -> dict with ``boxes`` as an int32 ``[N, 4]`` array. Raises ValueError on a bad payload."""
+    meta = json.loads(data)
+    if not isinstance(meta, dict) or "boxes" not in meta:
+        raise ValueError("sample metadata has no 'boxes'")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"sample metadata has format_version {version}, this reader knows {FORMAT_VERSION}")
+    meta["boxes"] = np.asarray(meta["boxes"], dtype=np.int32).reshape(-1, 4)
+    return meta
+
+
+# --- parquet rows ------------------------------------------------------------------------------------------------
+STATUS_OK = "ok"
+# Failure reasons: the value of ``status`` for an input that produced no sample. ``error`` holds the message.
+FAILURE_REASONS = {
+    "missing": "file missing or unreadable",
+    "empty": "zero-byte file",
+    "not_image": "not a recognised image format",
+    "corrupt": "image data truncated or corrupt",
+    "too_large": "more pixels than the decompression-bomb limit",
+    "too_small": "image smaller than the minimum size",
+    "proposal_failed": "selective search raised an error",
+}
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),  # source path relative to the source root
+        pa.field("status", pa.string(), nullable=False),  # STATUS_OK or a FAILURE_REASONS key
+        pa.field("error", pa.string()),  # message for a failure, null when ok
+        pa.field("width", pa.int32()),  # stored image (after EXIF transpose and --max-side)
+        pa.field("height", pa.int32()),
+        pa.field("orig_width", pa.int32()),  # decoded source image (after EXIF transpose)
+        pa.field("orig_height", pa.int32()),
+        pa.field("label", pa.int32()),  # ImageNet class index
+        pa.field("image_id", pa.int64()),  # COCO image id
+        pa.field("raw_boxes", pa.int32()),  # selective search output count, before filters
+        pa.field("kept_boxes", pa.int32()),
+        pa.field("boxes", pa.list_(pa.list_(pa.int32()))),  # kept boxes, xyxy, as in KEY.json
+        pa.field("ss_seconds", pa.float64()),  # selective search time (not reproducible across runs)
+        pa.field("image_bytes", pa.int64()),  # size of KEY.jpg in the tar
+        pa.field("sha256", pa.string()),  # of the source file's bytes
+    ]
+)
+# Columns whose values depend on timing, excluded when comparing two runs for reproducibility.
+NONDETERMINISTIC_COLUMNS = ("ss_seconds",)
+
+
+def make_row(key: str, path: str, status: str = STATUS_OK, **fields: Any) -> dict[str, Any]:
+    """A parquet row with every column present (missing ones None); rejects unknown columns and statuses."""
+    if status != STATUS_OK and status not in FAILURE_REASONS:
+        raise ValueError(f"unknown status {status!r}")
+    unknown = set(fields) - set(PARQUET_SCHEMA.names)
+    if unknown:
+        raise ValueError(f"unknown parquet columns {sorted(unknown)}")
+    row = {name: None for name in PARQUET_SCHEMA.names}
+    row.update(fields, key=key, path=path, status=status)
+    if row["boxes"] is not None:
+        row["boxes"] = np.asarray(row["boxes"], dtype=np.int64).reshape(-1, 4).tolist()
+    return row
+
+
+def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=PARQUET_SCHEMA)
+
+
+# --- stats (done marker) and manifest ----------------------------------------------------------------------------
+def fingerprint(config: Mapping[str, Any]) -> str:
+    """Stable digest of the settings that decide a shard's content (runs with equal fingerprints may share an output)."""
+    canon = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def make_stats(
+    *,
+    shard: str,
+    config_fingerprint: str,
+    rows: list[Mapping[str, Any]],
+    tar_bytes: int,
+    parquet_bytes: int,
+    seconds: float,
+    min_boxes: int,
+) -> dict[str, Any]:
+    """The ``NAME.stats.json`` content for a shard from its parquet rows."""
+    failed: dict[str, int] = {}
+    ok = few = boxes = 0
+    ss = 0.0
+    for r in rows:
+        ss += r.get("ss_seconds") or 0.0
+        if r["status"] == STATUS_OK:
+            ok += 1
+            boxes += r["kept_boxes"] or 0
+            few += (r["kept_boxes"] or 0) < min_boxes
+        else:
+            failed[r["status"]] = failed.get(r["status"], 0) + 1
+    return {
+        "format_version": FORMAT_VERSION,
+        "shard": shard,
+        "fingerprint": config_fingerprint,
+        "inputs": len(rows),
+        "samples": ok,
+        "failed": dict(sorted(failed.items())),
+        "few_boxes": few,
+        "min_boxes": min_boxes,
+        "boxes": boxes,
+        "tar_bytes": tar_bytes,
+        "parquet_bytes": parquet_bytes,
+        "seconds": round(seconds, 3),
+        "ss_seconds": round(ss, 3),
+    }
+
+
+def make_manifest(
+    *,
+    config: Mapping[str, Any],
+    versions: Mapping[str, str],
+    classes: list[str] | None,
+    stats: list[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """``manifest.json``: config, versions, class list, every shard with its sample count, totals."""
+    stats = sorted(stats, key=lambda s: s["shard"])
+    failed: dict[str, int] = {}
+    for s in stats:
+        for reason, n in s["failed"].items():
+            failed[reason] = failed.get(reason, 0) + n
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint(config),
+        "config": dict(config),
+        "versions": dict(versions),
+        "classes": classes,
+        "shards": [
+            {"name": s["shard"], "tar": s["shard"] + TAR_SUFFIX, "samples": s["samples"], "inputs": s["inputs"]}
+            for s in stats
+        ],
+        "totals": {
+            "shards": len(stats),
+            "inputs": sum(s["inputs"] for s in stats),
+            "samples": sum(s["samples"] for s in stats),
+            "failed": dict(sorted(failed.items())),
+            "few_boxes": sum(s["few_boxes"] for s in stats),
+            "boxes": sum(s["boxes"] for s in stats),
+            "tar_bytes": sum(s["tar_bytes"] for s in stats),
+        },
+    }
+
+
+def dumps(obj: Mapping[str, Any]) -> bytes:
+    """JSON for stats, manifest and run config files: indented for people, key order fixed for diffs."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
