@@ -265,8 +265,11 @@ def _text_hist(h: Mapping[str, list], integer: bool = False, width: int = 40) ->
     if not counts or max(counts) == 0:
         return []
     top = max(counts)
+    # empty bins at either end say nothing (counts of boxes start at 0 but rarely go below K)
+    first = next(i for i, c in enumerate(counts) if c)
+    last = max(i for i, c in enumerate(counts) if c) + 1
     out = []
-    for c, lo, hi in zip(counts, edges, edges[1:]):
+    for c, lo, hi in zip(counts[first:last], edges[first:last], edges[first + 1 : last + 1]):
         label = f"{int(lo):>5}-{int(hi) - 1:<5}" if integer else f"{lo:>8.2f}-{hi:<8.2f}"
         out.append(f"  {label} {'#' * round(width * c / top):<{width}} {c}")
     return out
