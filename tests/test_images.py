@@ -15,7 +15,7 @@ from prep.config import PrepConfig
 from prep.images import ImageError, LoadedImage, load_image
 from prep.proposals import propose
 from shards import schema
-from tests import imagegen
+import imagegen  # pytest (prepend import mode) puts tests/ on sys.path; the other test modules import it so too
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 from prep.config import PrepConfig
 from prep.images import load_image
 from prep.proposals import Proposals, filter_boxes, image_seed, opencv_version, propose, selective_search
-from tests import imagegen
+import imagegen  # pytest (prepend import mode) puts tests/ on sys.path; the other test modules import it so too
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SS_SIDE = 128  # small, so selective search takes tens of milliseconds
