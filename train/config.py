@@ -35,7 +35,8 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the newest checkpoint in --out (same config required)")
     # --- model
     arch: str = _f("resnet50", "encoder (torchvision, random init)", ARCHS)
-    method: str = _f("univip", "univip = three losses; byol = scene-scene only (loss weights ignored)", ("univip", "byol"))
+    method: str = _f("univip", "univip = three losses; byol = scene-scene only (instance weights ignored)",
+                     ("univip", "byol"))
     w_scene: float = _f(1.0, "weight of the scene-scene (BYOL) loss; 0 disables it")
     w_scene_instance: float = _f(1.0, "weight of the scene-instance loss; 0 disables it")
     w_instance: float = _f(1.0, "weight of the instance-instance (optimal transport) loss; 0 disables it")
@@ -97,8 +98,18 @@ class TrainConfig:
     def loss_weights(self) -> dict[str, float]:
         """The weight of each loss term; ``--method byol`` is scene-scene alone."""
         if self.method == "byol":
-            return {"scene": 1.0, "scene_instance": 0.0, "instance": 0.0}
+            return {"scene": self.w_scene, "scene_instance": 0.0, "instance": 0.0}
         return {"scene": self.w_scene, "scene_instance": self.w_scene_instance, "instance": self.w_instance}
+
+    def model_config(self):
+        """The ``train.model.ModelConfig`` of this run (imported here so that reading a config needs no torch)."""
+        from .model import ModelConfig
+
+        return ModelConfig(arch=self.arch, proj_hidden=self.proj_hidden, proj_dim=self.proj_dim,
+                           pred_hidden=self.pred_hidden, k=self.k, method=self.method,
+                           instance_mode=self.instance_mode, instance_size=self.instance_size,
+                           w_scene=self.w_scene, w_scene_instance=self.w_scene_instance, w_instance=self.w_instance,
+                           ot_eps=self.sinkhorn_eps, ot_iters=self.sinkhorn_iters)
 
     def validate(self) -> "TrainConfig":
         for f in dataclasses.fields(self):
