@@ -1,0 +1,246 @@
+"""``prep``: turn images into selective-search proposal shards (WebDataset tar + Parquet), then inspect them.
+
+Thin over the modules: options become a PrepConfig, sources are checked before any work, prep.run does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from prep.config import SS_MODES, PrepConfig
+
+_DEFAULTS = PrepConfig(kind="folder", root=".")
+
+
+def _parse_part(ctx, param, value):
+    if value is None:
+        return (0, 1)
+    from prep.run import parse_part
+
+    try:
+        return parse_part(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def _run_options(f):
+    """Options shared by the source commands (coco, imagenet, folder)."""
+    from prep.executors import EXECUTORS, default_workers
+
+    d = _DEFAULTS
+    options = [
+        click.option("--out", "-o", required=True, help="Output directory for the shards (created if missing)."),
+        click.option("--prefix", default="", help="Shard name prefix  [default: the source kind, e.g. coco]"),
+        click.option("--shard-size", type=click.IntRange(min=1), default=d.shard_size, show_default=True,
+                     help="Images (inputs, failures included) per shard."),
+        click.option("--workers", "-j", type=click.IntRange(min=1), default=default_workers(), show_default=True,
+                     help="Worker processes (1 runs in this process)."),
+        click.option("--part", callback=_parse_part, metavar="I/N",
+                     help="Only shard tasks I, I+N, I+2N, … (e.g. $SLURM_ARRAY_TASK_ID/N); the part that completes the "
+                          "plan writes the manifest.  [default: 0/1, all]"),
+        click.option("--overwrite", is_flag=True,
+                     help="Delete the shards, manifest and run config of an earlier run in --out (nothing else) and "
+                          "start over. Without it, rerunning resumes and other settings are refused."),
+        click.option("--executor", type=click.Choice(sorted(EXECUTORS)), default="local", show_default=True,
+                     help="Where shard tasks run."),
+        click.option("--mode", type=click.Choice(SS_MODES), default=d.mode, show_default=True,
+                     help="OpenCV selective search: fast (switchToSelectiveSearchFast), quality (…Quality: slower, "
+                          "more boxes), single (switchToSingleStrategy: fastest)."),
+        click.option("--ss-max-side", type=click.IntRange(min=16), default=d.ss_max_side, show_default=True,
+                     help="Longer side (px) of the copy selective search runs on; boxes are mapped back."),
+        click.option("--seed", type=int, default=d.seed, show_default=True,
+                     help="Seed of the per-image generator (with the key): same boxes in the same order in any run."),
+        click.option("--min-side", type=click.IntRange(min=1), default=d.min_side, show_default=True,
+                     help="Drop boxes with a side shorter than this (stored-image px)."),
+        click.option("--max-aspect", type=click.FloatRange(min=1.0), default=d.max_aspect, show_default=True,
+                     help="Drop boxes with long/short side above this."),
+        click.option("--iou", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=d.iou, show_default=True,
+                     help="Greedy suppression in selective-search order: drop a box overlapping a kept one above this IoU."),
+        click.option("--max-boxes", type=click.IntRange(min=1), default=d.max_boxes, show_default=True,
+                     help="Keep the first N boxes after the filters."),
+        click.option("--min-boxes", type=click.IntRange(min=0), default=d.min_boxes, show_default=True,
+                     help="Images with fewer kept boxes are kept and counted as few_boxes (K of UniVIP)."),
+        click.option("--max-side", type=click.IntRange(min=16), default=None,
+                     help="Downscale stored images so the longer side is at most this (px).  [default: keep size]"),
+        click.option("--jpeg-quality", type=click.IntRange(1, 100), default=d.jpeg_quality, show_default=True,
+                     help="Quality of re-encoded images (JPEGs needing no change are stored as they are)."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=d.max_pixels, show_default=True,
+                     help="Refuse images with more pixels (decompression-bomb guard, checked before decoding)."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
+    from prep import run as prep_run
+    from prep.sources import SourceError, load_source
+
+    try:
+        cfg = PrepConfig(
+            kind=kind, root=root, annotations=annotations,
+            **{k: opts[k] for k in ("mode", "ss_max_side", "seed", "min_side", "max_aspect", "iou", "max_boxes",
+                                    "min_boxes", "max_side", "jpeg_quality", "max_pixels", "shard_size", "prefix")},
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        source = load_source(kind, root, annotations)
+    except SourceError as e:
+        raise click.UsageError(str(e)) from None
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    try:
+        result = prep_run.run(
+            cfg, opts["out"], workers=opts["workers"], part=opts["part"], overwrite=opts["overwrite"],
+            executor=opts["executor"], progress=not opts["no_progress"], source=source, log=log,
+        )
+    except prep_run.RunConfigError as e:
+        raise click.ClickException(str(e)) from None
+    except prep_run.ShardsFailed as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(
+        f"{len(result.written)} shards written, {len(result.skipped)} already done, "
+        f"{result.planned} planned in {opts['out']}",
+        err=True,
+    )
+    if result.manifest is not None:
+        t = result.manifest["totals"]
+        failed = sum(t["failed"].values())
+        click.echo(
+            f"manifest written: {t['inputs']} inputs = {t['samples']} samples + {failed} failed; "
+            f"{t['boxes']} boxes, {t['few_boxes']} samples with fewer than {cfg.min_boxes}",
+            err=True,
+        )
+    elif opts["part"] != (0, 1):
+        click.echo("other parts still running or to run; the last one writes the manifest "
+                   f"(or run `prep finalize {opts['out']}`)", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+def prep():
+    """Selective-search proposal shards for object-level self-supervised pre-training.
+
+    \b
+    prep coco data/coco --annotations data/coco/annotations/instances_train2017.json --out shards/coco
+    prep stats shards/coco
+    prep show shards/coco -n 16 -o grid.png
+
+    Rerunning a command resumes it (done shards are skipped, partial ones redone).
+    """
+
+
+def _root_arg(f):
+    return click.argument("root", type=click.Path(exists=True, file_okay=False))(f)
+
+
+@prep.command()
+@_root_arg
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
+              help="COCO instances_*.json: image list and ids (else every image under ROOT).")
+@_run_options
+def coco(root, annotations, **opts):
+    """COCO images (ROOT/...), listed by --annotations (key = 12-digit image id) or found under ROOT."""
+    _run("coco", root, annotations, opts)
+
+
+@prep.command()
+@_root_arg
+@_run_options
+def imagenet(root, **opts):
+    """ImageNet-style tree ROOT/<wnid>/<images>; label = index of the sorted wnid (class list in the manifest)."""
+    _run("imagenet", root, None, opts)
+
+
+@prep.command()
+@_root_arg
+@_run_options
+def folder(root, **opts):
+    """Every image under ROOT (recursive, hidden files skipped), in sorted path order."""
+    _run("folder", root, None, opts)
+
+
+def _out_arg(f):
+    return click.argument("out", type=click.Path(exists=True, file_okay=False))(f)
+
+
+@prep.command()
+@_out_arg
+def finalize(out):
+    """Write OUT/manifest.json once every planned shard is done (after `--part` jobs)."""
+    from prep import run as prep_run
+
+    try:
+        manifest = prep_run.finalize(out)
+    except prep_run.RunConfigError as e:
+        raise click.ClickException(str(e)) from None
+    t = manifest["totals"]
+    click.echo(f"{os.path.join(out, 'manifest.json')}: {t['shards']} shards, {t['samples']} samples")
+
+
+@prep.command()
+@_out_arg
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw the distributions into this PNG.")
+def stats(out, as_json, plot):
+    """Summary of an output from its Parquet files: ok / failed by reason, boxes, sizes, bytes, timing."""
+    from prep import inspect
+
+    try:
+        summary = inspect.stats(out, plot=plot)
+    except inspect.InspectError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(inspect.format_stats(summary))
+    if plot:
+        click.echo(f"plot written to {plot}", err=True)
+
+
+@prep.command()
+@_out_arg
+@click.option("-n", "count", type=click.IntRange(min=1), default=16, show_default=True, help="Samples to draw.")
+@click.option("-o", "--output", default="grid.png", show_default=True, type=click.Path(dir_okay=False),
+              help="PNG to write.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which samples (random choice with this seed).")
+@click.option("--boxes", "max_boxes", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Draw the first N boxes of each sample (rank colours: red = first, blue = last).")
+@click.option("--cell", type=click.IntRange(min=64), default=256, show_default=True, help="Cell size (px).")
+def show(out, count, output, seed, max_boxes, cell):
+    """Draw the proposal boxes of N random samples onto a grid PNG (key as caption)."""
+    from prep import inspect
+
+    try:
+        keys = inspect.show(out, output, n=count, seed=seed, max_boxes=max_boxes, cell=cell)
+    except inspect.InspectError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{output}: {len(keys)} samples")
+
+
+@prep.command()
+@_out_arg
+def verify(out):
+    """Check every shard: tar members vs Parquet rows vs stats, boxes inside images, images decode; and the manifest.
+
+    Prints one line per problem; exit status 1 if there is any."""
+    from prep import inspect
+
+    problems, summary = inspect.verify(out, echo=lambda line: click.echo(line))
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {out}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {summary['shards']} shards, {summary['samples']} samples, {summary['inputs']} inputs")
+
+
+def main(argv=None) -> None:
+    """Console script entry point (``prep = prep.cli:main``)."""
+    prep.main(args=argv, prog_name="prep")
+

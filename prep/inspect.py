@@ -1,0 +1,377 @@
+"""Look at an output: ``stats`` (Parquet only), ``show`` (boxes drawn on samples), ``verify`` (tar vs Parquet vs stats).
+
+``verify`` is the check a consumer can run before a training job: every claim the Parquet rows, the stats files and the
+manifest make about the tars is checked against the tar bytes themselves.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import math
+import random
+import tarfile
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from shards import schema, storage
+
+# verify stops listing a shard's problems after this many (one broken shard should not bury the others)
+MAX_PROBLEMS_PER_SHARD = 20
+
+
+class InspectError(RuntimeError):
+    """The output cannot be inspected (no shards, unreadable Parquet); the message names the path."""
+
+
+# --- listing ---------------------------------------------------------------------------------------------------------
+def shard_names(out: str) -> list[str]:
+    """Stems of the shards present in ``out`` (any of tar, parquet, stats), sorted; temporary files ignored."""
+    names = set()
+    for n in storage.list_names(out):
+        if n.startswith("."):
+            continue
+        for suffix in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX):
+            if n.endswith(suffix):
+                stem = n[: -len(suffix)]
+                try:
+                    schema.parse_shard_name(stem)
+                except ValueError:
+                    break
+                names.add(stem)
+                break
+    return sorted(names)
+
+
+def _read_json(url: str) -> dict:
+    return json.loads(storage.read_bytes(url))
+
+
+def _read_parquet(url: str, columns: Optional[list[str]] = None):
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_filesystem(url)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _run_config(out: str) -> Optional[dict]:
+    url = storage.join(out, schema.RUN_CONFIG_NAME)
+    return _read_json(url) if storage.exists(url) else None
+
+
+# --- stats -----------------------------------------------------------------------------------------------------------
+def stats(out: str, plot: Optional[str] = None) -> dict:
+    """``shards.stats.summarize`` of every Parquet file in ``out``, plus ``accounting``: planned inputs (run config)
+    against Parquet rows = ok + failed, so a reader sees that every input ended up somewhere."""
+    from shards import stats as shard_stats
+
+    try:
+        table = shard_stats.read_table(out)
+    except (OSError, ValueError) as e:
+        raise InspectError(str(e)) from None
+    # the stats files are small; with them summarize also checks each shard's counts against its rows
+    done = [n for n in shard_names(out) if storage.exists(storage.join(out, n + schema.STATS_SUFFIX))]
+    summary = shard_stats.summarize(table, [_read_json(storage.join(out, n + schema.STATS_SUFFIX)) for n in done])
+    status = table.column("status").to_pylist()
+    ok = sum(s == schema.STATUS_OK for s in status)
+    run_cfg = _run_config(out)
+    planned = run_cfg["source"]["inputs"] if run_cfg and "source" in run_cfg else None
+    summary["accounting"] = {
+        "planned_inputs": planned,
+        "rows": len(status),
+        "ok": ok,
+        "failed": len(status) - ok,
+        "adds_up": planned == len(status) if planned is not None else None,
+    }
+    if plot:
+        shard_stats.plot_summary(summary, plot)
+    return summary
+
+
+def format_stats(summary: dict) -> str:
+    from shards import stats as shard_stats
+
+    a = summary["accounting"]
+    if a["planned_inputs"] is None:
+        line = f"inputs: {a['rows']} rows = {a['ok']} ok + {a['failed']} failed (no run config: plan unknown)"
+    elif a["adds_up"]:
+        line = f"inputs: {a['planned_inputs']} planned = {a['ok']} ok + {a['failed']} failed (every input accounted for)"
+    else:
+        line = (f"inputs: {a['planned_inputs']} planned but {a['rows']} rows ({a['ok']} ok + {a['failed']} failed): "
+                "the run is not finished (rerun it) or shards are missing")
+    return shard_stats.format_summary(summary).rstrip() + "\n" + line
+
+
+# --- show ------------------------------------------------------------------------------------------------------------
+def rank_colour(rank: int, count: int) -> tuple[int, int, int]:
+    """Red for the first box, through yellow and green, to blue for the last drawn."""
+    hue = 0.66 * rank / max(count - 1, 1)
+    r, g, b = colorsys.hsv_to_rgb(hue, 1.0, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _ok_keys(out: str, name: str) -> list[str]:
+    t = _read_parquet(storage.join(out, name + schema.PARQUET_SUFFIX), columns=["key", "status"])
+    return [k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist()) if s == schema.STATUS_OK]
+
+
+def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of a tar, in member order (members grouped by the key before the first dot)."""
+    key, group = None, {}
+    with storage.open_stream(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            k, _, ext = m.name.partition(".")
+            if key is not None and k != key:
+                yield key, group
+                group = {}
+            key = k
+            group[ext] = tar.extractfile(m).read()
+    if key is not None:
+        yield key, group
+
+
+def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 20, cell: int = 256) -> list[str]:
+    """Draw the first ``max_boxes`` boxes of ``n`` random ok samples (chosen with ``seed``) on a grid PNG; returns
+    the keys drawn, in grid order."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = [s for s in shard_names(out) if storage.exists(storage.join(out, s + schema.TAR_SUFFIX))]
+    pool = [(name, key) for name in names for key in _ok_keys(out, name)]
+    if not pool:
+        raise InspectError(f"{out}: no samples to show (no shards with ok rows)")
+    chosen = sorted(random.Random(seed).sample(pool, min(n, len(pool))))
+    wanted: dict[str, set[str]] = {}
+    for name, key in chosen:
+        wanted.setdefault(name, set()).add(key)
+
+    caption_h = 14
+    cols = math.ceil(math.sqrt(len(chosen)))
+    rows = math.ceil(len(chosen) / cols)
+    grid = Image.new("RGB", (cols * cell, rows * (cell + caption_h)), (32, 32, 32))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    drawn = []
+    for name in sorted(wanted):
+        for key, group in _tar_samples(storage.join(out, name + schema.TAR_SUFFIX)):
+            if key not in wanted[name]:
+                continue
+            meta = schema.decode_meta(group[schema.META_EXT])
+            img = Image.open(io.BytesIO(group[schema.IMAGE_EXT])).convert("RGB")
+            scale = min(cell / img.width, cell / img.height)
+            thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+            i = len(drawn)
+            x0, y0 = (i % cols) * cell, (i // cols) * (cell + caption_h)
+            ox, oy = x0 + (cell - thumb.width) // 2, y0 + (cell - thumb.height) // 2
+            grid.paste(thumb, (ox, oy))
+            boxes = meta["boxes"][:max_boxes]
+            for rank in reversed(range(len(boxes))):  # first-ranked drawn last, on top
+                bx0, by0, bx1, by1 = (boxes[rank] * scale).tolist()
+                draw.rectangle([ox + bx0, oy + by0, ox + bx1 - 1, oy + by1 - 1], outline=rank_colour(rank, len(boxes)),
+                               width=2 if rank < 5 else 1)
+            draw.text((x0 + 2, y0 + cell + 1), f"{key} ({len(meta['boxes'])})"[: cell // 6], fill=(230, 230, 230),
+                      font=font)
+            drawn.append(key)
+    grid.save(output)
+    return drawn
+
+
+# --- verify ----------------------------------------------------------------------------------------------------------
+def _boxes_inside(boxes: np.ndarray, width: int, height: int) -> bool:
+    if boxes.size == 0:
+        return True
+    x0, y0, x1, y1 = boxes.T
+    return bool(np.all((0 <= x0) & (x0 < x1) & (x1 <= width) & (0 <= y0) & (y0 < y1) & (y1 <= height)))
+
+
+def _decode_size(jpeg: bytes) -> tuple[tuple[int, int], str, str]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as im:
+        im.load()  # decodes every byte: a truncated or corrupt JPEG raises here
+        return im.size, im.format, im.mode
+
+
+def verify_shard(out: str, name: str, fingerprint: Optional[str] = None) -> tuple[list[str], Optional[dict]]:
+    """Problems of one shard (each line starts with the shard name) and its stats (None if unreadable)."""
+    problems: list[str] = []
+
+    def problem(msg: str) -> None:
+        problems.append(f"{name}: {msg}")
+
+    base = storage.join(out, name)
+    missing = [s for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX) if not storage.exists(base + s)]
+    if missing:
+        problem(f"missing {', '.join(name + s for s in missing)}" + (
+            " (not done: rerun prep to redo it)" if schema.STATS_SUFFIX in missing else ""))
+        return problems, None
+    try:
+        st = _read_json(base + schema.STATS_SUFFIX)
+    except ValueError as e:
+        problem(f"stats file is not JSON: {e}")
+        return problems, None
+    try:
+        rows = _read_parquet(base + schema.PARQUET_SUFFIX).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        problem(f"parquet unreadable: {e}")
+        return problems, st
+
+    # stats vs parquet vs file sizes
+    ok_rows = [r for r in rows if r["status"] == schema.STATUS_OK]
+    failed: dict[str, int] = {}
+    for r in rows:
+        if r["status"] != schema.STATUS_OK:
+            failed[r["status"]] = failed.get(r["status"], 0) + 1
+            if r["status"] not in schema.FAILURE_REASONS:
+                problem(f"row {r['key']}: unknown status {r['status']!r}")
+    expect = {
+        "shard": name,
+        "inputs": len(rows),
+        "samples": len(ok_rows),
+        "failed": dict(sorted(failed.items())),
+        "boxes": sum(r["kept_boxes"] or 0 for r in ok_rows),
+        "tar_bytes": _size(base + schema.TAR_SUFFIX),
+        "parquet_bytes": _size(base + schema.PARQUET_SUFFIX),
+    }
+    if fingerprint is not None:
+        expect["fingerprint"] = fingerprint
+    for k, v in expect.items():
+        if st.get(k) != v:
+            problem(f"stats {k} = {st.get(k)!r}, but the shard has {v!r}")
+
+    # tar vs parquet ok rows, in order
+    expected = iter(ok_rows)
+    seen = 0
+    try:
+        for key, group in _tar_samples(base + schema.TAR_SUFFIX):
+            row = next(expected, None)
+            if row is None:
+                problem(f"tar member {key}.* has no parquet row")
+                continue
+            seen += 1
+            if key != row["key"]:
+                problem(f"tar sample {seen} is {key!r}, parquet ok row {seen} is {row['key']!r}")
+                continue
+            _check_sample(key, group, row, problem)
+            if len(problems) > MAX_PROBLEMS_PER_SHARD:
+                break
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problem(f"tar unreadable after {seen} samples: {e}")
+    rest = [r["key"] for r in expected]
+    if rest and len(problems) <= MAX_PROBLEMS_PER_SHARD:
+        problem(f"{len(rest)} parquet ok rows have no tar sample (first: {rest[0]!r})")
+    if len(problems) > MAX_PROBLEMS_PER_SHARD:
+        problems[MAX_PROBLEMS_PER_SHARD:] = [f"{name}: … (more problems not listed)"]
+    return problems, st
+
+
+def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callable[[str], None]) -> None:
+    extra = sorted(set(group) - {schema.IMAGE_EXT, schema.META_EXT})
+    if extra:
+        problem(f"{key}: unexpected members {', '.join(key + '.' + e for e in extra)}")
+    if schema.IMAGE_EXT not in group or schema.META_EXT not in group:
+        problem(f"{key}: needs both {key}.{schema.IMAGE_EXT} and {key}.{schema.META_EXT}, has {sorted(group)}")
+        return
+    try:
+        meta = schema.decode_meta(group[schema.META_EXT])
+    except (ValueError, TypeError) as e:
+        problem(f"{key}.{schema.META_EXT}: {e}")
+        return
+    w, h = meta.get("width"), meta.get("height")
+    for field, value in (("key", key), ("path", row["path"]), ("width", row["width"]), ("height", row["height"]),
+                         ("label", row["label"]), ("image_id", row["image_id"])):
+        if meta.get(field) != value:
+            problem(f"{key}.{schema.META_EXT}: {field} = {meta.get(field)!r}, parquet has {value!r}")
+    boxes = meta["boxes"]
+    if row["boxes"] is None or not np.array_equal(boxes, np.asarray(row["boxes"], dtype=np.int32).reshape(-1, 4)):
+        problem(f"{key}: boxes in {key}.{schema.META_EXT} differ from the parquet row")
+    if len(boxes) != row["kept_boxes"]:
+        problem(f"{key}: {len(boxes)} boxes, parquet kept_boxes = {row['kept_boxes']}")
+    if isinstance(w, int) and isinstance(h, int) and not _boxes_inside(boxes, w, h):
+        problem(f"{key}: boxes outside the {w}x{h} image (or empty)")
+    jpeg = group[schema.IMAGE_EXT]
+    if len(jpeg) != row["image_bytes"]:
+        problem(f"{key}.{schema.IMAGE_EXT}: {len(jpeg)} bytes, parquet image_bytes = {row['image_bytes']}")
+    try:
+        size, fmt, mode = _decode_size(jpeg)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError … for damaged data
+        problem(f"{key}.{schema.IMAGE_EXT}: does not decode: {e}")
+        return
+    if size != (w, h):
+        problem(f"{key}.{schema.IMAGE_EXT}: decodes to {size[0]}x{size[1]}, metadata says {w}x{h}")
+    if fmt != "JPEG" or mode != "RGB":
+        problem(f"{key}.{schema.IMAGE_EXT}: is {fmt} {mode}, expected an RGB JPEG")
+
+
+def _size(url: str) -> Optional[int]:
+    import os
+
+    return os.path.getsize(storage.local_path(url)) if not storage.is_remote(url) else None
+
+
+def verify(out: str, echo: Callable[[str], None] = print) -> tuple[list[str], dict]:
+    """Check every shard of ``out`` (``verify_shard``), keys unique across shards, the plan of the run config and the
+    manifest totals. ``echo`` gets each problem line as found. Returns (problems, totals)."""
+    problems: list[str] = []
+
+    def report(lines: list[str]) -> None:
+        for line in lines:
+            echo(line)
+        problems.extend(lines)
+
+    run_cfg = _run_config(out)
+    names = shard_names(out)
+    if run_cfg is not None:
+        planned = run_cfg.get("shards", [])
+        report([f"{n}: planned in {schema.RUN_CONFIG_NAME} but absent" for n in planned if n not in names])
+        report([f"{n}: not in the plan of {schema.RUN_CONFIG_NAME}" for n in names if n not in planned])
+    if not names:
+        report([f"{out}: no shards"])
+    fingerprint = run_cfg.get("fingerprint") if run_cfg else None
+    all_stats = []
+    owner: dict[str, str] = {}
+    for name in names:
+        shard_problems, st = verify_shard(out, name, fingerprint)
+        report(shard_problems)
+        if st is not None:
+            all_stats.append(st)
+        try:
+            keys = _read_parquet(storage.join(out, name + schema.PARQUET_SUFFIX), columns=["key"]).column("key")
+        except Exception:
+            continue  # already reported by verify_shard
+        dup = [f"{name}: key {k!r} also in {owner[k]}" for k in keys.to_pylist() if k in owner]
+        report(dup[:MAX_PROBLEMS_PER_SHARD])
+        owner.update((k, name) for k in keys.to_pylist())
+
+    manifest_url = storage.join(out, schema.MANIFEST_NAME)
+    if storage.exists(manifest_url):
+        report(_check_manifest(_read_json(manifest_url), all_stats, run_cfg))
+    totals = {
+        "shards": len(names),
+        "samples": sum(s.get("samples", 0) for s in all_stats),
+        "inputs": sum(s.get("inputs", 0) for s in all_stats),
+    }
+    return problems, totals
+
+
+def _check_manifest(manifest: dict, all_stats: list[dict], run_cfg: Optional[dict]) -> list[str]:
+    lines = []
+    recomputed = schema.make_manifest(config={}, versions={}, classes=None, stats=all_stats)
+    if [s["name"] for s in manifest.get("shards", [])] != [s["name"] for s in recomputed["shards"]]:
+        lines.append(f"{schema.MANIFEST_NAME}: shard list differs from the shards present")
+    else:
+        for m, r in zip(manifest["shards"], recomputed["shards"]):
+            if (m.get("samples"), m.get("inputs")) != (r["samples"], r["inputs"]):
+                lines.append(f"{schema.MANIFEST_NAME}: {m['name']} samples/inputs {m.get('samples')}/{m.get('inputs')}"
+                             f", stats say {r['samples']}/{r['inputs']}")
+    for k, v in recomputed["totals"].items():
+        if manifest.get("totals", {}).get(k) != v:
+            lines.append(f"{schema.MANIFEST_NAME}: totals {k} = {manifest.get('totals', {}).get(k)!r}, "
+                         f"the shards' stats add up to {v!r}")
+    if run_cfg is not None and manifest.get("fingerprint") != run_cfg.get("fingerprint"):
+        lines.append(f"{schema.MANIFEST_NAME}: fingerprint {manifest.get('fingerprint')} differs from "
+                     f"{schema.RUN_CONFIG_NAME} ({run_cfg.get('fingerprint')})")
+    return lines

@@ -1,0 +1,155 @@
+"""prep.inspect: verify catches each kind of damage (and passes clean output), show draws chosen samples, stats
+accounts for every planned input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagegen import jpeg_bytes, textured_image
+from prep import inspect
+from prep import run as prep_run
+from prep.config import PrepConfig
+from shards import schema
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory) -> str:
+    """A finished output: 7 small images in 3 shards (3, 3, 1)."""
+    root = tmp_path_factory.mktemp("imgs")
+    for i in range(7):
+        (root / f"im{i}.jpg").write_bytes(jpeg_bytes(textured_image(72 + 4 * i, 64, seed=10 + i)))
+    out = str(tmp_path_factory.mktemp("out") / "out")
+    cfg = PrepConfig(kind="folder", root=str(root), ss_max_side=96, min_side=8, shard_size=3)
+    prep_run.run(cfg, out, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture
+def copy(output, tmp_path) -> str:
+    dst = str(tmp_path / "out")
+    shutil.copytree(output, dst)
+    return dst
+
+
+def problems_of(out: str) -> list[str]:
+    problems, _ = inspect.verify(out, echo=lambda line: None)
+    return problems
+
+
+def rewrite_tar(path: str, change) -> None:
+    """Rewrite a tar member by member: ``change(name, data)`` returns new bytes, or None to drop the member."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            data = change(name, data)
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_clean_output_verifies(output):
+    problems, totals = inspect.verify(output, echo=lambda line: None)
+    assert problems == [] and totals == {"shards": 3, "samples": 7, "inputs": 7}
+
+
+def test_truncated_tar(copy):
+    path = os.path.join(copy, "folder-000000.tar")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    problems = problems_of(copy)
+    assert any(p.startswith("folder-000000: stats tar_bytes") for p in problems)
+    assert any(p.startswith("folder-000000:") and ("unreadable" in p or "no tar sample" in p) for p in problems)
+    assert not any(p.startswith("folder-000001") for p in problems)
+
+
+def test_deleted_member(copy):
+    path = os.path.join(copy, "folder-000001.tar")
+    keys = []
+    rewrite_tar(path, lambda name, data: keys.append(name) or (None if len(keys) == 3 else data))  # 2nd sample's jpg
+    problems = problems_of(copy)
+    assert any(f"{keys[2].split('.')[0]}: needs both" in p for p in problems), problems
+    assert all(p.startswith("folder-000001") for p in problems)
+
+
+def test_extra_member_without_parquet_row(copy):
+    path = os.path.join(copy, "folder-000002.tar")
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members + [("stray.jpg", members[0][1]), ("stray.json", members[1][1])]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert any("tar member stray.* has no parquet row" in p for p in problems_of(copy))
+
+
+def test_boxes_outside_image_and_undecodable_image(copy):
+    def damage(name: str, data: bytes):
+        if name.endswith(".json"):
+            meta = json.loads(data)
+            meta["boxes"][0] = [0, 0, meta["width"] + 5, 10]
+            return json.dumps(meta).encode()
+        return b"\xff\xd8" + b"\x00" * (len(data) - 2)  # same length, not a JPEG any more
+
+    rewrite_tar(os.path.join(copy, "folder-000002.tar"), damage)
+    problems = problems_of(copy)
+    assert any("boxes outside the" in p for p in problems)
+    assert any("differ from the parquet row" in p for p in problems)
+    assert any(".jpg: does not decode" in p for p in problems)
+
+
+def test_changed_stats_and_manifest(copy):
+    path = os.path.join(copy, "folder-000000.stats.json")
+    st = json.loads(open(path).read())
+    st["failed"] = {"corrupt": 1}
+    open(path, "w").write(json.dumps(st))
+    mpath = os.path.join(copy, schema.MANIFEST_NAME)
+    manifest = json.loads(open(mpath).read())
+    manifest["totals"]["samples"] = 99
+    open(mpath, "w").write(json.dumps(manifest))
+    problems = problems_of(copy)
+    assert "folder-000000: stats failed = {'corrupt': 1}, but the shard has {}" in problems
+    assert f"{schema.MANIFEST_NAME}: totals samples = 99, the shards' stats add up to 7" in problems
+
+
+def test_missing_files_and_incomplete_run(copy):
+    os.remove(os.path.join(copy, "folder-000001.stats.json"))
+    os.remove(os.path.join(copy, "folder-000002.parquet"))
+    os.remove(os.path.join(copy, "folder-000002.tar"))
+    os.remove(os.path.join(copy, "folder-000002.stats.json"))
+    problems = problems_of(copy)
+    assert "folder-000001: missing folder-000001.stats.json (not done: rerun prep to redo it)" in problems
+    assert f"folder-000002: planned in {schema.RUN_CONFIG_NAME} but absent" in problems
+    summary = inspect.stats(copy)
+    assert summary["accounting"] == {"planned_inputs": 7, "rows": 6, "ok": 6, "failed": 0, "adds_up": False}
+    assert "the run is not finished" in inspect.format_stats(summary)
+
+
+def test_show_draws_the_chosen_samples(output, tmp_path):
+    a = inspect.show(output, str(tmp_path / "a.png"), n=3, seed=4, cell=96)
+    b = inspect.show(output, str(tmp_path / "b.png"), n=3, seed=4, cell=96)
+    assert a == b and len(set(a)) == 3
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    im = Image.open(tmp_path / "a.png").convert("RGB")
+    assert im.size == (2 * 96, 2 * (96 + 14))
+    pixels = np.asarray(im).reshape(-1, 3)
+    assert (pixels == (255, 0, 0)).all(axis=1).any()  # the first-ranked box is drawn in red
+    assert len(inspect.show(output, str(tmp_path / "c.png"), n=50)) == 7  # n larger than the output: every sample
+    assert inspect.rank_colour(0, 10) == (255, 0, 0) and inspect.rank_colour(9, 10)[2] == 255
+
+
+def test_show_and_stats_on_empty_output(tmp_path):
+    with pytest.raises(inspect.InspectError, match="no samples"):
+        inspect.show(str(tmp_path), str(tmp_path / "g.png"))
+    with pytest.raises(inspect.InspectError, match="parquet"):
+        inspect.stats(str(tmp_path))

@@ -1,0 +1,283 @@
+"""prep.run and prep.executors: planning, one record, resume, settings checks, --part, failures, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from imagegen import jpeg_bytes, textured_image, write_bad_inputs
+from prep import executors
+from prep import run as prep_run
+from prep.config import PrepConfig
+from prep.sources import Record, load_source
+from shards import schema
+
+
+def write_images(directory: str, n: int) -> str:
+    """n small textured JPEGs (64-96 px) named img_00.jpg … in ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    for i in range(n):
+        w, h = 64 + 8 * (i % 5), 96 - 8 * (i % 4)
+        with open(os.path.join(directory, f"img_{i:02d}.jpg"), "wb") as f:
+            f.write(jpeg_bytes(textured_image(w, h, seed=i)))
+    return directory
+
+
+def small_cfg(root: str, **kw) -> PrepConfig:
+    # tiny images: selective search on <= 96 px, boxes down to 8 px, 3 inputs per shard
+    base = dict(kind="folder", root=root, ss_max_side=96, min_side=8, shard_size=3)
+    base.update(kw)
+    return PrepConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    return write_images(str(tmp_path_factory.mktemp("images")), 10)
+
+
+def shard_files(out: str, suffix: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith(suffix)}
+
+
+def parquet_rows(out: str) -> dict[str, list[dict]]:
+    """Parquet rows per shard without the timing columns."""
+    rows = {}
+    for n in sorted(os.listdir(out)):
+        if n.endswith(schema.PARQUET_SUFFIX):
+            t = pq.read_table(os.path.join(out, n))
+            rows[n] = t.drop_columns(list(schema.NONDETERMINISTIC_COLUMNS)).to_pylist()
+    return rows
+
+
+def assert_same_output(a: str, b: str) -> None:
+    tars_a, tars_b = shard_files(a, schema.TAR_SUFFIX), shard_files(b, schema.TAR_SUFFIX)
+    assert tars_a.keys() == tars_b.keys() and tars_a
+    for n in tars_a:
+        assert tars_a[n] == tars_b[n], f"{n} differs"
+    assert parquet_rows(a) == parquet_rows(b)
+    assert shard_files(a, schema.MANIFEST_NAME) == shard_files(b, schema.MANIFEST_NAME)
+
+
+# --- planning --------------------------------------------------------------------------------------------------------
+def test_plan_chunks_records_in_order(images):
+    cfg = small_cfg(images, prefix="x")
+    records = load_source("folder", images).records
+    tasks = prep_run.plan(records, cfg)
+    assert [t.name for t in tasks] == ["x-000000", "x-000001", "x-000002", "x-000003"]
+    assert [len(t) for t in tasks] == [3, 3, 3, 1]
+    assert [r for t in tasks for r in t.records] == records
+    assert [t.name for t in prep_run.select_part(tasks, (1, 2))] == ["x-000001", "x-000003"]
+    assert prep_run.parse_part("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="part"):
+            prep_run.parse_part(bad)
+
+
+# --- one record ------------------------------------------------------------------------------------------------------
+def test_process_record_ok_row_matches_meta(images):
+    cfg = small_cfg(images)
+    rec = load_source("folder", images).records[0]
+    row, jpeg, meta = prep_run.process_record(rec, cfg)
+    assert row["status"] == "ok" and row["key"] == rec.key and row["path"] == rec.relpath
+    assert jpeg == open(rec.path, "rb").read()  # an RGB JPEG needing no change is stored as it is
+    m = schema.decode_meta(meta)
+    assert (m["width"], m["height"]) == (row["width"], row["height"]) == (64, 96)
+    assert m["boxes"].tolist() == row["boxes"] and row["kept_boxes"] == len(row["boxes"]) > 0
+    assert row["raw_boxes"] >= row["kept_boxes"] and row["image_bytes"] == len(jpeg)
+
+
+def test_process_record_failures_become_rows(tmp_path, monkeypatch):
+    (tmp_path / "text.jpg").write_bytes(b"not an image\n" * 5)
+    cfg = small_cfg(str(tmp_path))
+    missing = Record(key="gone", path=str(tmp_path / "gone.jpg"), relpath="gone.jpg", label=3)
+    row, jpeg, meta = prep_run.process_record(missing, cfg)
+    assert (row["status"], row["label"], jpeg, meta) == ("missing", 3, None, None)
+    assert "gone.jpg" in row["error"]
+    text = Record(key="text", path=str(tmp_path / "text.jpg"), relpath="text.jpg")
+    assert prep_run.process_record(text, cfg)[0]["status"] == "not_image"
+
+    # selective search raising (any exception type) is one failed row, not a dead run
+    write_images(str(tmp_path / "ok"), 1)
+    good = Record(key="good", path=str(tmp_path / "ok" / "img_00.jpg"), relpath="ok/img_00.jpg", image_id=7)
+
+    def broken(*args, **kwargs):
+        raise MemoryError("cv2 out of memory")
+
+    monkeypatch.setattr("prep.proposals.selective_search", broken)
+    row, jpeg, meta = prep_run.process_record(good, cfg)
+    assert row["status"] == "proposal_failed" and "MemoryError: cv2 out of memory" in row["error"]
+    assert (row["width"], row["height"], row["image_id"], jpeg) == (64, 96, 7, None)
+
+
+# --- whole runs ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory) -> str:
+    """An uninterrupted one-worker run over the 10 images (4 shards)."""
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    result = prep_run.run(small_cfg(images), out, workers=1, progress=False)
+    assert result.manifest is not None and len(result.written) == 4
+    return out
+
+
+def test_runs_are_byte_identical_across_runs_and_worker_counts(images, reference, tmp_path):
+    again = str(tmp_path / "again")
+    prep_run.run(small_cfg(images), again, workers=1, progress=False)
+    assert_same_output(reference, again)
+    two = str(tmp_path / "two")
+    prep_run.run(small_cfg(images), two, workers=2, progress=False)
+    assert_same_output(reference, two)
+
+
+def test_rerun_skips_done_shards_and_redoes_partial_ones(images, reference, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(reference, out)
+    result = prep_run.run(small_cfg(images), out, workers=1, progress=False)
+    assert result.written == [] and len(result.skipped) == 4
+
+    # what a killed run leaves: a shard without stats, temporary files of the shard being written, no manifest
+    os.remove(os.path.join(out, "folder-000002.stats.json"))
+    os.remove(os.path.join(out, schema.MANIFEST_NAME))
+    with open(os.path.join(out, "folder-000002.tar"), "r+b") as f:
+        f.truncate(100)
+    for leftover in (".folder-000003.tar.abc123.tmp", ".folder-000003.parquet.x.tmp"):
+        (tmp_path / "out" / leftover).write_bytes(b"partial")
+    result = prep_run.run(small_cfg(images), out, workers=1, progress=False)
+    assert result.written == ["folder-000002"] and result.manifest is not None
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert_same_output(reference, out)
+
+
+def test_other_settings_are_refused_and_overwrite_starts_over(images, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "other-000000.tar").write_bytes(b"another prefix, not this run's")
+    with pytest.raises(prep_run.RunConfigError) as e:
+        prep_run.run(small_cfg(images, seed=5, mode="single"), str(out), workers=1, progress=False)
+    msg = str(e.value)
+    assert "mode: 'fast' in the output, 'single' now" in msg and "seed: 0 in the output, 5 now" in msg
+    assert schema.RUN_CONFIG_NAME in msg and "--overwrite" in msg
+
+    result = prep_run.run(small_cfg(images, seed=5, prefix="new", shard_size=5), str(out), workers=1, progress=False,
+                          overwrite=True)
+    names = sorted(os.listdir(out))
+    assert not [n for n in names if n.startswith("folder-")]  # the previous run's shards are gone
+    assert "notes.txt" in names and "other-000000.tar" in names  # nothing else is touched
+    assert len(result.written) == 2 and json.loads((out / schema.MANIFEST_NAME).read_text())["config"]["seed"] == 5
+
+
+def test_changed_inputs_are_refused(images, reference, tmp_path):
+    root = tmp_path / "imgs"
+    shutil.copytree(images, root)
+    out = str(tmp_path / "out")
+    shutil.copytree(reference, out)
+    prep_run.run(small_cfg(str(root)), out, workers=1, progress=False)  # moved root, same inputs: resumes
+    write_images(str(root / "more"), 1)
+    with pytest.raises(prep_run.RunConfigError, match="other inputs.*10 inputs.*11 inputs"):
+        prep_run.run(small_cfg(str(root)), out, workers=1, progress=False)
+
+
+def test_parts_then_manifest_equals_single_run(images, reference, tmp_path):
+    out = str(tmp_path / "out")
+    first = prep_run.run(small_cfg(images), out, workers=1, part=(0, 2), progress=False)
+    assert first.written == ["folder-000000", "folder-000002"] and first.manifest is None
+    with pytest.raises(prep_run.RunConfigError, match="2 of 4 planned shards are not done: folder-000001, folder-000003"):
+        prep_run.finalize(out)
+    second = prep_run.run(small_cfg(images), out, workers=2, part=(1, 2), progress=False)
+    assert second.written == ["folder-000001", "folder-000003"] and second.manifest is not None
+    assert_same_output(reference, out)
+    assert prep_run.finalize(out) == second.manifest
+
+
+def test_failed_shard_is_reported_and_others_are_kept(images, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "folder-000001.stats.json").mkdir()  # the writer cannot replace it: that shard task fails
+    for workers in (1, 2):
+        with pytest.raises(prep_run.ShardsFailed) as e:
+            prep_run.run(small_cfg(images), str(out), workers=workers, progress=False)
+        assert [n for n, _ in e.value.failures] == ["folder-000001"]
+        assert "folder-000001" in str(e.value) and "rerun" in str(e.value)
+        done = sorted(n for n in os.listdir(out) if n.endswith(".stats.json") and (out / n).is_file())
+        assert done == ["folder-000000.stats.json", "folder-000002.stats.json", "folder-000003.stats.json"]
+        assert not (out / schema.MANIFEST_NAME).exists()
+        assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+        for n in done:
+            os.remove(out / n)  # so the two-worker round runs them again
+
+
+def test_bad_inputs_all_end_up_as_samples_or_error_rows(tmp_path):
+    from prep import inspect
+
+    root = tmp_path / "bad"
+    expected = write_bad_inputs(str(root))
+    out = str(tmp_path / "out")
+    result = prep_run.run(small_cfg(str(root), shard_size=4), out, workers=2, progress=False)
+    rows = [r for shard in parquet_rows(out).values() for r in shard]
+    assert sorted(r["path"] for r in rows) == sorted(expected)
+    for r in rows:
+        assert r["status"] == expected[r["path"]], (r["path"], r["error"])
+        assert (r["error"] is None) == (r["status"] == "ok")
+    totals = result.manifest["totals"]
+    n_ok = sum(s == "ok" for s in expected.values())
+    assert (totals["inputs"], totals["samples"]) == (len(expected), n_ok)
+    assert sum(totals["failed"].values()) == len(expected) - n_ok
+    summary = inspect.stats(out)
+    assert summary["counts_add_up"] and summary["accounting"]["adds_up"]
+    problems, _ = inspect.verify(out, echo=lambda line: None)
+    assert problems == []
+
+
+# --- the local executor ----------------------------------------------------------------------------------------------
+class Job:
+    def __init__(self, name: str, n: int, action: str = "ok"):
+        self.name, self.n, self.action = name, n, action
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def job_fn(job: Job, tick) -> dict:
+    for _ in range(job.n):
+        tick(1)
+    if job.action == "raise":
+        raise ValueError(f"bad input in {job.name}")
+    if job.action == "die":
+        os._exit(7)  # what a segfault in native code or an OOM kill looks like from outside
+    return {"name": job.name, "pid": os.getpid()}
+
+
+def test_executor_keeps_order_reports_failures_and_dead_workers():
+    jobs = [Job(f"s{i}", 2, a) for i, a in enumerate(["ok", "raise", "ok", "die", "ok", "ok"])]
+    for workers in (1, 2):
+        run_jobs = jobs if workers == 2 else [j for j in jobs if j.action != "die"]
+        with pytest.raises(executors.TasksFailed) as e:
+            executors.run_local(run_jobs, job_fn, workers=workers, progress=False)
+        names = [n for n, _ in e.value.failures]
+        assert names == (["s1", "s3"] if workers == 2 else ["s1"])
+        assert "ValueError: bad input in s1" in e.value.failures[0][1]
+        if workers == 2:
+            assert "died (exit code 7) while writing s3" in e.value.failures[1][1]
+        ok = [r["name"] for r in e.value.results if r is not None]
+        assert ok == [j.name for j in run_jobs if j.action == "ok"]
+    results = executors.run_local([Job(f"s{i}", 1) for i in range(5)], job_fn, workers=2, progress=False)
+    assert [r["name"] for r in results] == ["s0", "s1", "s2", "s3", "s4"]
+    assert len({r["pid"] for r in results}) == 2 and os.getpid() not in {r["pid"] for r in results}
+    assert executors.run_local([Job("a", 1)], job_fn, workers=1, progress=False)[0]["pid"] == os.getpid()
+
+
+def test_unknown_executor_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown executor 'nope'; known: local"):
+        executors.get("nope")
+
+
+def test_versions_name_every_library():
+    v = prep_run.versions()
+    assert {"prep", "opencv", "numpy", "pyarrow", "python"} <= set(v)
+    assert all(isinstance(x, str) and x for x in v.values())
+    assert np.__version__ == v["numpy"]
