@@ -1,0 +1,351 @@
+"""train.data: equal steps per rank, exactly-once coverage, determinism, workers, resume, bad shards.
+
+Shards are tiny tars written here with tarfile + schema.encode_meta; the transform only tags samples (no image decode).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shards import schema
+from train.data import BadShardError, DataCounters, DataPosition, ShardStream, collate, make_loader
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path, keys, *, boxes: int = 3, with_json: bool = True, bad_meta=()) -> str:
+    with tarfile.open(path, "w") as tar:
+        for k in keys:
+            _add(tar, f"{k}.jpg", b"jpeg bytes of " + k.encode())
+            if with_json:
+                meta = schema.encode_meta(key=k, path=f"{k}.jpg", width=64, height=48,
+                                          boxes=np.tile([[1, 2, 30, 40]], (boxes, 1)))
+                _add(tar, f"{k}.json", b"{broken" if k in bad_meta else meta)
+    return str(path)
+
+
+def make_shards(root, counts, **kw) -> list[str]:
+    """Shard j holds keys s{j}_{i}; returns the tar paths (URLs)."""
+    os.makedirs(root, exist_ok=True)
+    return [write_shard(os.path.join(root, schema.shard_name("t", j) + schema.TAR_SUFFIX),
+                        [f"s{j}_{i:03d}" for i in range(n)], **kw)
+            for j, n in enumerate(counts)]
+
+
+def tag(sample, rng):
+    """Trivial transform: the sample's identity and one draw of its rng (to check the augmentation seed)."""
+    return {"r": torch.tensor(rng.random()), "nboxes": torch.tensor(len(sample["meta"]["boxes"]))}
+
+
+def epoch_keys(ds):
+    return [o["__key__"] for o in ds]
+
+
+def stream(urls, counts=None, **kw):
+    sizes = None if counts is None else dict(zip(urls, counts))
+    kw.setdefault("batch_size", 2)
+    kw.setdefault("shuffle_buffer", 4)
+    return ShardStream(urls, sizes, kw.pop("transform", tag), **kw)
+
+
+@pytest.mark.parametrize("counts", [[3, 20, 7], [5, 9, 11, 4, 6, 13], [17]])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("streams", [1, 2])
+def test_equal_steps_and_each_sample_at_most_once(tmp_path, counts, world, streams):
+    urls = make_shards(tmp_path, counts)
+    B = 2
+    ranks = [stream(urls, counts, batch_size=B, rank=r, world_size=world, streams=streams) for r in range(world)]
+    steps = {ds.steps_per_epoch for ds in ranks}
+    assert steps == {sum(counts) // (world * B)}
+    seen = []
+    for ds in ranks:
+        keys = epoch_keys(ds)
+        assert len(keys) == ds.steps_per_epoch * B  # also with fewer shards than ranks ([17] on 2 or 3 ranks)
+        seen += keys
+    # the plan hands out disjoint ranges: no sample twice, and only the remainder of the division is left out
+    assert len(set(seen)) == len(seen) == sum(counts) - sum(counts) % (world * B)
+
+
+def test_every_sample_once_when_counts_divide(tmp_path):
+    counts = [6, 6, 6, 6]
+    urls = make_shards(tmp_path, counts)
+    for epoch in range(2):
+        seen = Counter()
+        for r in range(2):
+            ds = stream(urls, counts, batch_size=3, rank=r, world_size=2, streams=2,
+                        position=DataPosition(epoch, 0))
+            seen.update(epoch_keys(ds))
+        assert set(seen.values()) == {1} and len(seen) == 24
+
+
+def test_sizes_counted_when_missing(tmp_path):
+    counts = [4, 7, 2]
+    urls = make_shards(tmp_path, counts)
+    ds = stream(urls, None)
+    assert ds.sizes == dict(zip(urls, counts)) and ds.steps_per_epoch == 13 // 2
+
+
+def test_order_deterministic_per_seed_and_epoch(tmp_path):
+    counts = [5, 8, 6]
+    urls = make_shards(tmp_path, counts)
+
+    def run(seed, **kw):
+        ds = stream(urls, counts, seed=seed, streams=2, **kw)
+        return [[(o["__key__"], float(o["r"])) for o in ds] for _ in range(2)]  # two epochs
+
+    a, b, c = run(0), run(0), run(1)
+    assert a == b
+    assert a[0] != c[0] and a[1] != c[1]
+    assert a[0] != a[1]  # a new epoch reshuffles
+    assert sorted(k for k, _ in a[0]) != [k for k, _ in a[0]]  # the buffer shuffles
+    # the second iteration is epoch 1: the same as a stream that starts there
+    assert run(0, position=DataPosition(1, 0))[0] == a[1]
+
+
+@pytest.mark.parametrize("consumed_steps", [1, 3, 4, 6])
+def test_resume_continues_where_uninterrupted_run_is(tmp_path, consumed_steps):
+    counts = [5, 8, 6, 9]
+    urls = make_shards(tmp_path, counts)
+    B = 2
+    full = stream(urls, counts, batch_size=B, seed=3, streams=2, rank=1, world_size=2)
+    epochs = [[(o["__key__"], float(o["r"])) for o in full] for _ in range(2)]
+    resumed = stream(urls, counts, batch_size=B, seed=3, streams=2, rank=1, world_size=2,
+                     position=DataPosition(0, consumed_steps * B))
+    rest = [(o["__key__"], float(o["r"])) for o in resumed]
+    assert rest == epochs[0][consumed_steps * B:]
+    assert [(o["__key__"], float(o["r"])) for o in resumed] == epochs[1]
+
+
+def test_position_bookkeeping():
+    p = DataPosition.from_step(23, steps_per_epoch=10, batch_size=4)
+    assert p == DataPosition(2, 12)
+    assert DataPosition.from_dict(p.to_dict()) == p
+
+
+def test_end_of_epoch_position_starts_next_epoch(tmp_path):
+    counts = [6, 6]
+    urls = make_shards(tmp_path, counts)
+    ds = stream(urls, counts, position=DataPosition(0, 12))
+    assert ds.position == DataPosition(1, 0)
+    with pytest.raises(ValueError, match="whole number of steps"):
+        stream(urls, counts, position=DataPosition(0, 3))
+
+
+def _batches(loader, epochs):
+    out = []
+    for _ in range(epochs):
+        out.append([(tuple(b["__key__"]), tuple(b["r"].tolist())) for b in loader])
+    return out
+
+
+def test_dataloader_workers_match_single_process_and_resume(tmp_path):
+    counts = [7, 3, 12, 5, 9]
+    make_shards(tmp_path, counts)
+    kw = dict(batch_size=2, seed=5, shuffle_buffer=4, streams=2, world_size=2, rank=0)
+    loader0, steps = make_loader(str(tmp_path), tag, workers=0, **kw)
+    ref = _batches(loader0, 2)
+    assert [len(e) for e in ref] == [steps, steps] and steps == sum(counts) // 4
+    # real worker processes (persistent): same batches, and their own epoch counters advance
+    loader2, _ = make_loader(str(tmp_path), tag, workers=2, **kw)
+    assert _batches(loader2, 2) == ref
+    # resume after an odd number of steps with 2 workers: the workers' roles rotate, the sequence continues
+    pos = DataPosition.from_step(3, steps, 2)
+    loader2r, _ = make_loader(str(tmp_path), tag, workers=2, position=pos, **kw)
+    assert _batches(loader2r, 2) == [ref[0][3:], ref[1]]
+
+
+def write_manifest(root, urls, claimed) -> str:
+    stats = [{"shard": os.path.basename(u)[:-4], "samples": n, "inputs": n, "failed": {}, "few_boxes": 0, "boxes": 0,
+              "tar_bytes": 0} for u, n in zip(urls, claimed)]
+    path = os.path.join(root, schema.MANIFEST_NAME)
+    with open(path, "wb") as f:
+        f.write(schema.dumps(schema.make_manifest(config={}, versions={}, classes=None, stats=stats)))
+    return path
+
+
+def test_manifest_counts_and_bad_shard_order_independent_of_workers(tmp_path):
+    urls = make_shards(tmp_path, [6, 6, 6])
+    truncated = write_shard(tmp_path / "t-000003.tar", [f"x_{i}" for i in range(6)])
+    with open(truncated, "r+b") as f:
+        f.truncate(5 * 1024 + 100)  # 2 readable samples of the 6 the manifest claims
+    manifest = write_manifest(tmp_path, urls + [truncated], [6, 6, 6, 6])
+    kw = dict(batch_size=2, seed=1, shuffle_buffer=3, streams=2)
+    loader0, steps = make_loader(manifest, tag, workers=0, **kw)
+    assert steps == 24 // 2  # from the manifest: the counts are not read from the tars
+    with pytest.warns(RuntimeWarning, match=re.escape(truncated)):
+        ref = _batches(loader0, 1)
+    assert len(ref[0]) == steps
+    loader2, _ = make_loader(manifest, tag, workers=2, **kw)
+    assert _batches(loader2, 1) == ref  # the samples borrowed to replace the lost ones do not depend on the layout
+
+
+def test_transform_failure_skips_the_sample(tmp_path):
+    urls = make_shards(tmp_path, [5, 5])
+
+    def picky(sample, rng):
+        if sample["__key__"] == "s0_003":
+            raise OSError("cannot identify image file")
+        return tag(sample, rng)
+
+    with pytest.warns(RuntimeWarning, match="s0_003"):
+        outs = list(stream(urls, [5, 5], transform=picky))
+    assert len(outs) == 10 and "s0_003" not in {o["__key__"] for o in outs}
+    assert sum(o["stats"]["samples_skipped"] for o in outs) == 1
+
+    def hopeless(sample, rng):
+        raise OSError("cannot identify image file")
+
+    with pytest.warns(RuntimeWarning), pytest.raises(BadShardError, match="in a row"):
+        list(stream(urls, [5, 5], transform=hopeless))
+
+
+def test_identity_transform_gives_decoded_samples(tmp_path):
+    urls = make_shards(tmp_path, [4])
+    out = next(iter(stream(urls, [4], transform=None)))
+    assert out["jpg"].startswith(b"jpeg bytes of ") and out["meta"]["boxes"].shape == (3, 4)
+
+
+def test_streams_must_be_multiple_of_workers(tmp_path):
+    make_shards(tmp_path, [4, 4])
+    with pytest.raises(ValueError, match="multiple"):
+        make_loader(str(tmp_path), tag, batch_size=2, workers=2, streams=3)
+
+
+@pytest.fixture
+def bad_set(tmp_path):
+    """4 good shards, a missing one, a non-tar and a truncated tar; sizes as a manifest would claim them."""
+    urls = make_shards(tmp_path / "d", [6, 6, 6, 6])
+    missing = str(tmp_path / "d" / "t-000010.tar")
+    garbage = str(tmp_path / "d" / "t-000011.tar")
+    with open(garbage, "wb") as f:
+        f.write(b"this is not a tar file " * 100)
+    truncated = write_shard(tmp_path / "d" / "t-000012.tar", [f"x_{i}" for i in range(6)])
+    with open(truncated, "r+b") as f:
+        f.truncate(5 * 1024 + 100)  # samples 0 and 1 whole, then a cut inside the member headers of sample 2
+    bad = [missing, garbage, truncated]
+    return urls + bad, dict.fromkeys(urls + bad, 6), bad
+
+
+def test_bad_shards_skipped_with_warning_and_counted(bad_set):
+    urls, sizes, bad = bad_set
+    ds = ShardStream(urls, sizes, tag, batch_size=3, shuffle_buffer=4, streams=2)
+    with pytest.warns(RuntimeWarning) as record:
+        batches = [collate(list(b)) for b in _chunks(list(ds), 3)]
+    text = "\n".join(str(w.message) for w in record)
+    for url in bad:
+        assert url in text
+    counters = DataCounters()
+    for b in batches:
+        counters.add(b)
+    assert counters.samples == ds.samples_per_epoch == 42 // 3 * 3  # the quota is still met
+    assert counters.shards_skipped == 3
+    assert counters.samples_borrowed > 0  # the planned reads fell short; rule 3 filled the quota
+    assert ds.counts()["shards_skipped"] == 3
+
+
+def _chunks(items, n):
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_bad_shard_fails_with_url(bad_set, which):
+    urls, sizes, bad = bad_set
+    urls = [u for u in urls if u not in bad or u == bad[which]]
+    ds = ShardStream(urls, {u: sizes[u] for u in urls}, tag, batch_size=3, on_bad_shard="fail")
+    with pytest.raises(BadShardError, match=re.escape(bad[which])):
+        list(ds)
+
+
+def test_shard_without_json_is_an_error_but_zero_boxes_is_not(tmp_path):
+    good = make_shards(tmp_path / "good", [5, 5], boxes=0)
+    ds = stream(good, [5, 5])
+    assert [int(o["nboxes"]) for o in ds] == [0] * 10  # Algorithm 1 falls back later; no error here
+    nojson = write_shard(tmp_path / "nojson.tar", ["a", "b", "c"], with_json=False)
+    urls, counts = good + [nojson], [5, 5, 3]
+    with pytest.raises(BadShardError, match=re.escape(f"shard without boxes: {nojson}")):
+        list(stream(urls, counts, on_bad_shard="fail"))
+    with pytest.warns(RuntimeWarning, match=re.escape(f"shard without boxes: {nojson}")):
+        keys = epoch_keys(stream(urls, counts))
+    assert len(keys) == 12 and not any(k in "abc" for k in keys)
+
+
+def test_bad_metadata_sample_skipped_and_counted(tmp_path):
+    urls = make_shards(tmp_path, [6, 6], bad_meta={"s1_002"})
+    ds = stream(urls, [6, 6], batch_size=2)
+    with pytest.warns(RuntimeWarning, match="bad metadata"):
+        outs = list(ds)
+    assert len(outs) == 12 and "s1_002" not in {o["__key__"] for o in outs}
+    assert sum(o["stats"]["samples_skipped"] for o in outs) == 1
+    with pytest.raises(BadShardError, match="s1_002"):
+        list(stream(urls, [6, 6], on_bad_shard="fail"))
+
+
+def test_no_readable_shard_raises_instead_of_hanging(tmp_path):
+    urls = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    ds = ShardStream(urls, dict.fromkeys(urls, 10), tag, batch_size=2)
+    with pytest.warns(RuntimeWarning), pytest.raises(BadShardError, match="no readable sample"):
+        list(ds)
+
+
+def test_spec_matching_nothing_is_a_clear_error(tmp_path):
+    spec = str(tmp_path / "nothing-*.tar")
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(spec)):
+        make_loader(spec, tag, batch_size=2)
+
+
+def test_too_few_samples_for_one_step(tmp_path):
+    urls = make_shards(tmp_path, [3])
+    with pytest.raises(ValueError, match="cannot fill one step"):
+        stream(urls, [3], batch_size=2, world_size=2)
+
+
+def test_collate_stacks_views_and_boxes():
+    def sample(i):
+        return {"view1": torch.zeros(3, 8, 8, dtype=torch.uint8), "view2": torch.ones(3, 8, 8, dtype=torch.uint8),
+                "boxes1": torch.zeros(4, 4), "boxes2": torch.ones(4, 4), "fallback": i == 1, "__key__": f"k{i}",
+                "stats": {"samples_skipped": i, "shards_skipped": 0, "samples_borrowed": 1}}
+
+    b = collate([sample(i) for i in range(3)])
+    assert b["view1"].shape == (3, 3, 8, 8) and b["view1"].dtype == torch.uint8
+    assert b["boxes2"].shape == (3, 4, 4)
+    assert b["fallback"].tolist() == [False, True, False]
+    assert b["__key__"] == ["k0", "k1", "k2"]
+    assert b["stats"] == {"samples_skipped": 3, "shards_skipped": 0, "samples_borrowed": 3}
+    c = DataCounters()
+    c.add(b)
+    assert c.as_dict()["fallback_rate"] == pytest.approx(1 / 3) and c.samples_skipped == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 30), min_size=1, max_size=8), world=st.integers(1, 4),
+       streams=st.integers(1, 3), batch=st.integers(1, 5), epoch=st.integers(0, 3))
+def test_plan_ranges_are_disjoint_and_fill_every_quota(counts, world, streams, batch, epoch):
+    if sum(counts) < world * batch:
+        return
+    urls = [f"/x/t-{j:06d}.tar" for j in range(len(counts))]
+    used = {u: [] for u in urls}
+    for r in range(world):
+        ds = ShardStream(urls, dict(zip(urls, counts)), None, batch_size=batch, rank=r, world_size=world,
+                         streams=streams)
+        for s, ranges in enumerate(ds.plan(epoch)):
+            assert sum(b - a for _, a, b in ranges) == ds.quota(s)
+            for u, a, b in ranges:
+                used[u].append((a, b))
+    for u, n in zip(urls, counts):
+        spans = sorted(used[u])
+        assert all(0 <= a < b <= n for a, b in spans)
+        assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
