@@ -1,0 +1,136 @@
+"""UniVIP training-step time / BYOL step time on CPU, against the ratio of their FLOPs.
+
+Same encoder, batch, image size and optimizer for every method; a step is forward + backward + SGD step + EMA update.
+Methods are timed round-robin (one step of each in turn), so a change in machine load during the run hits all of
+them alike; the figure is the median over the measured steps. FLOPs are counted with
+torch.utils.flop_counter.FlopCounterMode over one forward + backward (matmuls and convolutions; BatchNorm, RoIAlign,
+Sinkhorn and the optimizer are not counted, and are what a time ratio above the FLOP ratio measures).
+
+Default (ResNet-18, batch 16, 224 px views, 96 px instance crops) takes ~2-3 minutes on 2 cores:
+    python -m bench.step_bench
+On a machine shared with other jobs, time CPU instead of wall-clock (one thread):
+    python -m bench.step_bench --threads 1 --clock cpu
+Quick check that it runs:
+    python -m bench.step_bench --batch 4 --size 64 --instance-size 32 --proj-hidden 256 --steps 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from train.model import ModelConfig, UniVIP, update_target
+
+VARIANTS = {  # name -> ModelConfig overrides
+    "byol": dict(method="byol"),
+    "univip-crop": dict(method="univip", instance_mode="crop"),
+    "univip-roi": dict(method="univip", instance_mode="roi"),
+}
+
+
+def make_inputs(batch: int, size: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random normalised views [B, 3, S, S] and K boxes per view [B, K, 4] (sides 1/7 to 5/7 of the view)."""
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)]
+    boxes = []
+    for _ in range(2):
+        wh = size * (1 + 4 * torch.rand(batch, k, 2, generator=g)) / 7
+        xy = (size - wh) * torch.rand(batch, k, 2, generator=g)
+        boxes.append(torch.cat([xy, xy + wh], dim=-1))
+    return views[0], views[1], boxes[0], boxes[1]
+
+
+def train_step(model: UniVIP, opt: torch.optim.Optimizer, inputs: tuple[torch.Tensor, ...]) -> float:
+    """One full step as the loop runs it; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss = model(*inputs)["total"]
+    loss.backward()
+    opt.step()
+    update_target(model, 0.99)
+    return loss.item()
+
+
+def step_flops(model: UniVIP, inputs: tuple[torch.Tensor, ...]) -> int:
+    """FLOPs of one forward + backward (matmul/conv only, as FlopCounterMode counts them)."""
+    with FlopCounterMode(display=False) as counter:
+        model(*inputs)["total"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inputs = make_inputs(args.batch, args.size, args.k)
+    names = [n for n in VARIANTS if n == "byol" or n.split("-")[1] in args.modes]
+    setups = {}
+    for name in names:
+        torch.manual_seed(0)  # same initial encoder for every method
+        cfg = ModelConfig(arch=args.arch, proj_hidden=args.proj_hidden, pred_hidden=args.proj_hidden, k=args.k,
+                          instance_size=args.instance_size, **VARIANTS[name])
+        model = UniVIP(cfg)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        setups[name] = (model, opt)
+    flops = {name: step_flops(model, inputs) for name, (model, _) in setups.items()}
+    # CPU time of this process is immune to other processes' load on a shared machine, but it also counts the
+    # spinning of idle OpenMP threads, so it is only meaningful with --threads 1.
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = {name: [] for name in names}
+    for i in range(args.warmup + args.steps):
+        for name, (model, opt) in setups.items():
+            start = clock()
+            train_step(model, opt, inputs)
+            if i >= args.warmup:
+                times[name].append(clock() - start)
+    base_t, base_f = statistics.median(times["byol"]), flops["byol"]
+    rows = []
+    for name in names:
+        t = statistics.median(times[name])
+        rows.append(dict(method=name, ms=1000 * t, gflops=flops[name] / 1e9, time_ratio=t / base_t,
+                         flop_ratio=flops[name] / base_f))
+    return rows
+
+
+def format_table(rows: list[dict], args: argparse.Namespace) -> str:
+    head = (f"{args.arch}, batch {args.batch}, {args.size} px views, {args.instance_size} px crops, K={args.k}, "
+            f"{torch.get_num_threads()} threads, {args.clock} clock, "
+            f"median of {args.steps} steps after {args.warmup} warm-up\n\n")
+    lines = ["| method | step ms | GFLOP/step (fwd+bwd) | time ratio | FLOP ratio | time/FLOP ratio - 1 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        dev = r["time_ratio"] / r["flop_ratio"] - 1
+        lines.append(f"| {r['method']} | {r['ms']:.0f} | {r['gflops']:.1f} | {r['time_ratio']:.2f} | "
+                     f"{r['flop_ratio']:.2f} | {100 * dev:+.1f} % |")
+    return head + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="resnet18", help="resnet18 (default, quick) or resnet50")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=224, help="view side in pixels")
+    ap.add_argument("--instance-size", type=int, default=96, help="instance crop side ('crop' mode)")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--proj-hidden", type=int, default=4096, help="projector/predictor hidden width")
+    ap.add_argument("--modes", default="crop,roi", help="UniVIP instance modes to compare with BYOL")
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per method")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (use with --threads 1 on a busy machine)")
+    args = ap.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu needs --threads 1: with more threads CPU time includes idle threads spinning")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    print(format_table(run(args), args))
+
+
+if __name__ == "__main__":
+    main()
