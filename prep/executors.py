@@ -207,4 +207,8 @@ def get(name: str) -> Callable[..., list[Any]]:
 
 
 def default_workers() -> int:
-    return os.cpu_count() or 1
+    """Cores this process may run on (a SLURM or taskset allotment, not the whole machine), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1

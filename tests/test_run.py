@@ -229,6 +229,9 @@ def test_bad_inputs_all_end_up_as_samples_or_error_rows(tmp_path):
     assert sum(totals["failed"].values()) == len(expected) - n_ok
     summary = inspect.stats(out)
     assert summary["counts_add_up"] and summary["accounting"]["adds_up"]
+    text = inspect.format_stats(summary)
+    assert "counts add up" in text and f"{len(expected)} planned = {n_ok} ok + {len(expected) - n_ok} failed" in text
+    assert "failed too_large: 1" in text and "failed empty: 1" in text
     problems, _ = inspect.verify(out, echo=lambda line: None)
     assert problems == []
 
