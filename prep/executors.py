@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import traceback
 from collections import deque
 from multiprocessing.connection import wait
@@ -44,12 +45,13 @@ def _bar(tasks: Sequence, progress: bool) -> tqdm:
         unit="img",
         disable=not progress,
         dynamic_ncols=True,
-        smoothing=0.05,  # shards finish in bursts of ticks from several workers; a long average gives a steady ETA
+        smoothing=0.05,  # selective-search time varies a lot per image; a long average gives a steadier ETA
     )
 
 
-def _report(bar: tqdm, name: str, message: str) -> None:
-    tqdm.write(f"shard {name} failed:\n{message.rstrip()}")
+def _report(name: str, message: str) -> None:
+    # at once, above the bar: a long run should not hide a failure until its end
+    tqdm.write(f"shard {name} failed:\n{message.rstrip()}", file=sys.stderr)
 
 
 def run_local(
@@ -78,7 +80,7 @@ def _run_inline(tasks: list, fn: Callable, bar: tqdm) -> list[Any]:
             results[i] = fn(task, bar.update)
         except Exception as e:
             failures.append((task.name, _format(e)))
-            _report(bar, task.name, failures[-1][1])
+            _report(task.name, failures[-1][1])
         bar.set_postfix_str(f"shards {i + 1}/{len(tasks)}", refresh=False)
     if failures:
         raise TasksFailed(failures, results)
@@ -140,7 +142,7 @@ def _run_pool(tasks: list, fn: Callable, workers: int, bar: tqdm, start_method: 
         nonlocal finished
         failures[index] = message
         finished += 1
-        _report(bar, tasks[index].name, message)
+        _report(tasks[index].name, message)
 
     def handle(w: _Worker, msg) -> None:
         nonlocal finished
