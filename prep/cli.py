@@ -12,6 +12,7 @@ import sys
 import click
 
 from prep.config import SS_MODES, PrepConfig
+from shards import schema
 
 _DEFAULTS = PrepConfig(kind="folder", root=".")
 
@@ -89,6 +90,10 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if opts["prefix"] and not schema.is_valid_key(opts["prefix"]):
+        raise click.UsageError(f"--prefix {opts['prefix']!r}: use letters, digits, '_' and '-' only")
+    if os.path.exists(opts["out"]) and not os.path.isdir(opts["out"]):
+        raise click.UsageError(f"--out {opts['out']}: exists and is not a directory")
     try:
         source = load_source(kind, root, annotations)
     except SourceError as e:

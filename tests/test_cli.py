@@ -134,6 +134,11 @@ def test_errors_before_any_work(images, tmp_path):
     for part in ("2/2", "x", "1/0"):
         r = invoke("folder", images, "--out", out, "--part", part)
         assert r.exit_code == 2 and "--part" in r.output, r.output
+    r = invoke("folder", images, "--out", out, "--prefix", "a/b")
+    assert r.exit_code == 2 and "--prefix 'a/b'" in r.output
+    (tmp_path / "file").write_text("")
+    r = invoke("folder", images, "--out", tmp_path / "file")
+    assert r.exit_code == 2 and "not a directory" in r.output
     empty = tmp_path / "empty"
     empty.mkdir()
     r = invoke("folder", empty, "--out", out)
