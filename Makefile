@@ -1,0 +1,53 @@
+# The two commands a new user runs: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   ?= demo_out
+WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: demo test test-fast bench clean-demo help
+
+help:
+	@echo "make demo       set up .venv, build proposal shards from data/sample, train a few CPU steps, write pictures"
+	@echo "make test       set up .venv with the dev extras and run the whole test suite"
+	@echo "make test-fast  the suite without tests marked slow"
+	@echo "make bench      run the CPU benchmarks (see docs/benchmarks.md)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps: reinstall only when pyproject.toml changes.
+$(VENV)/.train: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[train]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.train
+
+demo: $(VENV)/.train
+	$(BIN)/prep coco data/sample/coco --annotations data/sample/coco/annotations/instances_sample.json \
+		--out $(DEMO)/shards --shard-size 4 --workers $(WORKERS)
+	$(BIN)/prep stats $(DEMO)/shards --plot $(DEMO)/stats.png
+	$(BIN)/prep verify $(DEMO)/shards
+	$(BIN)/prep show $(DEMO)/shards -n 8 -o $(DEMO)/proposals.png
+	$(BIN)/python -m train --preset tiny --data $(DEMO)/shards --out $(DEMO)/train --max-steps 40 --resume
+	$(BIN)/python -m train.plot $(DEMO)/train/log.jsonl -o $(DEMO)/loss.png
+	@echo "demo done: $(DEMO)/proposals.png $(DEMO)/stats.png $(DEMO)/loss.png"
+
+# pytest exits 5 when it collected nothing: that is a failure here, not a pass.
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: $(VENV)/.dev
+	$(MAKE) test PYTEST_ARGS="-m 'not slow'"
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/prep_bench.py
+	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/step_bench.py
+	$(BIN)/python bench/stream_bench.py
+
+clean-demo:
+	rm -rf $(DEMO)
