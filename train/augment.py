@@ -1,0 +1,179 @@
+"""BYOL's colour augmentation on a batch of views, on any device, with per-sample random parameters.
+
+``gpu_colour(x, view, generator, cfg)`` is the batched counterpart of ``train.views.cpu_colour``: colour jitter
+(brightness, contrast, saturation, hue in a per-sample random order, clamped after each op), grayscale, Gaussian blur
+(separable, per-sample sigma, torchvision's sampled kernel and reflect border), solarize, each applied to a sample with
+its own probability, then ImageNet normalisation. No Python loop over the batch: ops run on the whole batch with
+per-sample factors, and a sample that skips an op gets that op's identity factor (or keeps its pixels by ``where``).
+Random parameters come from ``generator`` on its own device and are then moved to ``x``'s device, so a CPU generator
+gives the same augmentation whatever device the batch is on.
+
+Ops take float images in [0, 1], ``[B, 3, H, W]``, and per-sample factors ``[B]``; their formulas are torchvision's
+(``torchvision.transforms.v2.functional``), which the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from train.views import ViewConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision
+
+
+def _per_sample(f: torch.Tensor) -> torch.Tensor:
+    return f.view(-1, 1, 1, 1)
+
+
+def to_gray(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` -> ``[B, 1, H, W]`` luma."""
+    return x[:, 0:1] * _GRAY[0] + x[:, 1:2] * _GRAY[1] + x[:, 2:3] * _GRAY[2]
+
+
+def brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * _per_sample(f)).clamp_(0, 1)
+
+
+def contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_sample(f)
+    return (x * f + mean * (1 - f)).clamp_(0, 1)
+
+
+def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    f = _per_sample(f)
+    return (x * f + to_gray(x) * (1 - f)).clamp_(0, 1)
+
+
+def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``f`` turns (in [-0.5, 0.5]) through HSV; saturation and value are kept."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    # hue in sixths of a turn, from whichever channel is the maximum (r first, then g: torchvision's tie order)
+    h = torch.where(maxc == r, ((g - b) / safe) % 6,
+                    torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(delta > 0, h, torch.zeros_like(h))
+    h = (h + 6 * f.view(-1, 1, 1)) % 6
+    # HSV -> RGB: channel n in (5, 3, 1) for (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + h.unsqueeze(1)) % 6
+    return maxc.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B]`` sigmas -> ``[B, size]`` normalised 1-D Gaussians sampled at integer offsets (torchvision's kernel)."""
+    half = (size - 1) / 2
+    t = torch.linspace(-half, half, size, device=sigma.device, dtype=sigma.dtype)
+    k = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int = 23) -> torch.Tensor:
+    """Per-sample separable blur: ``x`` ``[B, C, H, W]``, ``sigma`` ``[B]`` (0 or less: no blur) -> ``[B, C, H, W]``.
+
+    One grouped convolution per axis over ``B*C`` channels, reflect padding. ``size`` is capped so the padding
+    stays below the image side (reflect padding needs that)."""
+    b, c, hh, ww = x.shape
+    size = min(size, 2 * (min(hh, ww) - 1) + 1)
+    pad = size // 2
+    k = gaussian_kernels(sigma.clamp_min(1e-6).to(x.dtype), size)
+    delta = torch.zeros_like(k)
+    delta[:, pad] = 1  # the identity kernel: exact copy for samples that are not blurred
+    k = torch.where((sigma > 0).view(-1, 1), k, delta)
+    k = k.repeat_interleave(c, dim=0)  # [B*C, size]
+    y = x.reshape(1, b * c, hh, ww)
+    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), k.view(b * c, 1, 1, size), groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), k.view(b * c, 1, size, 1), groups=b * c)
+    return y.view(b, c, hh, ww)
+
+
+def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Invert pixels >= ``threshold`` (same scale as ``x``)."""
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` (0..255) or float (0..1) -> float normalised by the ImageNet mean and std."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def sample_params(batch: int, view: int, generator: torch.Generator, cfg: ViewConfig) -> dict[str, torch.Tensor]:
+    """Per-sample random parameters on ``generator``'s device. Keys: ``jitter``, ``gray``, ``blur``, ``solarize``
+    (bool ``[B]``: apply?), ``factors`` ``[B, 4]`` (brightness, contrast, saturation, hue), ``order`` ``[B, 4]``
+    (a permutation of 0..3 per sample), ``sigma`` ``[B]``."""
+    dev = generator.device
+
+    def u(*shape):
+        return torch.rand(*shape, generator=generator, device=dev)
+
+    apply = u(batch, 4)
+    bj, cj, sj, hj = cfg.jitter
+    lo = torch.tensor([max(0.0, 1 - bj), max(0.0, 1 - cj), max(0.0, 1 - sj), -hj], device=dev)
+    hi = torch.tensor([1 + bj, 1 + cj, 1 + sj, hj], device=dev)
+    factors = lo + (hi - lo) * u(batch, 4)
+    order = u(batch, 4).argsort(dim=1)
+    s0, s1 = cfg.blur_sigma
+    sigma = s0 + (s1 - s0) * u(batch)
+    return {
+        "jitter": apply[:, 0] < cfg.jitter_p,
+        "gray": apply[:, 1] < cfg.gray_p,
+        "blur": apply[:, 2] < cfg.blur_p[view],
+        "solarize": apply[:, 3] < cfg.solarize_p[view],
+        "factors": factors,
+        "order": order,
+        "sigma": sigma,
+    }
+
+
+def _jitter_step(x: torch.Tensor, op: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """One position of the random jitter order: sample i runs op ``op[i]`` (0 brightness, 1 contrast, 2 saturation,
+    3 hue, -1 none) with factor ``f[i]``. Brightness, contrast and saturation are one fused affine map
+    ``clamp(a x + b gray(x) + c mean(gray(x)))`` with per-sample (a, b, c) (identity: (1, 0, 0)); hue runs on the
+    batch and is kept only where chosen (its HSV round trip is not bit-exact)."""
+    one, zero = torch.ones_like(f), torch.zeros_like(f)
+    affine = (op >= 0) & (op <= 2)
+    a = torch.where(affine, f, one)
+    b = torch.where(op == 2, 1 - f, zero)
+    c = torch.where(op == 1, 1 - f, zero)
+    g = to_gray(x)
+    y = (x * _per_sample(a) + g * _per_sample(b) + g.mean(dim=(1, 2, 3), keepdim=True) * _per_sample(c)).clamp_(0, 1)
+    is_hue = op == 3
+    return torch.where(_per_sample(is_hue), hue(y, torch.where(is_hue, f, zero)), y)
+
+
+def gpu_colour(x: torch.Tensor, view: int, generator: torch.Generator | None = None, cfg: ViewConfig | None = None,
+               params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """BYOL colour augmentation of view index ``view`` (0 or 1: asymmetric blur/solarize probabilities) on a batch.
+
+    x: uint8 (0..255) or float (0..1) ``[B, 3, H, W]`` on any device -> float32 ``[B, 3, H, W]`` normalised by the
+    ImageNet mean/std. ``params`` (from ``sample_params``) overrides the random draw."""
+    cfg = cfg or ViewConfig()
+    if view not in (0, 1):
+        raise ValueError(f"view must be 0 or 1, got {view}")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected [B, 3, H, W] images, got shape {tuple(x.shape)}")
+    if params is None:
+        if generator is None:
+            raise ValueError("gpu_colour needs a torch.Generator (or params)")
+        params = sample_params(x.shape[0], view, generator, cfg)
+    p = {k: v.to(x.device) for k, v in params.items()}
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    for pos in range(4):
+        op = torch.where(p["jitter"], p["order"][:, pos], torch.full_like(p["order"][:, pos], -1))
+        f = p["factors"].gather(1, p["order"][:, pos:pos + 1]).squeeze(1)
+        x = _jitter_step(x, op, f)
+    x = torch.where(_per_sample(p["gray"]), to_gray(x).expand_as(x), x)
+    x = gaussian_blur(x, torch.where(p["blur"], p["sigma"], torch.zeros_like(p["sigma"])), cfg.blur_kernel)
+    x = torch.where(_per_sample(p["solarize"]), solarize(x, cfg.solarize_threshold / 255), x)
+    return normalize(x)

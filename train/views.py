@@ -1,0 +1,394 @@
+"""Views and instances: Algorithm 1 (two overlapping random resized crops holding K boxes) and the CPU view transform.
+
+Coordinates. Boxes and crops are ``[x0, y0, x1, y1]`` on the continuous pixel-edge grid: pixel ``i`` covers
+``[i, i + 1)``, so a stored box (int, end-exclusive, ``shards.schema``) is used as is, and a box in view pixels is a
+float box on the same grid (``torchvision.ops.roi_align(..., aligned=True)`` reads it that way).
+
+Pipeline of ``UniVIPTransform`` for one sample (all randomness from one ``np.random.Generator``):
+1. Algorithm 1 on the metadata only (``overlapping_crops``): crops and K instance boxes in image pixels.
+2. One JPEG decode, at a reduced DCT scale (1/2, 1/4, 1/8; libjpeg's scaled IDCT, much cheaper than a full decode
+   and a downscale) when both crops still have at least ``size`` source pixels per view pixel at that scale, so the
+   views are the same as from a full decode up to resampling noise.
+3. Per view: crop (a slice) + antialiased bilinear resize in one ``F.interpolate`` call on the uint8 tensor (PIL's
+   filter, torch's AVX2 uint8 kernel: ~0.45 ms vs ~1 ms for PIL's ``resize(box=...)`` here), horizontal flip, and
+   (``gpu_aug=False``) BYOL's colour ops on the uint8 array with OpenCV. OpenCV rather than PIL because it is several
+   times faster at 224 px here (hue 0.2 ms vs 2.4 ms through PIL's HSV; blur with the kernel cut at 3 sigma).
+4. Boxes go through crop, resize and flip with the same numbers as the pixels, so box m is the same object in
+   both views.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from shards import schema
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Settings of the two views. Pairs ``(a, b)`` named ``*_p`` are per view index (BYOL's asymmetric augmentation)."""
+
+    size: int = 224  # view side in pixels
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (BYOL / torchvision)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
+    k: int = 4  # instances per view
+    iters: int = 20  # crop pairs tried by Algorithm 1 before the fallback
+    # A pair counts as overlapping when its overlap area is > 0 (METHOD) and >= min_overlap * the smaller crop's area.
+    min_overlap: float = 0.0
+    # Fallback boxes: each side a uniform fraction in this range of the overlap's side (paper: "K random boxes").
+    fallback_scale: tuple[float, float] = (0.25, 1.0)
+    instance_size: int = 96  # side of the instance crops cut from each view (roi_align, done by the model side)
+    flip: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = 23  # torchvision BYOL kernel for 224 px; the CPU path cuts it at 3 sigma (<0.3 % of the mass)
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    solarize_threshold: int = 128  # uint8 level; pixels >= it are inverted (torchvision RandomSolarize)
+    gpu_aug: bool = False  # True: the CPU only decodes, crops and flips; colour ops run in train.augment
+    draft: bool = True  # allow reduced-scale JPEG decoding when it loses no resolution
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.k < 1 or self.iters < 1:
+            raise ValueError(f"size, k and iters must be positive, got {self.size}, {self.k}, {self.iters}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        if not 0 < self.fallback_scale[0] <= self.fallback_scale[1] <= 1:
+            raise ValueError(f"fallback_scale must satisfy 0 < lo <= hi <= 1, got {self.fallback_scale}")
+        if not 0 <= self.min_overlap <= 1:
+            raise ValueError(f"min_overlap must be in [0, 1], got {self.min_overlap}")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"blur_kernel must be odd and positive, got {self.blur_kernel}")
+
+
+# --- Algorithm 1 -------------------------------------------------------------------------------------------------
+_RRC_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
+
+
+def random_resized_crops(width: int, height: int, n: int, rng: np.random.Generator, scale, ratio) -> np.ndarray:
+    """``n`` independent crops by torchvision's ``RandomResizedCrop.get_params`` rule -> int64 ``[n, 4]`` xyxy.
+
+    Per crop: up to 10 attempts of (area ~ U(scale) * W*H, log-aspect ~ U(log ratio), w, h rounded); the first that
+    fits gets a uniform integer position; if none fits, the central crop with the aspect clamped into ``ratio``.
+    Vectorised over crops and attempts (all draws made up front), so the cost does not grow with retries."""
+    area = float(width * height)
+    target = area * rng.uniform(scale[0], scale[1], size=(n, _RRC_ATTEMPTS))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, _RRC_ATTEMPTS)))
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(axis=1)
+    rows = np.arange(n)
+    cw, ch = w[rows, first], h[rows, first]
+    found = fits[rows, first]
+    # central fallback crop (torchvision: aspect clamped into ratio)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fw, fh = int(round(height * ratio[1])), height
+    else:
+        fw, fh = width, height
+    cw = np.where(found, cw, fw)
+    ch = np.where(found, ch, fh)
+    x0 = np.where(found, rng.integers(0, width - cw + 1), (width - fw) // 2)
+    y0 = np.where(found, rng.integers(0, height - ch + 1), (height - fh) // 2)
+    return np.stack([x0, y0, x0 + cw, y0 + ch], axis=1)
+
+
+def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise intersection of xyxy boxes ``[n, 4]`` (may be empty: x1 <= x0 or y1 <= y0)."""
+    return np.concatenate([np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])], axis=1)
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+
+
+def boxes_inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """``[R, N]`` bool: box n lies fully inside region r, in image coordinates (x with x, y with y; the box in the
+    region, not the other way round: the two slips of the paper's pseudo-code line 7)."""
+    b, r = boxes[None, :, :], regions[:, None, :]
+    return (b[..., 0] >= r[..., 0]) & (b[..., 1] >= r[..., 1]) & (b[..., 2] <= r[..., 2]) & (b[..., 3] <= r[..., 3])
+
+
+def _force_overlap(crop1: np.ndarray, crop2: np.ndarray, width: int, height: int) -> np.ndarray:
+    """crop2 moved (same size) so its centre is crop1's centre, then shifted back into the image. The moved crop
+    still contains crop1's centre, which lies strictly inside crop1, so the overlap has positive area."""
+    w, h = crop2[2] - crop2[0], crop2[3] - crop2[1]
+    cx, cy = (crop1[0] + crop1[2]) // 2, (crop1[1] + crop1[3]) // 2
+    x0 = min(max(cx - w // 2, 0), width - w)
+    y0 = min(max(cy - h // 2, 0), height - h)
+    return np.array([x0, y0, x0 + w, y0 + h], dtype=crop2.dtype)
+
+
+def _random_boxes(region: np.ndarray, k: int, rng: np.random.Generator, frac) -> np.ndarray:
+    """``k`` integer boxes inside ``region``, each side a uniform fraction ``frac`` of the region's (>= 1 px)."""
+    rw, rh = int(region[2] - region[0]), int(region[3] - region[1])
+    w = np.clip(np.round(rng.uniform(frac[0], frac[1], k) * rw), 1, rw).astype(np.int64)
+    h = np.clip(np.round(rng.uniform(frac[0], frac[1], k) * rh), 1, rh).astype(np.int64)
+    x0 = region[0] + rng.integers(0, rw - w + 1)
+    y0 = region[1] + rng.integers(0, rh - h + 1)
+    return np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+
+
+def overlapping_crops(
+    width: int, height: int, boxes: np.ndarray, rng: np.random.Generator, cfg: ViewConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Algorithm 1: two random resized crops whose overlap T holds >= K boxes, and K of those boxes.
+
+    boxes: ``[N, 4]`` int xyxy end-exclusive in image pixels. Returns ``(crop1 [4], crop2 [4], inst [K, 4],
+    fallback)``, float32, image pixels. Tries ``cfg.iters`` pairs (a pair whose overlap is empty, or below
+    ``min_overlap``, is a failed try); the first pair with >= K boxes fully inside T wins and K of those boxes are
+    picked at random without replacement. If none wins: ``fallback=True``, the tried pair with the largest overlap is
+    kept and K random boxes are generated inside its T (sides ``fallback_scale`` of T's); if no pair overlapped at
+    all, the first pair's second crop is moved onto the first crop (``_force_overlap``)."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    crops = random_resized_crops(width, height, 2 * cfg.iters, rng, cfg.scale, cfg.ratio)
+    c1, c2 = crops[0::2], crops[1::2]
+    overlap = _intersect(c1, c2)
+    area = _area(overlap)
+    ok = area > 0
+    if cfg.min_overlap > 0:
+        ok &= area >= cfg.min_overlap * np.minimum(_area(c1), _area(c2))
+    if len(boxes) >= cfg.k:
+        inside = boxes_inside(boxes, overlap) & ok[:, None]
+        winners = np.flatnonzero(inside.sum(axis=1) >= cfg.k)
+        if len(winners):
+            p = winners[0]
+            pick = rng.choice(np.flatnonzero(inside[p]), size=cfg.k, replace=False)
+            return c1[p].astype(np.float32), c2[p].astype(np.float32), boxes[pick].astype(np.float32), False
+    if area.max() > 0:
+        p = int(np.argmax(np.where(ok, area, area - area.max() - 1)))  # prefer pairs that passed min_overlap
+        a, b = c1[p], c2[p]
+    else:
+        a, b = c1[0], _force_overlap(c1[0], c2[0], width, height)
+    region = _intersect(a[None], b[None])[0]
+    inst = _random_boxes(region, cfg.k, rng, cfg.fallback_scale)
+    return a.astype(np.float32), b.astype(np.float32), inst.astype(np.float32), True
+
+
+def boxes_to_view(boxes: np.ndarray, crop: np.ndarray, size: int, flip: bool) -> np.ndarray:
+    """Image-pixel boxes ``[K, 4]`` -> view-pixel boxes after cropping ``crop``, resizing to ``size`` and an optional
+    horizontal flip (x -> size - x, so x0 and x1 swap). float32 ``[K, 4]``."""
+    sx = size / float(crop[2] - crop[0])
+    sy = size / float(crop[3] - crop[1])
+    out = np.empty((len(boxes), 4), dtype=np.float32)
+    out[:, 0] = (boxes[:, 0] - crop[0]) * sx
+    out[:, 1] = (boxes[:, 1] - crop[1]) * sy
+    out[:, 2] = (boxes[:, 2] - crop[0]) * sx
+    out[:, 3] = (boxes[:, 3] - crop[1]) * sy
+    if flip:
+        out[:, [0, 2]] = size - out[:, [2, 0]]
+    return out
+
+
+# --- decoding and the per-view pixels ----------------------------------------------------------------------------
+def draft_factor(width: int, height: int, crops: list[np.ndarray], size: int) -> int:
+    """Largest JPEG DCT reduction d in (8, 4, 2, 1) such that every crop keeps >= ``size`` source pixels per side
+    at 1/d scale (so the view is resampled down or 1:1, never up, exactly as from the full-size image)."""
+    shortest = min(min(float(c[2] - c[0]), float(c[3] - c[1])) for c in crops)
+    for d in (8, 4, 2):
+        if shortest / d >= size and width >= d and height >= d:
+            return d
+    return 1
+
+
+def decode_for_crops(jpeg: bytes, width: int, height: int, crops: list[np.ndarray], size: int, draft: bool = True,
+                     name: str = "sample") -> tuple[Image.Image, int]:
+    """Decode ``jpeg`` as RGB, at 1/d scale when ``draft_factor`` allows it -> ``(image, d)``; image-pixel
+    coordinates divide by d. Raises ValueError naming ``name`` when the JPEG's size differs from the metadata's."""
+    try:
+        img = Image.open(io.BytesIO(jpeg))
+    except Exception as e:  # PIL raises several types for bad data
+        raise ValueError(f"{name}: cannot open the JPEG ({e})") from e
+    if img.size != (width, height):
+        raise ValueError(f"{name}: JPEG is {img.size[0]}x{img.size[1]} but its metadata says {width}x{height}")
+    d = draft_factor(width, height, crops, size) if draft else 1
+    if d > 1 and img.format == "JPEG":
+        # PIL picks the largest s in (8, 4, 2, 1) <= min(W // w, H // h); with w = W // d, W // w lies in [d, 2d)
+        res = img.draft("RGB", (width // d, height // d))
+        d = int(round(width / res[1][2])) if res else 1
+    else:
+        d = 1
+    try:
+        img.load()
+    except Exception as e:
+        raise ValueError(f"{name}: JPEG data is corrupt ({e})") from e
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img, d
+
+
+def image_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 ``[1, C, H, W]`` over its pixels, channels-last strides, C = 4 or 3.
+
+    PIL keeps RGB as RGBX (4 bytes a pixel). Its Arrow export shares that memory (no copy; ~0.02 ms vs ~0.3 ms for
+    ``np.asarray``, which packs to RGB through ``tobytes``), and torch's uint8 resize is fastest on 4 channels, so
+    the X channel rides along and is dropped after resizing. Images PIL stores in several blocks (over 16 MiB) cannot
+    be exported that way and take the ``np.asarray`` copy (C = 3). The buffer is read-only; nothing writes to it."""
+    try:
+        arr = pa.array(img).flatten().to_numpy(zero_copy_only=True).reshape(img.height, img.width, 4)
+    except (ValueError, TypeError, pa.ArrowException):
+        arr = np.asarray(img)
+    with warnings.catch_warnings():  # torch warns about the read-only buffer once per process
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+
+def source_crop(crop: np.ndarray, d: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A crop in image pixels -> ``(rows/cols to slice in the 1/d decoded image [4] int, the image-pixel crop that
+    slice covers [4] float)``. At d = 1 both are the crop; at d > 1 the crop is rounded to the reduced grid (the
+    covered crop moves by < d/2 image px, < 1/2 view px since the crop is >= d * size there)."""
+    if d == 1:
+        return crop.astype(np.int64), crop.astype(np.float32)
+    h, w = shape
+    r = np.round(crop / d).astype(np.int64)
+    r[[0, 2]] = np.clip(r[[0, 2]], 0, w)
+    r[[1, 3]] = np.clip(r[[1, 3]], 0, h)
+    r[2:] = np.maximum(r[2:], r[:2] + 1)
+    return r, (r * d).astype(np.float32)
+
+
+def crop_view(src: torch.Tensor, box: np.ndarray, size: int) -> torch.Tensor:
+    """Cut ``box`` (int xyxy in ``src`` pixels) from ``src`` uint8 ``[1, C, H, W]`` and resize it to ``size``:
+    bilinear with antialiasing when shrinking, PIL's ``resize`` filter (torch's uint8 AVX2 kernel, about twice as
+    fast as PIL here) -> uint8 ``[3, size, size]`` (channels-last strides)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    patch = src[:, :, y0:y1, x0:x1]
+    return F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, :3]
+
+
+# --- CPU colour ops (uint8 HWC RGB arrays) -----------------------------------------------------------------------
+def _lut_affine(a: float, b: float) -> np.ndarray:
+    return np.clip(np.round(np.arange(256, dtype=np.float32) * a + b), 0, 255).astype(np.uint8)
+
+
+def adjust_brightness(x: np.ndarray, f: float) -> np.ndarray:
+    return cv2.LUT(x, _lut_affine(f, 0.0))
+
+
+def adjust_contrast(x: np.ndarray, f: float) -> np.ndarray:
+    mean = cv2.mean(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY))[0]  # torchvision: mean of the grayscale image
+    return cv2.LUT(x, _lut_affine(f, (1.0 - f) * mean))
+
+
+def adjust_saturation(x: np.ndarray, f: float) -> np.ndarray:
+    gray = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(x, f, gray, 1.0 - f, 0.0)  # saturating, rounded
+
+
+def adjust_hue(x: np.ndarray, f: float) -> np.ndarray:
+    """Hue shift by ``f`` turns (in [-0.5, 0.5]); hue quantised to 1/256 turn as torchvision does for PIL images."""
+    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] += np.uint8(int(round(f * 256)) % 256)  # uint8 addition wraps: the hue circle
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+def grayscale(x: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+
+
+def gaussian_blur(x: np.ndarray, sigma: float, max_kernel: int = 23) -> np.ndarray:
+    """Separable Gaussian, reflect border (torchvision's), kernel 2*ceil(3 sigma)+1 capped at ``max_kernel``."""
+    k = min(max_kernel, 2 * math.ceil(3 * sigma) + 1)
+    return cv2.GaussianBlur(x, (k, k), sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+def solarize(x: np.ndarray, threshold: int = 128) -> np.ndarray:
+    lut = np.arange(256, dtype=np.uint8)
+    lut[threshold:] = 255 - lut[threshold:]
+    return cv2.LUT(x, lut)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def cpu_colour(x: np.ndarray, view: int, rng: np.random.Generator, cfg: ViewConfig) -> np.ndarray:
+    """BYOL's colour augmentation of view ``view`` (0 or 1) on a uint8 ``[H, W, 3]`` RGB array -> same shape/dtype.
+
+    Colour jitter (p ``jitter_p``; factors b, c, s ~ U(1 -/+ strength), hue ~ U(-/+ strength); the four ops in a
+    random order, clipped after each), grayscale (p ``gray_p``), Gaussian blur (p ``blur_p[view]``, sigma ~
+    U(``blur_sigma``)), solarize (p ``solarize_p[view]``). Every draw is made whether or not the op runs, so the
+    generator advances the same way for every sample."""
+    u = rng.random(4)
+    bj, cj, sj, hj = cfg.jitter
+    factors = (rng.uniform(max(0.0, 1 - bj), 1 + bj), rng.uniform(max(0.0, 1 - cj), 1 + cj),
+               rng.uniform(max(0.0, 1 - sj), 1 + sj), rng.uniform(-hj, hj))
+    order = rng.permutation(4)
+    sigma = rng.uniform(*cfg.blur_sigma)
+    if u[0] < cfg.jitter_p:
+        for i in order:
+            x = _JITTER_OPS[i](x, factors[i])
+    if u[1] < cfg.gray_p:
+        x = grayscale(x)
+    if u[2] < cfg.blur_p[view]:
+        x = gaussian_blur(x, sigma, cfg.blur_kernel)
+    if u[3] < cfg.solarize_p[view]:
+        x = solarize(x, cfg.solarize_threshold)
+    return x
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> uint8 ``[3, H, W]`` sharing memory (channels-last strides, no copy)."""
+    return torch.from_numpy(x).permute(2, 0, 1)
+
+
+# --- the transform -----------------------------------------------------------------------------------------------
+class UniVIPTransform:
+    """Sample -> two views and their K instance boxes.
+
+    ``__call__(sample, rng=None)``: sample has ``jpg`` (bytes) and ``meta`` (``schema.decode_meta`` dict: ``boxes``
+    int ``[N, 4]``, ``width``, ``height``; ``json`` bytes are decoded when ``meta`` is absent). ``rng`` drives every
+    random choice (a per-sample generator makes the output a pure function of sample and seed); default: the
+    transform's own generator from ``seed``. Returns ``view1``, ``view2`` uint8 ``[3, S, S]``; ``boxes1``,
+    ``boxes2`` float32 ``[K, 4]`` in each view's pixels (row m is the same proposal in both); ``fallback`` bool.
+    Views are colour-augmented unless ``cfg.gpu_aug`` (then ``train.augment.gpu_colour`` does it on the batch)."""
+
+    def __init__(self, cfg: ViewConfig | None = None, seed: int | None = None):
+        self.cfg = cfg or ViewConfig()
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = self.rng if rng is None else rng
+        meta = sample.get("meta")
+        if meta is None:
+            meta = schema.decode_meta(sample["json"])
+        name = f"sample {meta.get('key') or sample.get('__key__') or '?'}"
+        width, height = int(meta["width"]), int(meta["height"])
+        crop1, crop2, inst, fallback = overlapping_crops(width, height, meta["boxes"], rng, cfg)
+        flips = rng.random(2) < cfg.flip
+        img, d = decode_for_crops(sample["jpg"], width, height, [crop1, crop2], cfg.size, cfg.draft, name)
+        src = image_tensor(img)
+        out: dict[str, Any] = {"fallback": bool(fallback)}
+        for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1])))):
+            box, covered = source_crop(crop, d, (src.shape[2], src.shape[3]))
+            view = crop_view(src, box, cfg.size)  # [3, S, S]
+            if cfg.gpu_aug:
+                view = (view.flip(-1) if flip else view).contiguous()
+            else:
+                hwc = view.permute(1, 2, 0).numpy()
+                arr = np.ascontiguousarray(hwc[:, ::-1] if flip else hwc)  # OpenCV wants contiguous HWC
+                view = to_tensor(cpu_colour(arr, v, rng, cfg))
+            out[f"view{v + 1}"] = view
+            boxes = boxes_to_view(inst, covered, cfg.size, flip)
+            if d > 1:  # the rounded crop may cut a box by < 1/2 view px
+                np.clip(boxes, 0, cfg.size, out=boxes)
+            out[f"boxes{v + 1}"] = torch.from_numpy(boxes)
+        return out
