@@ -69,7 +69,9 @@ class TrainConfig:
     seed: int = _f(0, "seed for initialisation, data order and augmentation")
     # --- input pipeline
     workers: int = _f(8, "DataLoader worker processes per rank")
-    shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer per worker")
+    shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer of each stream")
+    streams: int = _f(0, "independent sample streams per rank (0 = max(1, workers)); the sample order depends on "
+                         "it, not on --workers, so keep it when resuming with another worker count")
     gpu_aug: bool = _f(False, "colour jitter, grayscale, blur and solarize on the device, batched (CPU only crops)")
     on_bad_shard: str = _f("skip", "unreadable shard or sample: skip it (counted in the log) or fail the run",
                            ("skip", "fail"))
@@ -121,7 +123,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "workers", "shuffle_buffer", "ckpt_every", "keep_ckpts", "grad_clip",
+        for name in ("max_steps", "workers", "shuffle_buffer", "streams", "ckpt_every", "keep_ckpts", "grad_clip",
                      "weight_decay", "warmup_epochs", "lr", "w_scene", "w_scene_instance", "w_instance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -210,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """argv -> validated config: the preset's values, then every flag given explicitly."""
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     cfg = preset(args.pop("preset", "coco"))
-    return dataclasses.replace(cfg, **args).validate()
+    try:
+        return dataclasses.replace(cfg, **args).validate()
+    except ValueError as e:
+        parser.error(str(e))

@@ -12,6 +12,11 @@ import torch
 import torch.distributed as dist
 
 
+# A gloo group for small host-side flags and counters: on GPU runs it keeps them off NCCL, so checking them forces no
+# device synchronisation. None without a group or when the default group is already gloo.
+_CPU_GROUP = None
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -54,13 +59,18 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> torch.device:
     if launched and not is_dist():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if use_cuda else None)
+        if use_cuda:
+            global _CPU_GROUP
+            _CPU_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return dev
 
 
 def teardown() -> None:
     """Call in ``finally:`` so a failed rank leaves the group instead of leaving it half torn down."""
+    global _CPU_GROUP
     if is_dist():
         dist.destroy_process_group()
+    _CPU_GROUP = None
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -74,13 +84,23 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(x).div_(world_size())
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank when ``flag`` is True on at least one (a collective: every rank must call it)."""
+def host_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of a few host numbers (counters), through the CPU group: no device sync."""
     if not is_dist():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_CPU_GROUP)
+    return t.tolist()
+
+
+def failed_ranks(failed: bool) -> list[int]:
+    """The ranks that report ``failed`` (a collective over the CPU group: every rank must call it, every step)."""
+    if not is_dist():
+        return [0] if failed else []
+    t = torch.zeros(world_size(), dtype=torch.int32)
+    t[rank()] = int(failed)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_CPU_GROUP)
+    return t.nonzero().flatten().tolist()
 
 
 def gather_objects(obj) -> list:

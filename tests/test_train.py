@@ -1,0 +1,184 @@
+"""The training loop end to end on CPU: python -m train on tiny generated shards (loss goes down, resume is exact,
+clear errors, --help), plus train.plot.
+
+Shards are written with shards.writer.ShardWriter from synthetic textured JPEGs with random proposal boxes, so the
+stats files give the sample counts as prep's output does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imagegen import jpeg_bytes, textured_image
+from shards import schema
+from shards.writer import ShardWriter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# small and shared test machine: one intra-op thread per process keeps runs fast and the timings stable
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TINY = ["--preset", "tiny", "--workers", "0", "--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "64",
+        "--image-size", "32", "--instance-size", "16", "--sinkhorn-iters", "10", "--shuffle-buffer", "8"]
+
+
+def make_train_shards(root: str, counts, size: int = 64, seed: int = 0) -> str:
+    """Prep-like shards ``t-00000j.tar`` (+ parquet + stats) holding ``counts[j]`` textured images with 6 boxes."""
+    rng = np.random.default_rng(seed)
+    for j, n in enumerate(counts):
+        name = schema.shard_name("t", j)
+        with ShardWriter(root, name, config={}, fingerprint="test", min_boxes=4) as w:
+            for i in range(n):
+                key = f"s{j}_{i:03d}"
+                img = textured_image(size, size, seed=int(rng.integers(1 << 30)))
+                x0, y0 = rng.integers(0, size // 2, (2, 6))
+                x1, y1 = x0 + rng.integers(8, size // 2, 6), y0 + rng.integers(8, size // 2, 6)
+                boxes = np.stack([x0, y0, np.minimum(x1, size), np.minimum(y1, size)], 1)
+                meta = schema.encode_meta(key=key, path=f"{key}.jpg", width=size, height=size, boxes=boxes)
+                jpeg = jpeg_bytes(img)
+                w.write(schema.make_row(key, f"{key}.jpg", width=size, height=size, kept_boxes=6,
+                                        boxes=boxes), jpeg, meta)
+    return root
+
+
+def run_train(*args, check=True, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(out) -> list[dict]:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_train_shards(str(tmp_path_factory.mktemp("shards")), [24, 24])
+
+
+@pytest.fixture(scope="module")
+def reference_run(shards, tmp_path_factory):
+    """16 uninterrupted steps (epochs of 6 steps) with one DataLoader worker, checkpoints every 8 steps."""
+    out = str(tmp_path_factory.mktemp("ref"))
+    run_train(*TINY, "--workers", "1", "--data", shards, "--out", out, "--max-steps", "16", "--ckpt-every", "8")
+    return out
+
+
+@pytest.mark.slow
+def test_short_run_lowers_the_loss(reference_run):
+    rows = read_log(reference_run)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    assert last < first - 0.5, (first, last)
+    r = rows[-1]
+    assert r["loss"] == pytest.approx(r["loss_scene"] + r["loss_scene_instance"] + r["loss_instance"], abs=1e-5)
+    assert r["lr"] > 0 and 0.99 < r["momentum"] < 1 and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
+    assert 0 <= r["fallback_rate"] <= 1 and r["shards_skipped"] == 0
+    assert sorted(n for n in os.listdir(reference_run) if n.startswith("ckpt")) == \
+        ["ckpt-00000008.pt", "ckpt-00000016.pt"]
+    with open(os.path.join(reference_run, "config.json")) as f:
+        assert json.load(f)["preset"] == "tiny"
+    from train import plot
+
+    png = os.path.join(reference_run, "curve.png")
+    assert plot.main([os.path.join(reference_run, "log.jsonl"), "-o", png]) == 0 and os.path.getsize(png) > 0
+
+
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_run(shards, reference_run, tmp_path):
+    import torch
+
+    out = str(tmp_path / "run")
+    args = [*TINY, "--workers", "1", "--data", shards, "--out", out, "--ckpt-every", "8"]
+    run_train(*args, "--max-steps", "5")  # stops mid-epoch: the data position matters
+    run_train(*args, "--max-steps", "8", "--resume")  # crosses the epoch boundary after step 6
+    ref = {r["step"]: r for r in read_log(reference_run)}
+    resumed = read_log(out)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for r in resumed[5:]:
+        for term in ("loss", "loss_scene", "loss_scene_instance", "loss_instance"):
+            assert r[term] == pytest.approx(ref[r["step"]][term], abs=1e-5), (r["step"], term)
+    a = torch.load(os.path.join(out, "ckpt-00000008.pt"), weights_only=True)
+    b = torch.load(os.path.join(reference_run, "ckpt-00000008.pt"), weights_only=True)
+    assert a["data"] == b["data"] == {"epoch": 1, "consumed": 16, "streams": 1}
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=0, atol=1e-5, msg=k)
+
+
+# The error paths run train.__main__.main in this process (no torch start-up per case); the runs above cover
+# `python -m train` itself.
+def _main(capsys, *argv) -> tuple[int, str]:
+    from train.__main__ import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_refuses_existing_run_and_other_config(shards, tmp_path, capsys):
+    from train import checkpoint, optim
+    from train.config import parse_args
+    from train.model import UniVIP
+
+    out = str(tmp_path / "run")
+    cfg = parse_args([*TINY, "--data", shards, "--out", out])
+    model = UniVIP(cfg.model_config())
+    opt = optim.build(model.named_parameters(), cfg)
+    checkpoint.save(out, 16, model=model, optimizer=opt, config=cfg, data_position={"epoch": 2, "consumed": 32},
+                    rng=[checkpoint.rng_state()], world_size=1)
+    base = [*TINY, "--data", shards, "--out", out, "--max-steps", "30"]
+    code, err = _main(capsys, *base)
+    assert code == 1 and "already holds checkpoints" in err and "--resume" in err
+    code, err = _main(capsys, *base, "--resume", "--k", "3", "--arch", "resnet50")
+    assert code == 1, err
+    assert "ckpt-00000016.pt was written by another config" in err
+    assert "k: checkpoint 4 vs now 3" in err and "arch: checkpoint 'resnet18' vs now 'resnet50'" in err
+
+
+def test_clear_data_errors(tmp_path, capsys):
+    code, err = _main(capsys, *TINY, "--data", str(tmp_path / "nowhere-{000000..000003}.tar"),
+                      "--out", str(tmp_path / "o1"))
+    assert code == 1 and "no shards matched" in err and "nowhere" in err
+    code, err = _main(capsys, *TINY, "--data", str(tmp_path / "*.tar"), "--out", str(tmp_path / "o2"))
+    assert code == 1 and "no shards matched" in err
+    # a plain image tar (no KEY.json): not a prep shard
+    import tarfile
+
+    bad = tmp_path / "plain-000000.tar"
+    with tarfile.open(bad, "w") as tar:
+        tar.add(os.path.join(ROOT, "tests", "fixtures", "coffee.jpg"), arcname="a.jpg")
+    code, err = _main(capsys, *TINY, "--data", str(bad), "--out", str(tmp_path / "o3"), "--on-bad-shard", "fail")
+    assert code == 1 and "shard without boxes" in err and str(bad) in err
+    with pytest.warns(RuntimeWarning, match="shard without boxes"):  # skipped, then nothing is left to train on
+        code, err = _main(capsys, *TINY, "--data", str(bad), "--out", str(tmp_path / "o4"))
+    assert code == 1 and "0 samples" in err
+
+
+def test_help_lists_flags_and_presets(capsys):
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("--batch-size", "GLOBAL batch", "--preset {coco,imagenet,tiny}", "--instance-mode {crop,roi}",
+                 "--no-amp", "imagenet: batch_size=4096"):
+        assert text in out, text
+    # and the real entry point answers too
+    assert "usage: python -m train" in run_train("--help").stdout
+
+
+def test_plot_writes_a_png(tmp_path):
+    from train import plot
+
+    log, png = tmp_path / "log.jsonl", str(tmp_path / "curve.png")
+    log.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "loss_scene": 0.5 / s, "lr": 0.1}) + "\n"
+                           for s in range(1, 6)))
+    assert plot.main([str(log), "-o", png]) == 0
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,258 @@
+"""The UniVIP training loop: ``python -m train --preset tiny --data DIR --out OUT`` or
+``torchrun --nproc-per-node N -m train ...``.
+
+Steps are counted from 1: log row ``step`` = n and ``ckpt-{n:08d}.pt`` both mean "after n optimizer steps".
+The lr and EMA schedules span ``epochs * steps_per_epoch`` steps; ``--max-steps`` stops earlier without changing them.
+
+Data errors under DDP: with ``--on-bad-shard skip`` (default) every rank still yields exactly ``steps_per_epoch``
+batches (``train.data``), so ranks never diverge. With ``fail``, or any other exception while fetching a batch, the
+rank does not raise at once: every step all ranks exchange a "my batch failed" flag over a CPU (gloo) group, and then
+all of them stop together, the failing rank with its own error and the others naming it. No rank is left waiting in
+DDP's gradient all-reduce until the process-group timeout, with or without torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from shards import reader, storage
+from train import augment, checkpoint, data, dist, optim, schedule
+from train.config import TrainConfig, parse_args
+from train.model import TERMS, UniVIP, update_target
+from train.views import UniVIPTransform, ViewConfig
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on for a reason the user can fix; printed without a traceback."""
+
+
+def view_config(cfg: TrainConfig) -> ViewConfig:
+    return ViewConfig(size=cfg.image_size, scale=(cfg.crop_min_scale, 1.0), k=cfg.k, iters=cfg.view_iters,
+                      instance_size=cfg.instance_size, gpu_aug=cfg.gpu_aug)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = UniVIP(cfg.model_config())
+    if cfg.sync_bn and dist.world_size() > 1:  # the target normalises with its own rank's batch, like BYOL's
+        model.online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.online)
+        model.predictor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
+    model = model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The GPU colour augmentation's randomness, a pure function of (seed, step, rank): resumed runs repeat it."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence((seed, step, rank)).generate_state(1)[0]))
+
+
+def open_run(cfg: TrainConfig, world: int) -> tuple[dict | None, str | None]:
+    """Check --out against --resume; return the checkpoint to resume from (loaded, config checked) and its path."""
+    path = checkpoint.find_latest(cfg.out)
+    if path and not cfg.resume:
+        raise TrainError(f"{cfg.out} already holds checkpoints ({os.path.basename(path)}): pass --resume to continue "
+                         "that run or choose another --out")
+    if path is None:
+        if cfg.resume:
+            dist.print0(f"--resume: no checkpoint in {cfg.out}, starting from step 0")
+        return None, None
+    ckpt = checkpoint.load(path)
+    checkpoint.check_config(ckpt, cfg, world, path)
+    return ckpt, path
+
+
+class Logger:
+    """Rank 0: a tqdm bar and ``OUT/log.jsonl``. Every rank: the window sums behind the logged rates."""
+
+    def __init__(self, cfg: TrainConfig, start: int, end: int):
+        self.main = dist.is_main()
+        self.bar = tqdm(total=end, initial=start, disable=not self.main, dynamic_ncols=True, desc="train")
+        self.file = open(os.path.join(cfg.out, "log.jsonl"), "a") if self.main else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.wait, self.steps = time.perf_counter(), 0.0, 0
+        self.terms = None
+
+    def step(self, losses: dict[str, torch.Tensor], wait: float) -> None:
+        vals = torch.stack([losses[t].detach().float() for t in ("total", *TERMS)])
+        self.terms = vals if self.terms is None else self.terms + vals  # stays on the device: no sync per step
+        self.wait += wait
+        self.steps += 1
+        self.bar.update(1)
+
+    def write(self, step: int, lr: float, tau: float, images: int, counters: data.DataCounters) -> dict:
+        """A collective (every rank calls it at the same steps): losses averaged over ranks and the window."""
+        terms = dist.all_reduce_mean(self.terms / self.steps).tolist()
+        elapsed = time.perf_counter() - self.t0
+        c = counters.as_dict()
+        wait, samples, fallbacks, shards_skipped, samples_skipped = dist.host_sum(
+            [self.wait, c["samples"], c["fallbacks"], c["shards_skipped"], c["samples_skipped"]])
+        row = {"step": step, "loss": terms[0], **{f"loss_{t}": v for t, v in zip(TERMS, terms[1:])},
+               "lr": lr, "momentum": tau, "images_per_s": images * self.steps / elapsed,
+               "data_wait": wait / dist.world_size() / elapsed, "fallback_rate": fallbacks / max(samples, 1),
+               "shards_skipped": int(shards_skipped), "samples_skipped": int(samples_skipped)}
+        if self.main:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", wait=f"{row['data_wait']:.0%}")
+        self.reset()
+        return row
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+def next_batch(loader_iter, loader):
+    """(batch, iterator, error): a new epoch starts when the iterator ends; errors are returned, not raised."""
+    try:
+        try:
+            return next(loader_iter), loader_iter, None
+        except StopIteration:  # each iter() of the loader is the next epoch (persistent workers)
+            loader_iter = iter(loader)
+            return next(loader_iter), loader_iter, None
+    except Exception as e:  # noqa: BLE001 - handed to every rank first, raised after the flag exchange
+        return None, loader_iter, e
+
+
+def train(cfg: TrainConfig, device: torch.device) -> None:
+    rank, world = dist.rank(), dist.world_size()
+    batch_size = cfg.per_rank_batch(world)
+    if not cfg.data:
+        raise TrainError("--data is required: a shard directory, brace pattern, glob or manifest.json")
+    os.makedirs(cfg.out, exist_ok=True)
+    dist.barrier()  # every rank sees the directory (and no rank has written checkpoints yet) before the check
+    ckpt, ckpt_path = open_run(cfg, world)
+    if dist.is_main():
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+
+    # data: the stream is a pure function of (seed, epoch, rank, streams); the checkpoint says where it stood
+    vcfg = view_config(cfg)
+    streams = ckpt["data"].get("streams", 0) if ckpt and not cfg.streams else cfg.streams
+    streams = streams or max(1, cfg.workers)
+    position = data.DataPosition.from_dict(ckpt["data"]) if ckpt else data.DataPosition()
+    try:
+        urls = reader.expand_spec(cfg.data)
+        local = [u for u in urls if storage.scheme(u) == "file"]
+        if local and not any(os.path.exists(storage.local_path(u)) for u in local):
+            # a brace pattern expands without looking at the disk: none of its files exists
+            raise TrainError(f"no shards matched {cfg.data!r}: none of the {len(local)} paths it names exists")
+        loader, steps_per_epoch = data.make_loader(
+            cfg.data, UniVIPTransform(vcfg), batch_size=batch_size, workers=cfg.workers, seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer, rank=rank, world_size=world, position=position,
+            on_bad_shard=cfg.on_bad_shard, pin_memory=device.type == "cuda", streams=streams,
+            open_kwargs={"allow_pipe": cfg.allow_pipe})
+    except (reader.SpecError, FileNotFoundError, data.BadShardError) as e:
+        raise TrainError(str(e)) from e
+    except ValueError as e:  # e.g. too few samples for one step
+        raise TrainError(f"{cfg.data}: {e}") from e
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    end = min(total, cfg.max_steps) if cfg.max_steps else total
+
+    model = build_model(cfg, device)
+    opt = optim.build([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg)
+    start = 0
+    if ckpt:
+        checkpoint.restore(ckpt, model=model, optimizer=opt, path=ckpt_path)
+        start = ckpt["step"]
+        rng = ckpt.get("rng") or []
+        if len(rng) == world:
+            checkpoint.set_rng_state(rng[rank])
+        dist.print0(f"resumed from {ckpt_path} at step {start} (epoch {position.epoch})")
+        del ckpt
+    # DDP reduces the gradients of the trainable (online) parameters; the target has requires_grad False, so DDP
+    # leaves it alone: it changes only through update_target below. A zero loss weight leaves a head unused.
+    unused = cfg.method == "univip" and min(cfg.loss_weights().values()) == 0
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              find_unused_parameters=unused) if world > 1 else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    use_amp = cfg.amp and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    dist.print0(f"{cfg.arch} {cfg.method}: {world} rank(s) x batch {batch_size}, {steps_per_epoch} steps/epoch, "
+                f"steps {start}..{end} of {total}, peak lr {cfg.peak_lr:.4g}, device {device}")
+
+    log, counters = Logger(cfg, start, end), data.DataCounters()
+    loader_iter = iter(loader)
+    try:
+        for it in range(start, end):
+            step = it + 1
+            lr = schedule.lr(it, peak=cfg.peak_lr, total=total, warmup=warmup)
+            tau = schedule.momentum(it, base=cfg.ema_base, total=total)
+            optim.set_lr(opt, lr)
+
+            t0 = time.perf_counter()
+            batch, loader_iter, error = next_batch(loader_iter, loader)
+            failed = dist.failed_ranks(error is not None)  # every rank, every step: nobody hangs in DDP
+            if failed:
+                if error is not None:
+                    raise error
+                raise TrainError(f"rank {rank}: stopping because rank(s) {failed} failed to read data (see their "
+                                 "error)")
+            wait = time.perf_counter() - t0
+            counters.add(batch)
+
+            v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))  # uint8 [B,3,S,S]
+            b1, b2 = (batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2"))  # [B,K,4]
+            if cfg.gpu_aug:
+                g = step_generator(cfg.seed, it, rank)
+                v1, v2 = augment.gpu_colour(v1, 0, g, vcfg), augment.gpu_colour(v2, 1, g, vcfg)
+            else:
+                v1, v2 = augment.normalize(v1), augment.normalize(v2)
+            with autocast():
+                losses = net(v1, v2, b1, b2)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            update_target(model, tau)  # EMA: target <- tau * target + (1 - tau) * online
+
+            log.step(losses, wait)
+            if step % cfg.log_every == 0 or step == end:
+                log.write(step, lr, tau, batch_size * world, counters)
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
+                save(cfg, step, model, opt, steps_per_epoch, batch_size, streams)
+    finally:
+        log.close()
+
+
+def save(cfg: TrainConfig, step: int, model, opt, steps_per_epoch: int, batch_size: int, streams: int) -> None:
+    """A collective (RNG states of every rank); rank 0 writes."""
+    rng = dist.gather_objects(checkpoint.rng_state())
+    if dist.is_main():
+        pos = data.DataPosition.from_step(step, steps_per_epoch, batch_size).to_dict()
+        checkpoint.save(cfg.out, step, model=model, optimizer=opt, config=cfg, data_position={**pos, "streams": streams},
+                        rng=rng, world_size=dist.world_size(), keep=cfg.keep_ckpts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        device = dist.setup(cfg.device)
+        train(cfg, device)
+    except (TrainError, checkpoint.CheckpointError, data.BadShardError) as e:
+        prefix = f"rank {dist.rank()}: " if dist.world_size() > 1 else ""
+        print(f"python -m train: error: {prefix}{e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        dist.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
