@@ -44,6 +44,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = UniVIP(cfg.model_config())
     if cfg.sync_bn and dist.world_size() > 1:  # the target normalises with its own rank's batch, like BYOL's
+        if device.type != "cuda":
+            raise TrainError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
         model.online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.online)
         model.predictor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
     model = model.to(device)
@@ -128,7 +130,8 @@ def next_batch(loader_iter, loader):
         return None, loader_iter, e
 
 
-def train(cfg: TrainConfig, device: torch.device) -> None:
+def train(cfg: TrainConfig, device: torch.device) -> dict:
+    """Run (or continue) training in this process; returns {"model", "steps" (taken here), "counters"}."""
     rank, world = dist.rank(), dist.world_size()
     batch_size = cfg.per_rank_batch(world)
     if not cfg.data:
@@ -201,8 +204,7 @@ def train(cfg: TrainConfig, device: torch.device) -> None:
             if failed:
                 if error is not None:
                     raise error
-                raise TrainError(f"rank {rank}: stopping because rank(s) {failed} failed to read data (see their "
-                                 "error)")
+                raise TrainError(f"stopping because rank(s) {failed} failed to read data (see their error)")
             wait = time.perf_counter() - t0
             counters.add(batch)
 
@@ -229,6 +231,7 @@ def train(cfg: TrainConfig, device: torch.device) -> None:
                 save(cfg, step, model, opt, steps_per_epoch, batch_size, streams)
     finally:
         log.close()
+    return {"model": model, "steps": max(0, end - start), "counters": counters}
 
 
 def save(cfg: TrainConfig, step: int, model, opt, steps_per_epoch: int, batch_size: int, streams: int) -> None:
