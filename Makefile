@@ -26,7 +26,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.train
 
 demo: $(VENV)/.train
-	$(BIN)/prep coco data/sample/coco --annotations data/sample/coco/annotations/instances_sample.json \
+	$(BIN)/prep coco data/sample/coco/images --annotations data/sample/coco/annotations/instances_sample.json \
 		--out $(DEMO)/shards --shard-size 4 --workers $(WORKERS)
 	$(BIN)/prep stats $(DEMO)/shards --plot $(DEMO)/stats.png
 	$(BIN)/prep verify $(DEMO)/shards
