@@ -160,17 +160,24 @@ def measure(samples: list[dict], variants: int, rounds: int, seed: int) -> dict[
     return res
 
 
-def measure_augment(batch: int, reps: int, seed: int) -> dict[int, float]:
-    """CPU ms per batch of ``gpu_colour`` on uint8 [batch, 3, 224, 224], per view index."""
+def measure_augment(batch: int, reps: int, seed: int, device: str = "cpu") -> dict[int, float]:
+    """ms per batch of ``gpu_colour`` on uint8 [batch, 3, 224, 224] on ``device``, per view index (CPU time on
+    the CPU; wall time between synchronisations on CUDA)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, generator=g)
+    x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, generator=g).to(device)
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.process_time
     out = {}
     for view in (0, 1):
         gpu_colour(x, view, g)
-        t0 = time.process_time()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = clock()
         for _ in range(reps):
             gpu_colour(x, view, g)
-        out[view] = (time.process_time() - t0) / reps * 1e3
+        if cuda:
+            torch.cuda.synchronize()
+        out[view] = (clock() - t0) / reps * 1e3
     return out
 
 
@@ -194,6 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", type=int, default=None, help="random draws per image (default 8, quick 2)")
     ap.add_argument("--batch", type=int, default=32, help="batch for the train.augment timing")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpu-batch", type=int, default=256, help="batch for the train.augment timing on CUDA, if any")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     variants = args.variants or (2 if args.quick else 8)
@@ -217,6 +225,12 @@ def main(argv=None) -> int:
     aug = measure_augment(args.batch, 2 if args.quick else 5, args.seed)
     print(f"\n`train.augment.gpu_colour` on CPU, uint8 [{args.batch}, 3, 224, 224]: "
           f"view 0 {aug[0]:.0f} ms/batch, view 1 {aug[1]:.0f} ms/batch (for the record; it is meant for the GPU)")
+    if torch.cuda.is_available():
+        torch.set_num_threads(max(1, os.cpu_count() or 1))  # the GPU timing is not a per-core figure
+        ga = measure_augment(args.gpu_batch, 20, args.seed, "cuda")
+        print(f"`train.augment.gpu_colour` on {torch.cuda.get_device_name()}, uint8 [{args.gpu_batch}, 3, 224, 224]: "
+              f"view 0 {ga[0]:.1f} ms/batch, view 1 {ga[1]:.1f} ms/batch "
+              f"({args.gpu_batch * 2000 / (ga[0] + ga[1]):.0f} samples/s for both views)")
     naive = res["naive torchvision BYOL"]
     cpu_ratio, gpu_ratio = naive / res["univip-cpu"], naive / res["univip-gpu_aug (CPU part)"]
     print(f"\ntargets (COCO-sized): univip-cpu {cpu_ratio:.1f}x the naive samples/s (>= 8x: "

@@ -3,8 +3,9 @@
 ``gpu_colour(x, view, generator, cfg)`` is the batched counterpart of ``train.views.cpu_colour``: colour jitter
 (brightness, contrast, saturation, hue in a per-sample random order, clamped after each op), grayscale, Gaussian blur
 (separable, per-sample sigma, torchvision's sampled kernel and reflect border), solarize, each applied to a sample with
-its own probability, then ImageNet normalisation. No Python loop over the batch: ops run on the whole batch with
-per-sample factors, and a sample that skips an op gets that op's identity factor (or keeps its pixels by ``where``).
+its own probability, then ImageNet normalisation. No Python loop over the batch: cheap ops run on the whole batch with
+per-sample factors (a sample that skips one gets its identity factor, or keeps its pixels by ``where``); hue and blur,
+the costly ones, run once on the sub-batch that draws them (index lists from the host-side parameters).
 Random parameters come from ``generator`` on its own device and are then moved to ``x``'s device, so a CPU generator
 gives the same augmentation whatever device the batch is on.
 
@@ -136,20 +137,26 @@ def sample_params(batch: int, view: int, generator: torch.Generator, cfg: ViewCo
     }
 
 
-def _jitter_step(x: torch.Tensor, op: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """One position of the random jitter order: sample i runs op ``op[i]`` (0 brightness, 1 contrast, 2 saturation,
-    3 hue, -1 none) with factor ``f[i]``. Brightness, contrast and saturation are one fused affine map
-    ``clamp(a x + b gray(x) + c mean(gray(x)))`` with per-sample (a, b, c) (identity: (1, 0, 0)); hue runs on the
-    batch and is kept only where chosen (its HSV round trip is not bit-exact)."""
+def _affine_step(x: torch.Tensor, op: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Brightness (op 0), contrast (1) or saturation (2) per sample as one fused map
+    ``clamp(a x + b gray(x) + c mean(gray(x)))`` with per-sample (a, b, c); any other op: identity (1, 0, 0)."""
     one, zero = torch.ones_like(f), torch.zeros_like(f)
-    affine = (op >= 0) & (op <= 2)
-    a = torch.where(affine, f, one)
+    a = torch.where((op >= 0) & (op <= 2), f, one)
     b = torch.where(op == 2, 1 - f, zero)
     c = torch.where(op == 1, 1 - f, zero)
     g = to_gray(x)
-    y = (x * _per_sample(a) + g * _per_sample(b) + g.mean(dim=(1, 2, 3), keepdim=True) * _per_sample(c)).clamp_(0, 1)
-    is_hue = op == 3
-    return torch.where(_per_sample(is_hue), hue(y, torch.where(is_hue, f, zero)), y)
+    return (x * _per_sample(a) + g * _per_sample(b) + g.mean(dim=(1, 2, 3), keepdim=True) * _per_sample(c)).clamp_(0, 1)
+
+
+def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
+    """Apply ``fn(x[idx], idx)`` to the samples where ``mask`` (on the parameters' device) holds, in place in ``x``.
+    The index list is built where the parameters live: from a CPU generator that costs no device synchronisation,
+    and the op runs only on the samples that need it (hue is the costliest op; blur applies to 10 % in view 1)."""
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    idx = idx.to(x.device, non_blocking=True)
+    return x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
 
 
 def gpu_colour(x: torch.Tensor, view: int, generator: torch.Generator | None = None, cfg: ViewConfig | None = None,
@@ -157,7 +164,8 @@ def gpu_colour(x: torch.Tensor, view: int, generator: torch.Generator | None = N
     """BYOL colour augmentation of view index ``view`` (0 or 1: asymmetric blur/solarize probabilities) on a batch.
 
     x: uint8 (0..255) or float (0..1) ``[B, 3, H, W]`` on any device -> float32 ``[B, 3, H, W]`` normalised by the
-    ImageNet mean/std. ``params`` (from ``sample_params``) overrides the random draw."""
+    ImageNet mean/std. ``params`` (from ``sample_params``) overrides the random draw. Use a CPU generator: the
+    per-sample choices then stay on the host and the batch is processed without device synchronisations."""
     cfg = cfg or ViewConfig()
     if view not in (0, 1):
         raise ValueError(f"view must be 0 or 1, got {view}")
@@ -167,13 +175,18 @@ def gpu_colour(x: torch.Tensor, view: int, generator: torch.Generator | None = N
         if generator is None:
             raise ValueError("gpu_colour needs a torch.Generator (or params)")
         params = sample_params(x.shape[0], view, generator, cfg)
-    p = {k: v.to(x.device) for k, v in params.items()}
-    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    host = params  # masks for index lists, where the generator made them
+    p = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
+    # a float32 copy we own (the in-place steps below must not touch the caller's tensor)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
     for pos in range(4):
+        # at position pos each sample runs its op order[:, pos]
         op = torch.where(p["jitter"], p["order"][:, pos], torch.full_like(p["order"][:, pos], -1))
         f = p["factors"].gather(1, p["order"][:, pos:pos + 1]).squeeze(1)
-        x = _jitter_step(x, op, f)
+        x = _affine_step(x, op, f)
+        hue_mask = host["jitter"] & (host["order"][:, pos] == 3)
+        x = _on_subset(x, hue_mask, lambda xs, idx: hue(xs, p["factors"][idx, 3]))
     x = torch.where(_per_sample(p["gray"]), to_gray(x).expand_as(x), x)
-    x = gaussian_blur(x, torch.where(p["blur"], p["sigma"], torch.zeros_like(p["sigma"])), cfg.blur_kernel)
+    x = _on_subset(x, host["blur"], lambda xs, idx: gaussian_blur(xs, p["sigma"][idx], cfg.blur_kernel))
     x = torch.where(_per_sample(p["solarize"]), solarize(x, cfg.solarize_threshold / 255), x)
     return normalize(x)
