@@ -1,0 +1,610 @@
+"""GPU training-step benchmark (issue #3 item 7, `bench/gpu.sh`): UniVIP / BYOL images/s and model FLOP utilisation.
+
+A step is what the training loop does per batch: GPU colour augmentation of both views (``train.augment.gpu_colour``,
+per-sample parameters drawn on a CPU generator, as the loop does), forward under bf16 autocast with a channels_last
+model, backward, SGD step, EMA update of the target (``update_target``). "images/s" counts source images (samples):
+each gives two views of ``--image-size`` px and, in crop mode, 2*K instance crops of ``--instance-size`` px.
+
+Measured, for each variant (``byol``, ``univip-crop`` = the paper's, ``univip-roi``):
+1. synthetic input: random uint8 views already on the device and random valid boxes; ``--steps`` steps after
+   ``--warmup``, timed with CUDA events around the whole run (no per-step synchronisation);
+2. the real loader (``--data``, variants of ``--loader-variants``): ``train.data.make_loader`` over the shards with
+   ``UniVIPTransform(gpu_aug=True)`` in ``--workers`` CPU workers, pinned memory, non_blocking copies. A few demo
+   samples are repeated (symlinked shard copies listed in a temporary manifest) so that one epoch covers the run.
+   "data wait" is the time the GPU sat idle between steps because the next batch was not there yet: CUDA events
+   recorded just before and just after ``next(loader)`` give the gap on the GPU's own timeline (the CPU time spent
+   blocked in ``next()`` is reported too, as the loop logs it). The loader alone (no model) is timed afterwards;
+3. FLOPs of one forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
+   convolutions; BatchNorm, RoIAlign, Sinkhorn's elementwise ops, the augmentation and the optimizer are not
+   counted) at the benchmark batch, and MFU = FLOPs / step time / ``--peak-tflops`` (989 = H100 SXM / H200 dense
+   bf16; an H100 PCIe is 756).
+
+Everything runs within ``--budget-s`` seconds (phases that would start later are skipped and listed), prints a
+markdown table and writes JSON to ``--json`` (default ``$OUT/gpu_bench.json`` when ``$OUT`` is set).
+
+    bench/gpu.sh --data demo_out/shards                                     # on the GPU machine
+    python bench/gpu_bench.py --device cpu --arch resnet18 --batch 4 --steps 2 --image-size 64 --instance-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+import torch
+import torchvision
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _guard_cv2() -> str | None:
+    """``train.views`` imports OpenCV at module level for its CPU colour ops, which ``gpu_aug=True`` never calls.
+    On a machine without OpenCV put a placeholder module in its place that fails when actually used, so the GPU
+    path still imports. Returns the OpenCV version, or None when the placeholder was installed."""
+    try:
+        import cv2
+        return cv2.__version__
+    except ImportError:
+        pass
+
+    class _Missing(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            raise ImportError(f"cv2.{name}: OpenCV is not installed here; bench/gpu_bench.py only supports gpu_aug "
+                              "views without it")
+
+    sys.modules["cv2"] = _Missing("cv2")
+    return None
+
+
+CV2_VERSION = _guard_cv2()
+
+from bench.step_bench import step_flops  # noqa: E402
+from shards import reader, schema, storage  # noqa: E402
+from train import augment, data  # noqa: E402
+from train.model import ModelConfig, UniVIP, update_target  # noqa: E402
+from train.optim import param_groups  # noqa: E402
+from train.views import UniVIPTransform, ViewConfig  # noqa: E402
+
+VARIANTS = {  # name -> ModelConfig overrides
+    "byol": dict(method="byol"),
+    "univip-crop": dict(method="univip", instance_mode="crop"),
+    "univip-roi": dict(method="univip", instance_mode="roi"),
+}
+PREFETCH = 2  # batches in flight per DataLoader worker (train.data.make_loader's prefetch_factor)
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+class Budget:
+    """Wall-clock budget of the whole run: phases check ``left()`` before starting and loops stop at ``deadline``."""
+
+    def __init__(self, seconds: float):
+        self.t0 = time.perf_counter()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+class Clock:
+    """Elapsed seconds of device work: CUDA events on a GPU (after synchronising on the end event), else wall time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.e0 = torch.cuda.Event(enable_timing=True)
+            self.e0.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            e1 = torch.cuda.Event(enable_timing=True)
+            e1.record()
+            e1.synchronize()
+            return self.e0.elapsed_time(e1) / 1000
+        return time.perf_counter() - self.t0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_info(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"CPU ({platform.processor() or platform.machine()})"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "opencv": CV2_VERSION,
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                    sms=props.multi_processor_count)
+    return info
+
+
+def synthetic_batch(batch: int, size: int, k: int, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random uint8 views [B, 3, S, S] on ``device`` and K valid boxes per view [B, K, 4] (xyxy view pixels, sides
+    1/7 to 5/7 of the view, like bench.step_bench.make_inputs)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    views = [torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device, dtype=torch.uint8)
+             for _ in range(2)]
+    boxes = []
+    for _ in range(2):
+        wh = size * (1 + 4 * torch.rand(batch, k, 2, generator=g, device=device)) / 7
+        xy = (size - wh) * torch.rand(batch, k, 2, generator=g, device=device)
+        boxes.append(torch.cat([xy, xy + wh], dim=-1))
+    return views[0], views[1], boxes[0], boxes[1]
+
+
+class Setup:
+    """One variant's model, optimizer and step function (augmentation + forward/backward + SGD + EMA)."""
+
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device, vcfg: ViewConfig):
+        self.name, self.device, self.vcfg = name, device, vcfg
+        torch.manual_seed(args.seed)  # the same initial encoder for every variant
+        cfg = ModelConfig(arch=args.arch, proj_hidden=args.proj_hidden, pred_hidden=args.proj_hidden, k=args.k,
+                          instance_size=args.instance_size, **VARIANTS[name])
+        model = UniVIP(cfg).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        # the loop's SGD: biases and BN parameters without weight decay (train.optim)
+        groups = param_groups(model.named_parameters(), 1e-4, True)
+        for g in groups:
+            g.pop("lars")
+        self.opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+        self.amp = args.amp
+        gen_device = device if args.aug_generator == "device" else torch.device("cpu")
+        self.gen = torch.Generator(device=gen_device).manual_seed(args.seed)
+        self.compiled = False
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def compile(self) -> None:
+        """torch.compile the encoders (online and target); roi mode's feature_map path is compiled separately."""
+        for branch in (self.model.online, self.model.target):
+            enc = branch.encoder
+            enc.net.compile(dynamic=False)  # one static graph per input size (views, instance crops)
+            enc.feature_map = torch.compile(enc.feature_map, dynamic=False)
+        self.compiled = True
+
+    def flops(self, v1: torch.Tensor, v2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> int:
+        """Model FLOPs of one forward + backward on normalised views (augmentation not counted)."""
+        with self.autocast():
+            n = step_flops(self.model, (v1, v2, b1, b2))
+        self.opt.zero_grad(set_to_none=True)
+        return n
+
+    def step(self, v1: torch.Tensor, v2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+        """One training step on uint8 views; returns the loss tensor (no synchronisation)."""
+        x1 = augment.gpu_colour(v1, 0, self.gen, self.vcfg)
+        x2 = augment.gpu_colour(v2, 1, self.gen, self.vcfg)
+        with self.autocast():
+            loss = self.model(x1, x2, b1, b2)["total"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        update_target(self.model, 0.99)
+        return loss.detach()
+
+    def close(self) -> None:
+        del self.model, self.opt
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def timed_steps(run_step, n: int, deadline: float) -> int:
+    """Run up to ``n`` steps, stopping early (at >= 1 step) once ``time.perf_counter()`` passes ``deadline``."""
+    done = 0
+    while done < n:
+        run_step()
+        done += 1
+        if time.perf_counter() > deadline:
+            break
+    return done
+
+
+def derived(row: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Add images/s, TFLOP/s and MFU to a row holding ``step_s`` and ``flops``."""
+    row["images_per_s"] = args.batch / row["step_s"]
+    row["step_ms"] = 1000 * row["step_s"]
+    if row.get("flops"):
+        row["gflop_per_step"] = row["flops"] / 1e9
+        row["tflops"] = row["flops"] / row["step_s"] / 1e12
+        row["mfu"] = row["tflops"] / args.peak_tflops if device.type == "cuda" else None
+    return row
+
+
+# --- phase 1: synthetic input --------------------------------------------------------------------------------------
+def bench_synthetic(name: str, args, device, vcfg, deadline: float) -> dict:
+    setup = Setup(name, args, device, vcfg)
+    try:
+        v1, v2, b1, b2 = synthetic_batch(args.batch, args.image_size, args.k, device, args.seed)
+        reset_memory(device)
+        flops = setup.flops(augment.normalize(v1), augment.normalize(v2), b1, b2)
+        if args.compile:
+            setup.compile()
+        t0 = time.perf_counter()
+        timed_steps(lambda: setup.step(v1, v2, b1, b2), args.warmup, deadline)
+        sync(device)
+        warm_s = time.perf_counter() - t0
+        clock = Clock(device)
+        clock.start()
+        steps = timed_steps(lambda: setup.step(v1, v2, b1, b2), args.steps, deadline)
+        step_s = clock.stop() / steps
+        # the augmentation of both views alone, for the record (it is inside step_s)
+        n_aug = max(1, min(10, args.steps))
+        clock.start()
+        for _ in range(n_aug):
+            augment.gpu_colour(v1, 0, setup.gen, vcfg)
+            augment.gpu_colour(v2, 1, setup.gen, vcfg)
+        aug_s = clock.stop() / n_aug
+        row = dict(variant=name + ("+compile" if args.compile else ""), input="synthetic", steps=steps,
+                   warmup_s=round(warm_s, 2), step_s=step_s, aug_ms=1000 * aug_s, flops=flops,
+                   peak_mem_gib=peak_memory_gib(device), data_wait=None)
+        return derived(row, args, device)
+    finally:
+        setup.close()
+
+
+# --- phase 2: the real loader --------------------------------------------------------------------------------------
+def find_shards(spec: str) -> tuple[list[str], dict[str, int]]:
+    """(tar URLs, samples per URL) of a shard spec; raises FileNotFoundError naming the spec when it has none."""
+    try:
+        urls = reader.expand_spec(spec)
+    except Exception as e:  # SpecError and OS errors alike: the caller falls back to synthetic only
+        raise FileNotFoundError(f"no shards at {spec!r}: {e}") from e
+    sizes = reader.shard_sizes(spec) or data.count_samples(urls)
+    if not sum(sizes.get(u, 0) for u in urls):
+        raise FileNotFoundError(f"no samples in the shards at {spec!r}")
+    return urls, {u: sizes[u] for u in urls}
+
+
+def repeated_manifest(urls: list[str], sizes: dict[str, int], min_samples: int, min_shards: int, tmp: str) -> str:
+    """A manifest in ``tmp`` listing symlinked copies of the local shards, enough for ``min_samples`` samples and at
+    least ``min_shards`` shards (so every loader slot gets whole shards). Returns the manifest path."""
+    unique = sum(sizes.values())
+    copies = max(math.ceil(min_samples / unique), math.ceil(min_shards / len(urls)), 1)
+    entries = []
+    for c in range(copies):
+        for u in urls:
+            if storage.scheme(u) != "file":
+                raise ValueError(f"{storage.redact(u)}: the loader benchmark repeats local shards only")
+            name = f"r{c:05d}-{os.path.basename(storage.local_path(u))}"
+            os.symlink(os.path.abspath(storage.local_path(u)), os.path.join(tmp, name))
+            entries.append({"tar": name, "samples": sizes[u]})
+    path = os.path.join(tmp, schema.MANIFEST_NAME)
+    with open(path, "w") as f:
+        json.dump({"format_version": schema.FORMAT_VERSION, "shards": entries}, f)
+    return path
+
+
+def source_megapixels(urls: list[str], limit: int = 64) -> float:
+    """Mean size of the stored images (metadata of the first ``limit`` samples), in megapixels."""
+    px = []
+    for u in urls:
+        for s in reader.read_shard(u):
+            meta = reader.decode(s)["meta"]
+            px.append(int(meta["width"]) * int(meta["height"]))
+            if len(px) >= limit:
+                return float(np.mean(px)) / 1e6
+    return float(np.mean(px)) / 1e6 if px else float("nan")
+
+
+def shm_workers(workers: int, batch_bytes: int) -> tuple[int, str | None]:
+    """Workers whose queued batches fit in /dev/shm (DataLoader workers hand batches over through it; containers
+    often mount a small one, and running out kills a worker with a bus error). -> (workers, note or None)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return workers, None
+    free = st.f_bavail * st.f_frsize
+    fit = int(free // (batch_bytes * 1.5)) // PREFETCH - 1  # 1.5: headroom for the pinning thread and the rest
+    if fit >= workers:
+        return workers, None
+    fit = max(1, fit)
+    return fit, (f"/dev/shm has {free / 2**30:.2f} GiB free, too little for {workers} workers x {PREFETCH} batches of "
+                 f"{batch_bytes / 2**20:.0f} MiB: using {fit} worker(s)")
+
+
+def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, flops: int | None,
+                 notes: list[str]) -> dict:
+    batch_bytes = args.batch * 2 * (3 * args.image_size ** 2 + 4 * 4 * args.k)  # two uint8 views + two float boxes
+    workers, note = shm_workers(args.workers, batch_bytes)
+    if note:
+        notes.append(note)
+    warm = args.warmup + PREFETCH * max(1, workers)  # past the first fill of every worker's prefetch queue
+    drain = PREFETCH * max(1, workers)
+    need_batches = warm + args.steps + drain + args.steps + 2
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
+        manifest = repeated_manifest(urls, sizes, need_batches * args.batch, 4 * max(1, workers), tmp)
+        transform = UniVIPTransform(vcfg)
+        loader, steps_per_epoch = data.make_loader(
+            manifest, transform, batch_size=args.batch, workers=workers, seed=args.seed,
+            shuffle_buffer=args.shuffle_buffer, pin_memory=device.type == "cuda")
+        setup = Setup(name, args, device, vcfg)
+        it = iter(loader)
+        counters = data.DataCounters()
+        cuda = device.type == "cuda"
+        gaps: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        cpu_wait = [0.0]
+        measuring = [False]
+
+        def next_batch():
+            nonlocal it
+            try:
+                return next(it)
+            except StopIteration:  # not expected (one epoch covers the run), but the loop would start the next one
+                it = iter(loader)
+                return next(it)
+
+        def run_step():
+            if cuda and measuring[0]:
+                a = torch.cuda.Event(enable_timing=True)
+                a.record()
+            t0 = time.perf_counter()
+            batch = next_batch()
+            if measuring[0]:
+                cpu_wait[0] += time.perf_counter() - t0
+                counters.add(batch)
+                if cuda:
+                    b = torch.cuda.Event(enable_timing=True)
+                    b.record()
+                    gaps.append((a, b))
+            v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))
+            b1, b2 = (batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2"))
+            setup.step(v1, v2, b1, b2)
+
+        try:
+            if flops is None:
+                v1, v2, b1, b2 = synthetic_batch(args.batch, args.image_size, args.k, device, args.seed)
+                flops = setup.flops(augment.normalize(v1), augment.normalize(v2), b1, b2)
+            if args.compile:
+                setup.compile()
+            reset_memory(device)
+            t0 = time.perf_counter()
+            timed_steps(run_step, warm, deadline)
+            sync(device)
+            warm_s = time.perf_counter() - t0
+            measuring[0] = True
+            clock = Clock(device)
+            clock.start()
+            w0 = time.perf_counter()
+            steps = timed_steps(run_step, args.steps, deadline)
+            total = clock.stop()
+            wall = time.perf_counter() - w0
+            measuring[0] = False
+            idle = sum(a.elapsed_time(b) for a, b in gaps) / 1000 if cuda else cpu_wait[0]
+            row = dict(variant=name + ("+compile" if args.compile else ""), input=f"loader, {workers} workers",
+                       workers=workers,
+                       steps=steps, warmup_s=round(warm_s, 2), step_s=total / steps, flops=flops,
+                       peak_mem_gib=peak_memory_gib(device), data_wait=idle / total, cpu_wait=cpu_wait[0] / wall,
+                       fallback_rate=counters.as_dict()["fallback_rate"], steps_per_epoch=steps_per_epoch)
+            setup.close()
+            # the loader alone: drop what the workers queued up while the model ran, then time fresh batches
+            loader_only = None
+            if time.perf_counter() < deadline:
+                for _ in range(drain):
+                    next_batch()
+                t0 = time.perf_counter()
+                n = timed_steps(next_batch, args.steps, deadline)
+                loader_only = n * args.batch / (time.perf_counter() - t0)
+            row["loader_only_images_per_s"] = loader_only
+            return derived(row, args, device)
+        finally:
+            if hasattr(setup, "model"):
+                setup.close()
+            del it, loader  # shut the workers down before the symlinks go
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+def _fmt(value, spec: str, none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def format_report(result: dict) -> str:
+    d, a = result["device"], result["config"]
+    gpu = d["device"].startswith("cuda")
+    kind = d["name"] if gpu else f"{d['name']}: CPU run, NOT a GPU result"
+    prec = "bf16 autocast" if a["amp"] else "fp32"
+    lines = [
+        f"## UniVIP training step: {kind}",
+        "",
+        f"torch {d['torch']}, torchvision {d['torchvision']}, {prec}, "
+        f"{'channels_last' if a['channels_last'] else 'contiguous'}, {a['arch']}, batch {a['batch']}, "
+        f"{a['image_size']} px views, K={a['k']}, {a['instance_size']} px instance crops, projector/predictor "
+        f"{a['proj_hidden']}->256; step = GPU colour aug + fwd/bwd + SGD + EMA; {a['steps']} steps after "
+        f"{a['warmup']} warm-up; MFU against {a['peak_tflops']:g} TFLOP/s"
+        + ("" if gpu else " (not computed on CPU)") + ("; torch.compile on the encoders" if a["compile"] else ""),
+        "",
+        "| variant | input | images/s | step ms | data wait | GFLOP/step (fwd+bwd) | TFLOP/s | MFU | aug ms "
+        "| peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['input']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
+            f"{_fmt(r.get('data_wait'), '.1%')} | {_fmt(r.get('gflop_per_step'), '.1f')} | "
+            f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('aug_ms'), '.1f')} | "
+            f"{_fmt(r.get('peak_mem_gib'), '.1f')} |")
+    lo = result.get("loader")
+    if lo:
+        lines += ["", f"Loader: {lo['spec']}: {lo['unique_samples']} unique samples ({lo['source_megapixels']:.2f} MP "
+                      f"mean) repeated by symlinked shard copies (page-cache reads), {d['cpu_cores']} CPU cores, "
+                      f"shuffle buffer {a['shuffle_buffer']}."]
+        for r in result["rows"]:
+            if r["input"].startswith("loader"):
+                lines.append(f"- {r['variant']}: loader alone {_fmt(r.get('loader_only_images_per_s'), '.0f')} "
+                             f"images/s; data wait = "
+                             f"{'GPU idle between steps (CUDA events)' if gpu else 'time in next()'}, "
+                             f"CPU blocked in next() "
+                             f"{_fmt(r.get('cpu_wait'), '.1%')}; Algorithm 1 fallback rate "
+                             f"{_fmt(r.get('fallback_rate'), '.1%')}")
+    for note in result["notes"]:
+        lines.append(f"- note: {note}")
+    for err in result["errors"]:
+        lines.append(f"- ERROR: {err}")
+    lines.append(f"\nelapsed {result['elapsed_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--batch", type=int, default=128, help="samples per step")
+    ap.add_argument("--image-size", type=int, default=224, help="view side in pixels")
+    ap.add_argument("--instance-size", type=int, default=96, help="instance crop side ('crop' mode)")
+    ap.add_argument("--k", type=int, default=4, help="instances per view")
+    ap.add_argument("--proj-hidden", type=int, default=4096, help="projector/predictor hidden width")
+    ap.add_argument("--variants", default="byol,univip-crop,univip-roi", help="synthetic-input variants")
+    ap.add_argument("--loader-variants", default="univip-crop", help="variants timed with the real loader ('' none)")
+    ap.add_argument("--steps", type=int, default=50, help="measured steps per measurement")
+    ap.add_argument("--warmup", type=int, default=10, help="warm-up steps (the loader adds 2 per worker)")
+    ap.add_argument("--data", default=None, help="shard spec for the real loader; without shards: synthetic only")
+    ap.add_argument("--workers", type=int, default=min(12, max(1, cores - 2)), help="DataLoader workers")
+    ap.add_argument("--shuffle-buffer", type=int, default=64,
+                    help="samples per slot before the first leaves (only delays start-up)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="peak dense bf16 TFLOP/s for MFU (H100 SXM / H200: 989; H100 PCIe: 756)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoders (adds minutes of warm-up)")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    ap.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                    help="bf16 autocast (auto: on for cuda, off on CPU)")
+    ap.add_argument("--aug-generator", choices=("cpu", "device"), default="cpu",
+                    help="where gpu_colour draws its per-sample parameters (cpu: as train/__main__.py does)")
+    ap.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
+    ap.add_argument("--budget-s", type=float, default=320, help="wall-clock budget of this script, seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="result file (default: $OUT/gpu_bench.json when $OUT is set)")
+    args = ap.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.loader_variants = [v.strip() for v in args.loader_variants.split(",") if v.strip()]
+    for v in args.variants + args.loader_variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 2:
+        ap.error("need --steps >= 1, --warmup >= 0 and --batch >= 2 (BatchNorm needs two samples)")
+    args.amp = args.amp == "on" or (args.amp == "auto" and args.device.startswith("cuda"))
+    if args.json is None and os.environ.get("OUT"):
+        args.json = os.path.join(os.environ["OUT"], "gpu_bench.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = Budget(args.budget_s)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device visible to torch (pass --device cpu for a smoke run)")
+        if device.index is None:  # set_device and the memory statistics want an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    info = device_info(device)
+    print(f"device: {info['name']} ({device}); torch {info['torch']}; {info['cpu_cores']} CPU cores", flush=True)
+    vcfg = ViewConfig(size=args.image_size, k=args.k, instance_size=args.instance_size, gpu_aug=True)
+    config = {k: v for k, v in vars(args).items()}
+    result = {"device": info, "config": config, "rows": [], "notes": [], "errors": [], "loader": None}
+    if device.type == "cuda" and args.cudnn_benchmark:
+        result["notes"].append("cudnn.benchmark on (train/__main__.py does not set it)")
+    if CV2_VERSION is None:
+        result["notes"].append("OpenCV missing: a placeholder cv2 module let train.views import (gpu_aug path only)")
+
+    # phases in order; each gets an equal share of what is left, and is skipped when under `floor` seconds remain
+    phases: list[tuple[str, str]] = [("synthetic", v) for v in args.variants]
+    shards = None
+    if args.loader_variants:
+        if not args.data:
+            result["notes"].append("no --data: real-loader measurement skipped (synthetic only)")
+        else:
+            try:
+                shards = find_shards(args.data)
+                phases += [("loader", v) for v in args.loader_variants]
+            except FileNotFoundError as e:
+                result["notes"].append(f"{e}: real-loader measurement skipped (synthetic only)")
+    if shards:
+        urls, sizes = shards
+        result["loader"] = dict(spec=args.data, shards=len(urls), unique_samples=sum(sizes.values()),
+                                source_megapixels=source_megapixels(urls))
+    floor = 20.0 if device.type == "cuda" else 1.0
+    flops: dict[str, int] = {}
+    for i, (kind, name) in enumerate(phases):
+        left = budget.left()
+        if left < floor:
+            result["notes"].append(f"{kind} {name}: skipped, {left:.0f} s of the {args.budget_s:g} s budget left")
+            continue
+        deadline = time.perf_counter() + left / (len(phases) - i)
+        print(f"[{budget.elapsed():5.0f} s] {kind} {name} ...", flush=True)
+        try:
+            if kind == "synthetic":
+                row = bench_synthetic(name, args, device, vcfg, deadline)
+                flops[name] = row["flops"]
+            else:
+                row = bench_loader(name, args, device, vcfg, *shards, deadline, flops.get(name), result["notes"])
+            if row["steps"] < args.steps:
+                result["notes"].append(f"{kind} {name}: only {row['steps']} of {args.steps} steps fit its time share")
+            result["rows"].append(row)
+            print(f"[{budget.elapsed():5.0f} s]   {row['images_per_s']:.1f} images/s, {row['step_ms']:.1f} ms/step",
+                  flush=True)
+        except Exception as e:  # keep the other measurements; the error goes into the report and the exit code
+            result["errors"].append(f"{kind} {name}: {type(e).__name__}: {e}")
+            print(f"  failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result["elapsed_s"] = budget.elapsed()
+    print()
+    print(format_report(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
