@@ -28,13 +28,59 @@ def _parse_part(ctx, param, value):
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
+def _set_s3_endpoint(ctx, param, value):
+    if value is None:
+        return None
+    if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1].strip("/")) == 0:
+        raise click.BadParameter(f"{value!r}: give the endpoint as http(s)://host[:port]", ctx=ctx, param=param)
+    from shards import storage
+
+    # worker processes get it with each task (prep.run.run_task), Ray workers through their runtime env
+    storage.configure(endpoint_url=value)
+    return value
+
+
+def _s3_endpoint_option(f):
+    return click.option(
+        "--s3-endpoint", metavar="URL", callback=_set_s3_endpoint, expose_value=False, is_eager=True,
+        help="S3 API endpoint of an S3-compatible store (MinIO, Ceph, …) for s3:// URLs. Credentials come from the "
+             "AWS environment or profile.  [default: $S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS]",
+    )(f)
+
+
+def _check_remote(out: str, *, write: bool) -> None:
+    """Fail before any work when a URL output cannot be used: a read-only scheme, wrong credentials, no bucket, an
+    unreachable endpoint. One listing of the prefix; the message names it and never a credential."""
+    from shards import storage
+
+    if not storage.is_remote(out):
+        return
+    listable = ("s3",)  # the schemes shards.storage can list (and write)
+    if storage.scheme(out) not in listable:
+        what = "write to" if write else "list"
+        raise click.UsageError(f"{storage.redact(out)}: cannot {what} {storage.scheme(out)}:// URLs; use a local "
+                               "directory or s3://bucket/prefix")
+    import botocore.exceptions
+
+    try:
+        storage.list_names(out)
+    except (OSError, ValueError) as e:  # storage's messages name the URL and the reason
+        raise click.ClickException(str(e)) from None
+    except botocore.exceptions.BotoCoreError as e:  # e.g. the endpoint refuses connections
+        endpoint = storage.redact(storage.endpoint_url() or "of AWS")
+        raise click.ClickException(
+            f"{storage.redact(out)}: cannot reach the S3 endpoint {endpoint} ({type(e).__name__}); check "
+            "--s3-endpoint / $AWS_ENDPOINT_URL") from None
+
+
 def _run_options(f):
     """Options shared by the source commands (coco, imagenet, folder)."""
     from prep.executors import EXECUTORS, default_workers
 
     d = _DEFAULTS
     options = [
-        click.option("--out", "-o", required=True, help="Output directory for the shards (created if missing)."),
+        click.option("--out", "-o", required=True,
+                     help="Output directory for the shards (created if missing), or s3://bucket/prefix."),
         click.option("--prefix", default="", help="Shard name prefix  [default: the source kind, e.g. coco]"),
         click.option("--shard-size", type=click.IntRange(min=1), default=d.shard_size, show_default=True,
                      help="Images (inputs, failures included) per shard."),
@@ -73,6 +119,7 @@ def _run_options(f):
                      help="Refuse images with more pixels (decompression-bomb guard, checked before decoding)."),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
     ]
+    f = _s3_endpoint_option(f)  # applied first: listed last
     for option in reversed(options):
         f = option(f)
     return f
@@ -94,6 +141,7 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
         raise click.UsageError(f"--prefix {opts['prefix']!r}: use letters, digits, '_' and '-' only")
     if os.path.exists(opts["out"]) and not os.path.isdir(opts["out"]):
         raise click.UsageError(f"--out {opts['out']}: exists and is not a directory")
+    _check_remote(opts["out"], write=True)
     try:
         source = load_source(kind, root, annotations)
     except SourceError as e:
@@ -110,6 +158,8 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
     except prep_run.RunConfigError as e:
         raise click.ClickException(str(e)) from None
     except prep_run.ShardsFailed as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # storage errors name the path or URL (e.g. access denied writing the run config)
         raise click.ClickException(str(e)) from None
     click.echo(
         f"{len(result.written)} shards written, {len(result.skipped)} already done, "
@@ -172,8 +222,20 @@ def folder(root, **opts):
     _run("folder", root, None, opts)
 
 
+def _check_out(ctx, param, value):
+    from shards import storage
+
+    if storage.is_remote(value):
+        _check_remote(value, write=False)
+    elif not os.path.isdir(storage.local_path(value)):
+        what = "is not a directory" if os.path.exists(storage.local_path(value)) else "does not exist"
+        raise click.BadParameter(f"{value!r} {what}", ctx=ctx, param=param)
+    return value
+
+
 def _out_arg(f):
-    return click.argument("out", type=click.Path(exists=True, file_okay=False))(f)
+    # a callback, not click.Path(exists=True): OUT may be an s3:// URL; --s3-endpoint is processed first (eager)
+    return _s3_endpoint_option(click.argument("out", callback=_check_out)(f))
 
 
 @prep.command()
@@ -182,12 +244,14 @@ def finalize(out):
     """Write OUT/manifest.json once every planned shard is done (after `--part` jobs)."""
     from prep import run as prep_run
 
+    from shards import storage
+
     try:
         manifest = prep_run.finalize(out)
-    except prep_run.RunConfigError as e:
+    except (prep_run.RunConfigError, OSError) as e:
         raise click.ClickException(str(e)) from None
     t = manifest["totals"]
-    click.echo(f"{os.path.join(out, 'manifest.json')}: {t['shards']} shards, {t['samples']} samples")
+    click.echo(f"{storage.join(out, schema.MANIFEST_NAME)}: {t['shards']} shards, {t['samples']} samples")
 
 
 @prep.command()
@@ -200,7 +264,7 @@ def stats(out, as_json, plot):
 
     try:
         summary = inspect.stats(out, plot=plot)
-    except inspect.InspectError as e:
+    except (inspect.InspectError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
@@ -225,7 +289,7 @@ def show(out, count, output, seed, max_boxes, cell):
 
     try:
         keys = inspect.show(out, output, n=count, seed=seed, max_boxes=max_boxes, cell=cell)
-    except inspect.InspectError as e:
+    except (inspect.InspectError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{output}: {len(keys)} samples")
 
@@ -238,7 +302,10 @@ def verify(out):
     Prints one line per problem; exit status 1 if there is any."""
     from prep import inspect
 
-    problems, summary = inspect.verify(out, echo=lambda line: click.echo(line))
+    try:
+        problems, summary = inspect.verify(out, echo=lambda line: click.echo(line))
+    except OSError as e:  # the output itself unreachable (a broken shard is a problem line, not this)
+        raise click.ClickException(str(e)) from None
     if problems:
         click.echo(f"{len(problems)} problem(s) in {out}", err=True)
         sys.exit(1)

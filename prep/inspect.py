@@ -2,6 +2,9 @@
 
 ``verify`` is the check a consumer can run before a training job: every claim the Parquet rows, the stats files and the
 manifest make about the tars is checked against the tar bytes themselves.
+
+``out`` is a local directory or a URL ``shards.storage`` can list (``s3://bucket/prefix``): Parquet is read through
+pyarrow's filesystem layer, tars are streamed, and the output is listed once per command, not probed per file.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import os
 import random
 import tarfile
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -28,10 +31,11 @@ class InspectError(RuntimeError):
 
 
 # --- listing ---------------------------------------------------------------------------------------------------------
-def shard_names(out: str) -> list[str]:
-    """Stems of the shards present in ``out`` (any of tar, parquet, stats), sorted; temporary files ignored."""
+def shard_names(out: str, listing: Optional[Iterable[str]] = None) -> list[str]:
+    """Stems of the shards present in ``out`` (any of tar, parquet, stats), sorted; temporary files ignored.
+    ``listing``: ``storage.list_names(out)`` when the caller has it already."""
     names = set()
-    for n in storage.list_names(out):
+    for n in storage.list_names(out) if listing is None else listing:
         if n.startswith("."):
             continue
         for suffix in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX):
@@ -73,7 +77,8 @@ def stats(out: str, plot: Optional[str] = None) -> dict:
     except (OSError, ValueError) as e:
         raise InspectError(str(e)) from None
     # the stats files are small; with them summarize also checks each shard's counts against its rows
-    done = [n for n in shard_names(out) if storage.exists(storage.join(out, n + schema.STATS_SUFFIX))]
+    listing = set(storage.list_names(out))
+    done = [n for n in shard_names(out, listing) if n + schema.STATS_SUFFIX in listing]
     summary = shard_stats.summarize(table, [_read_json(storage.join(out, n + schema.STATS_SUFFIX)) for n in done])
     status = table.column("status").to_pylist()
     ok = sum(s == schema.STATUS_OK for s in status)
@@ -140,7 +145,8 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     the keys drawn, in grid order."""
     from PIL import Image, ImageDraw, ImageFont
 
-    names = [s for s in shard_names(out) if storage.exists(storage.join(out, s + schema.TAR_SUFFIX))]
+    listing = set(storage.list_names(out))
+    names = [s for s in shard_names(out, listing) if s + schema.TAR_SUFFIX in listing]
     pool = [(name, key) for name in names for key in _ok_keys(out, name)]
     if not pool:
         raise InspectError(f"{out}: no samples to show (no shards with ok rows)")
@@ -196,15 +202,19 @@ def _decode_size(jpeg: bytes) -> tuple[tuple[int, int], str, str]:
         return im.size, im.format, im.mode
 
 
-def verify_shard(out: str, name: str, fingerprint: Optional[str] = None) -> tuple[list[str], Optional[dict]]:
-    """Problems of one shard (each line starts with the shard name) and its stats (None if unreadable)."""
+def verify_shard(
+    out: str, name: str, fingerprint: Optional[str] = None, listing: Optional[set[str]] = None
+) -> tuple[list[str], Optional[dict]]:
+    """Problems of one shard (each line starts with the shard name) and its stats (None if unreadable).
+    ``listing``: the set of ``storage.list_names(out)`` when the caller has it already."""
     problems: list[str] = []
 
     def problem(msg: str) -> None:
         problems.append(f"{name}: {msg}")
 
     base = storage.join(out, name)
-    missing = [s for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX) if not storage.exists(base + s)]
+    present = set(storage.list_names(out)) if listing is None else listing
+    missing = [s for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX) if name + s not in present]
     if missing:
         problem(f"missing {', '.join(name + s for s in missing)}" + (
             " (not done: rerun prep to redo it)" if schema.STATS_SUFFIX in missing else ""))
@@ -237,7 +247,7 @@ def verify_shard(out: str, name: str, fingerprint: Optional[str] = None) -> tupl
     }
     for field, suffix in (("tar_bytes", schema.TAR_SUFFIX), ("parquet_bytes", schema.PARQUET_SUFFIX)):
         size = _size(base + suffix)
-        if size is not None:  # unknown for remote objects (storage has no size call yet)
+        if size is not None:  # unknown for http(s) URLs
             expect[field] = size
     if fingerprint is not None:
         expect["fingerprint"] = fingerprint
@@ -310,7 +320,14 @@ def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callabl
 
 
 def _size(url: str) -> Optional[int]:
-    return None if storage.is_remote(url) else os.path.getsize(storage.local_path(url))
+    """Bytes of a file or S3 object (pyarrow's filesystem layer, as for the Parquet); None where it cannot tell."""
+    if not storage.is_remote(url):
+        return os.path.getsize(storage.local_path(url))
+    try:
+        fs, path = storage.arrow_filesystem(url)
+        return fs.get_file_info(path).size
+    except (NotImplementedError, OSError):
+        return None
 
 
 def verify(out: str, echo: Callable[[str], None] = print) -> tuple[list[str], dict]:
@@ -324,7 +341,8 @@ def verify(out: str, echo: Callable[[str], None] = print) -> tuple[list[str], di
         problems.extend(lines)
 
     run_cfg = _run_config(out)
-    names = shard_names(out)
+    listing = set(storage.list_names(out))
+    names = shard_names(out, listing)
     if run_cfg is not None:
         planned = run_cfg.get("shards", [])
         report([f"{n}: planned in {schema.RUN_CONFIG_NAME} but absent" for n in planned if n not in names])
@@ -335,7 +353,7 @@ def verify(out: str, echo: Callable[[str], None] = print) -> tuple[list[str], di
     all_stats = []
     owner: dict[str, str] = {}
     for name in names:
-        shard_problems, st = verify_shard(out, name, fingerprint)
+        shard_problems, st = verify_shard(out, name, fingerprint, listing)
         report(shard_problems)
         if st is not None:
             all_stats.append(st)
@@ -348,7 +366,7 @@ def verify(out: str, echo: Callable[[str], None] = print) -> tuple[list[str], di
         owner.update((k, name) for k in keys.to_pylist())
 
     manifest_url = storage.join(out, schema.MANIFEST_NAME)
-    if storage.exists(manifest_url):
+    if schema.MANIFEST_NAME in listing:
         report(_check_manifest(_read_json(manifest_url), all_stats, run_cfg))
     totals = {
         "shards": len(names),

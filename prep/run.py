@@ -4,6 +4,9 @@ One output directory holds one run: ``OUT/prep_config.json`` (``schema.RUN_CONFI
 fingerprint, versions, class list and shard plan. A later run into the same output must have the same fingerprint and
 the same inputs (else ``RunConfigError``, or ``overwrite=True`` to start over). Shards with a stats file are done and
 skipped; anything else is (re)written from scratch, so a killed run resumed gives the same bytes as an uninterrupted one.
+
+``out`` may be an ``s3://bucket/prefix`` URL (anything ``shards.storage`` can write): the run config, manifest and shard
+objects go there, each shard built locally and uploaded whole, its stats object last; resume lists the prefix once.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
 from dataclasses import dataclass
@@ -167,8 +171,21 @@ def run_shard(
         return w.close()
 
 
-def run_task(out: str, cfg: PrepConfig, task: ShardTask, tick: Optional[Callable[[int], None]] = None) -> dict:
-    """The function executors call (module level so it pickles into worker processes and Ray tasks)."""
+def run_task(
+    out: str,
+    cfg: PrepConfig,
+    task: ShardTask,
+    tick: Optional[Callable[[int], None]] = None,
+    *,
+    endpoint_url: Optional[str] = None,
+) -> dict:
+    """The function executors call (module level so it pickles into worker processes and Ray tasks).
+
+    ``endpoint_url``: the S3 endpoint of the driver (``--s3-endpoint``). It travels with the task because a worker
+    process does not see the driver's ``storage.configure``, and a forkserver started earlier not even its current
+    environment. Credentials never travel: workers take them from their own AWS environment or profile."""
+    if endpoint_url and storage.endpoint_url() != endpoint_url:
+        storage.configure(endpoint_url=endpoint_url)
     return run_shard(out, task.name, task.records, cfg, tick)
 
 
@@ -262,8 +279,19 @@ def _is_run_file(name: str, prefixes: set[str]) -> bool:
 
 
 def _leftover_temp_files(out: str, names: set[str]) -> list[str]:
-    """Temporary files of shards in ``names`` left by a killed run (a live writer removes its own on error)."""
-    return [n for n in storage.list_names(out) if _TEMP_RE.match(n) and _TEMP_RE.match(n).group("stem") in names]
+    """Temporary files of shards in ``names`` left by a killed run (a live writer removes its own on error): in
+    ``out`` and, for a remote output, in its local staging directory (full paths there)."""
+    from shards.writer import staging_dir
+
+    def temp_of(n: str) -> bool:
+        m = _TEMP_RE.match(n)
+        return bool(m) and m.group("stem") in names
+
+    found = [storage.join(out, n) for n in storage.list_names(out) if temp_of(n)]
+    stage = staging_dir(out)
+    if storage.is_remote(out) and os.path.isdir(stage):
+        found += [os.path.join(stage, n) for n in sorted(os.listdir(stage)) if temp_of(n)]
+    return found
 
 
 def clear_output(out: str, prefixes: set[str]) -> list[str]:
@@ -316,7 +344,7 @@ def run(
     Raises RunConfigError (other settings / inputs in ``out``) before any work, ShardsFailed after the other shards
     were written when some shard tasks failed."""
     from prep import executors
-    from shards.writer import is_done
+    from shards.writer import done_shards
 
     if source is None:
         source = load_source_for(cfg)
@@ -343,12 +371,15 @@ def run(
         _check_orphan_stats(out, tasks, new["fingerprint"])
         storage.write_bytes(storage.join(out, schema.RUN_CONFIG_NAME), schema.dumps(new))
 
-    done = [t for t in mine if is_done(out, t.name)]
-    todo = [t for t in mine if not is_done(out, t.name)]
+    # one listing decides what is done (on S3: one request, not three per shard); a shard with a tar or parquet but
+    # no stats is partial and redone, its objects overwritten
+    finished = done_shards(out)
+    done = [t for t in mine if t.name in finished]
+    todo = [t for t in mine if t.name not in finished]
     # a killed run leaves temporary files of the shard it was writing (that shard is redone from scratch); other
     # parts' shards are left alone, their temporary files may belong to a process running now
-    for n in _leftover_temp_files(out, {t.name for t in mine}):
-        storage.remove(storage.join(out, n))
+    for path in _leftover_temp_files(out, {t.name for t in mine}):
+        storage.remove(path)
     log(
         f"{len(tasks)} shards planned ({new['source']['inputs']} inputs), part {part[0]}/{part[1]}: "
         f"{len(mine)} shards, {len(done)} already done, {len(todo)} to write"
@@ -356,24 +387,27 @@ def run(
     run_tasks = executors.get(executor)
     failures: list[tuple[str, str]] = []
     try:
-        run_tasks(todo, partial(run_task, out, cfg), workers=workers, progress=progress)
+        run_tasks(todo, partial(run_task, out, cfg, endpoint_url=storage.endpoint_url()), workers=workers,
+                  progress=progress)
     except executors.TasksFailed as e:
         failures = e.failures
     written = [t.name for t in todo if t.name not in {n for n, _ in failures}]
     if failures:
         raise ShardsFailed(failures)
     manifest = None
-    if all(is_done(out, t.name) for t in tasks):
+    finished = done_shards(out)
+    if all(t.name in finished for t in tasks):
         manifest = finalize(out)
     return RunResult(planned=len(tasks), skipped=[t.name for t in done], written=written, manifest=manifest)
 
 
 def _check_orphan_stats(out: str, tasks: list[ShardTask], fp: str) -> None:
     """No run config but stats files of this plan: only resume if they were made with these settings."""
-    from shards.writer import is_done
+    from shards.writer import done_shards
 
+    finished = done_shards(out)
     for t in tasks:
-        if is_done(out, t.name):
+        if t.name in finished:
             st = read_stats(out, t.name)
             if st.get("fingerprint") != fp:
                 raise RunConfigError(
@@ -389,7 +423,8 @@ def finalize(out: str) -> dict:
     if run_cfg is None:
         raise RunConfigError(f"{storage.join(out, schema.RUN_CONFIG_NAME)} not found: {out} is not a prep output")
     names = run_cfg["shards"]
-    missing = [n for n in names if not storage.exists(storage.join(out, n + schema.STATS_SUFFIX))]
+    present = set(storage.list_names(out))  # one listing, not one request per shard
+    missing = [n for n in names if n + schema.STATS_SUFFIX not in present]
     if missing:
         shown = ", ".join(missing[:10]) + (f" … ({len(missing)} in all)" if len(missing) > 10 else "")
         raise RunConfigError(

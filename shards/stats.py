@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -26,9 +27,11 @@ def read_table(out: str) -> pa.Table:
     if not names:
         raise FileNotFoundError(f"{out}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     tables = []
+    # one filesystem for the whole output (for S3: one client and one credential lookup, not one per file)
+    fs, base = storage.arrow_filesystem(out)
     for n in names:
         url = storage.join(out, n)
-        fs, path = storage.arrow_filesystem(url)
+        path = f"{base.rstrip('/')}/{n}" if storage.is_remote(out) else os.path.join(base, n)
         try:
             t = pq.read_table(path, filesystem=fs)
         except (OSError, pa.ArrowException) as e:

@@ -3,13 +3,16 @@
 A shard is done exactly when ``NAME.stats.json`` exists: it is written after the tar and the parquet are in place, so
 a crash at any point leaves either a done shard or one that a rerun redoes. The tar bytes depend only on the samples
 and their order (member headers carry no time, owner or host), so equal inputs give byte-identical tars.
+
+For a remote output (``s3://…``) the files are built in ``staging_dir(out)``, a local directory named after the
+output URL, and uploaded as whole objects (tar, parquet, then stats); a rerun finds what a killed run left there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import shutil
 import tarfile
 import tempfile
 import time
@@ -45,8 +48,8 @@ class ShardWriter:
         self._closed = False
 
         storage.makedirs(out)
-        self._stage = storage.staging_dir(out)
-        self._own_stage = self._stage != storage.local_path(out)  # a private temp dir for a remote output
+        self._stage = staging_dir(out)
+        os.makedirs(self._stage, exist_ok=True)
         # A leading dot keeps temporary files out of every listing that matches shard names.
         fd, self._tar_tmp = tempfile.mkstemp(prefix=f".{name}{schema.TAR_SUFFIX}.", suffix=".tmp", dir=self._stage)
         self._parquet_tmp: str | None = None
@@ -147,7 +150,6 @@ class ShardWriter:
             raise
         self._closed = True
         self.stats = stats
-        self._cleanup_stage()
         return stats
 
     def abort(self) -> None:
@@ -158,20 +160,33 @@ class ShardWriter:
         except Exception:  # the tar may be half-written; it is deleted next anyway
             pass
         self._file.close()
+        # put_file consumed the ones already uploaded; the stage directory is shared with other shards' writers
         for path in (self._tar_tmp, self._parquet_tmp):
             if path is not None:
                 _unlink(path)
-        self._cleanup_stage()
 
-    def _cleanup_stage(self) -> None:
-        if self._own_stage:  # a private temp dir (remote output): nothing in it is needed once uploaded or aborted
-            shutil.rmtree(self._stage, ignore_errors=True)
+
+def staging_dir(out: str) -> str:
+    """The local directory where shard files for ``out`` are built: ``out`` itself when local (then a rename moves
+    them into place), else ``$TMPDIR/shards-staging/<hash of the URL>`` (one per output, so the next run of the same
+    output removes the temporary files a killed one left, as it does in a local output)."""
+    if not storage.is_remote(out):
+        return storage.local_path(out)
+    digest = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "shards-staging", digest)
 
 
 def is_done(out: str, name: str) -> bool:
     """True when shard ``name`` has its stats file (the done marker) and the tar and parquet it describes."""
     base = storage.join(out, name)
     return all(storage.exists(base + s) for s in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX))
+
+
+def done_shards(out: str) -> set[str]:
+    """Names of the done shards of ``out`` (``is_done`` for all of them from one listing: one request on S3)."""
+    present = set(storage.list_names(out))
+    stems = {n[: -len(schema.STATS_SUFFIX)] for n in present if n.endswith(schema.STATS_SUFFIX)}
+    return {s for s in stems if s + schema.TAR_SUFFIX in present and s + schema.PARQUET_SUFFIX in present}
 
 
 def _sync_close(f) -> None:
