@@ -93,7 +93,10 @@ def _run_options(f):
                      help="Delete the shards, manifest and run config of an earlier run in --out (nothing else) and "
                           "start over. Without it, rerunning resumes and other settings are refused."),
         click.option("--executor", type=click.Choice(sorted(EXECUTORS)), default="local", show_default=True,
-                     help="Where shard tasks run."),
+                     help="Where shard tasks run: local processes, or Ray tasks (see --ray-address)."),
+        click.option("--ray-address", metavar="ADDR", default=None,
+                     help="With --executor ray: the cluster (host:port, or auto for the one `ray start` made on this "
+                          "node)  [default: $RAY_ADDRESS, else a local Ray instance with --workers CPUs]"),
         click.option("--mode", type=click.Choice(SS_MODES), default=d.mode, show_default=True,
                      help="OpenCV selective search: fast (switchToSelectiveSearchFast), quality (…Quality: slower, "
                           "more boxes), single (switchToSingleStrategy: fastest)."),
@@ -150,14 +153,27 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 
+    out = opts["out"]
+    if opts["executor"] == "ray":
+        from prep import ray_executor
+        from shards import storage
+
+        ray_executor.configure(address=opts["ray_address"])
+        if not storage.is_remote(out):
+            out = os.path.abspath(out)  # Ray workers do not run in this directory
+    elif opts["ray_address"]:
+        raise click.UsageError("--ray-address needs --executor ray")
+
     try:
         result = prep_run.run(
-            cfg, opts["out"], workers=opts["workers"], part=opts["part"], overwrite=opts["overwrite"],
+            cfg, out, workers=opts["workers"], part=opts["part"], overwrite=opts["overwrite"],
             executor=opts["executor"], progress=not opts["no_progress"], source=source, log=log,
         )
     except prep_run.RunConfigError as e:
         raise click.ClickException(str(e)) from None
     except prep_run.ShardsFailed as e:
+        raise click.ClickException(str(e)) from None
+    except ConnectionError as e:  # --executor ray: no cluster at --ray-address
         raise click.ClickException(str(e)) from None
     except OSError as e:  # storage errors name the path or URL (e.g. access denied writing the run config)
         raise click.ClickException(str(e)) from None

@@ -4,7 +4,7 @@ Every executor has the signature ``run_tasks(tasks, fn, *, workers, progress) ->
 processes one task and calls ``tick(n)`` after n images; results come back in task order. A task that raises (or whose
 worker process dies) is reported at once with its name and does not stop the others; after all tasks ran,
 ``TasksFailed`` lists the failures. Each shard is written by exactly one task, so completion order never changes the
-output. Tasks need ``.name`` and ``len(task)`` (images in it). A Ray executor registers itself in ``EXECUTORS``.
+output. Tasks need ``.name`` and ``len(task)`` (images in it). ``EXECUTORS`` names them: ``local`` and ``ray``.
 """
 
 from __future__ import annotations
@@ -198,7 +198,14 @@ def _run_pool(tasks: list, fn: Callable, workers: int, bar: tqdm, start_method: 
     return results
 
 
-EXECUTORS: dict[str, Callable[..., list[Any]]] = {"local": run_local}
+def run_ray(tasks: Sequence, fn: Callable, **kwargs) -> list[Any]:
+    """Shard tasks as Ray tasks on a cluster (prep.ray_executor); Ray is imported only when this runs."""
+    from prep import ray_executor
+
+    return ray_executor.run_tasks(tasks, fn, **kwargs)
+
+
+EXECUTORS: dict[str, Callable[..., list[Any]]] = {"local": run_local, "ray": run_ray}
 
 
 def get(name: str) -> Callable[..., list[Any]]:

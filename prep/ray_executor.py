@@ -1,0 +1,312 @@
+"""Shard tasks as Ray tasks: ``prep … --executor ray [--ray-address ADDR]`` (the executor contract of prep.executors).
+
+``run_tasks(tasks, fn, *, workers, progress)`` runs ``fn(task, tick)`` (``prep.run.run_task``) as one Ray task per
+shard, one CPU each, on the cluster at ``address``: ``host:port`` or ``auto`` (the cluster ``ray start`` made on this
+machine), else ``$RAY_ADDRESS``, else a local Ray instance with ``workers`` CPUs started here and stopped at the end. A
+process already connected to Ray (``ray.init`` done) keeps its connection.
+
+Failures: a task whose worker dies (segfault, OOM kill, lost node) is retried ``max_retries`` times by Ray; a task that
+raises a transient network error (``TRANSIENT``) is retried as well; any other exception is final at once (retrying a
+full disk or a bug only wastes the cluster). Retrying is safe because a shard task is idempotent: the writer writes
+temporary names, renames, and writes the stats file last, so a rerun of a half-written shard gives the same bytes.
+After every task ran, ``TasksFailed`` names the failed shards, as the local executor does.
+
+Determinism: each shard runs in a child process of the Ray worker, forked from a clean single-threaded server (as the
+local executor's workers are). Ray worker processes run threads that call the C library's ``rand()``; selective search
+draws from that same process-wide generator after ``srand(seed)`` (prep.proposals), so run inside the Ray worker
+itself, about one image in twenty got other boxes (seen with Ray 2.60). A child that dies (segfault, OOM kill) raises
+``ShardProcessDied``, which is retried like a dead Ray worker.
+
+Progress: each task reports its image count to a small actor (at most every ``REPORT_EVERY`` s); the driver polls it
+and moves the same tqdm bar as the local executor. Ray itself is imported only when this executor is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from prep.executors import _PRELOAD, START_METHOD, TasksFailed, _bar, _format, _report
+
+_settings: dict[str, Any] = {"address": None, "max_retries": 3}
+REPORT_EVERY = 0.25  # s between progress reports of one task: cheap (an actor call), still a smooth bar
+POLL = 0.25  # s between polls of the progress actor by the driver
+
+
+def configure(*, address: Optional[str] = None, max_retries: int = 3) -> None:
+    """Process-wide settings from the command line (``--ray-address``); ``configure()`` restores the defaults."""
+    _settings.update(address=address or None, max_retries=int(max_retries))
+
+
+class ShardProcessDied(RuntimeError):
+    """The child process writing a shard died (segfault in native code, OOM kill): worth a retry, like a dead worker."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in the shard's child process (chained as the cause of the re-raise)."""
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+def transient_errors() -> tuple:
+    """Exceptions worth retrying a shard task for: network and connection failures, a dead child; nothing else."""
+    errors: list = [ConnectionError, TimeoutError, ShardProcessDied]
+    try:
+        import botocore.exceptions as bex
+
+        errors += [bex.ConnectionError, bex.HTTPClientError]
+    except ImportError:  # no S3 support installed: no S3 errors to retry
+        pass
+    return tuple(errors)
+
+
+def _package_root() -> str:
+    import prep
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(prep.__file__)))
+
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("univip-shards")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def code_env(local: bool) -> dict:
+    """``runtime_env`` entries that make ``prep`` importable on the workers; empty when they can import it already.
+
+    Installed (``pip install``): the nodes are expected to have the same install (docs/cluster.md), nothing is sent.
+    A local instance started here: its workers inherit this process's environment, and Ray puts the current
+    directory on their ``sys.path``. Anything else (a checkout, no install, an existing cluster): the ``prep`` and
+    ``shards`` packages are uploaded with the job (``py_modules``)."""
+    if _installed():
+        return {}
+    root = _package_root()
+    on_path = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if local and (root == os.path.abspath(os.getcwd()) or root in on_path):
+        return {}
+    return {"py_modules": [os.path.join(root, "prep"), os.path.join(root, "shards")]}
+
+
+def _storage_env() -> dict:
+    """Settings of shards.storage the workers need: an S3 endpoint given on this command line (``--s3-endpoint``-like
+    flags call ``storage.configure``, which other processes do not see). Credentials are never sent this way: every
+    node takes them from its own AWS environment or profile."""
+    from shards import storage
+
+    endpoint = storage.endpoint_url()
+    return {"env_vars": {"S3_ENDPOINT_URL": endpoint}} if endpoint else {}
+
+
+def _connect(address: Optional[str], workers: int) -> bool:
+    """Connect this process to Ray (unless it is already); True when this call connected it.
+
+    The job's ``runtime_env`` (code upload, S3 endpoint) is set here: Ray takes uploads only per job. A process that
+    connected itself keeps its own settings."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    local = address is None
+    env = {**code_env(local), **_storage_env()}
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # worker output would tear the progress bar
+    if local:
+        # "local": never join a cluster `ray start` left running on this machine without being asked to
+        ray.init(address="local", num_cpus=max(1, workers), include_dashboard=False, runtime_env=env or None, **quiet)
+        return True
+    try:
+        ray.init(address=address, runtime_env=env or None, **quiet)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ConnectionError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+    return True
+
+
+def run_tasks(
+    tasks: Sequence,
+    fn: Callable[[Any, Callable[[int], None]], Any],
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    address: Optional[str] = None,
+    max_retries: Optional[int] = None,
+) -> list[Any]:
+    """Run ``fn(task, tick)`` over ``tasks`` as Ray tasks; results in task order; ``TasksFailed`` after all ran.
+
+    ``workers``: CPUs of the local instance started when there is no address (an existing cluster runs as many
+    tasks at once as it has free CPUs). ``address``/``max_retries`` default to ``configure``'s."""
+    import ray
+
+    tasks = list(tasks)
+    if not tasks:
+        return []
+    address = address if address is not None else _settings["address"]
+    max_retries = _settings["max_retries"] if max_retries is None else max_retries
+    started = _connect(address, workers)
+    try:
+        with _bar(tasks, progress) as bar:
+            return _run(ray, tasks, fn, bar, max_retries)
+    finally:
+        if started:
+            ray.shutdown()  # stops the local instance started here; for a cluster, only disconnects
+
+
+class _Progress:
+    """Images done per task index (the highest count any attempt reported: a retry restarts at 0)."""
+
+    def __init__(self):
+        self.done: dict[int, int] = {}
+
+    def report(self, index: int, n: int) -> None:
+        self.done[index] = max(n, self.done.get(index, 0))
+
+    def counts(self) -> dict[int, int]:
+        return self.done
+
+
+def _task(fn: Callable, task, index: int, tracker) -> Any:
+    """Runs on a Ray worker: ``fn(task, tick)`` in a child process, ticks batched into reports to the progress actor."""
+    done = 0
+    last = time.monotonic()
+
+    def tick(n: int = 1) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if tracker is not None and now - last >= REPORT_EVERY:
+            tracker.report.remote(index, done)  # fire and forget: progress never slows or fails a shard
+            last = now
+
+    return run_in_child(fn, task, tick)
+
+
+def _child(payload: bytes, conn) -> None:
+    # the Ray worker handles Ctrl-C and cancellation; this process only works until it is done or terminated
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fn, task = pickle.loads(payload)
+    try:
+        result = fn(task, lambda n=1: conn.send(("tick", n)))
+    except Exception as e:
+        text = _format(e)
+        try:
+            conn.send(("error", e, text))  # the exception itself, so that Ray can tell a transient one
+        except Exception:  # an exception that does not pickle: its text only
+            conn.send(("error", RuntimeError(text.strip().splitlines()[-1]), text))
+    else:
+        conn.send(("done", result))
+    conn.close()
+
+
+def _dumps(fn: Callable, task) -> bytes:
+    try:
+        return pickle.dumps((fn, task))
+    except (pickle.PicklingError, AttributeError, TypeError):
+        # a function Ray shipped by value (defined in a driver script or a test): only cloudpickle can send it on
+        from ray import cloudpickle
+
+        return cloudpickle.dumps((fn, task))
+
+
+def run_in_child(fn: Callable, task, tick: Callable[[int], None]) -> Any:
+    """``fn(task, tick)`` in a child process forked from a clean server; its exception re-raised here (with the child's
+    traceback as the cause), ``ShardProcessDied`` if it dies."""
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)  # once per Ray worker: later children start without imports
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(_dumps(fn, task), send), daemon=True, name=f"prep-{task.name}")
+    proc.start()
+    send.close()
+    try:
+        while True:
+            try:
+                msg = receive.recv()
+            except EOFError:
+                proc.join()
+                raise ShardProcessDied(
+                    f"process {proc.pid} writing shard {task.name} died (exit code {proc.exitcode})"
+                ) from None
+            if msg[0] == "tick":
+                tick(msg[1])
+            elif msg[0] == "done":
+                return msg[1]
+            else:
+                raise msg[1] from RemoteTraceback(msg[2])
+    finally:
+        receive.close()
+        proc.join(timeout=10)
+        if proc.is_alive():  # cancelled or interrupted while the child works: its shard leaves only temp files
+            proc.terminate()
+            proc.join()
+
+
+def _describe(ray, e: BaseException, name: str, max_retries: int) -> str:
+    if isinstance(e, ray.exceptions.RayTaskError):
+        return str(e)  # the remote traceback, ending with the exception line
+    if isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError)):
+        return f"Ray worker died while writing {name} ({1 + max_retries} attempts): {type(e).__name__}: {e}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _run(ray, tasks: list, fn: Callable, bar, max_retries: int) -> list[Any]:
+    remote = ray.remote(_task).options(num_cpus=1, max_retries=max_retries, retry_exceptions=list(transient_errors()))
+    tracker = None if bar.disable else ray.remote(_Progress).options(num_cpus=0).remote()
+    fn_ref = ray.put(fn)  # once, not once per task
+    # a bounded number of tasks in flight: each carries its records, and a plan can have thousands of shards
+    limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    results: list[Any] = [None] * len(tasks)
+    failures: dict[int, str] = {}
+    shown = [0] * len(tasks)
+    inflight: dict = {}  # ObjectRef -> task index
+    counts = None  # the pending question to the progress actor
+    nxt = finished = 0
+
+    def show(index: int, n: int) -> None:
+        if n > shown[index]:
+            bar.update(n - shown[index])
+            shown[index] = n
+
+    try:
+        while nxt < len(tasks) or inflight:
+            while nxt < len(tasks) and len(inflight) < limit:
+                inflight[remote.remote(fn_ref, tasks[nxt], nxt, tracker)] = nxt
+                nxt += 1
+            ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=POLL)
+            for ref in ready:
+                i = inflight.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                    show(i, len(tasks[i]))
+                except Exception as e:
+                    failures[i] = _describe(ray, e, tasks[i].name, max_retries)
+                    _report(tasks[i].name, failures[i])
+                finished += 1
+                bar.set_postfix_str(f"shards {finished}/{len(tasks)}", refresh=False)
+            if tracker is not None and inflight:
+                # never wait for the actor (it may still be starting): read the last answer once it is there
+                if counts is None:
+                    counts = tracker.counts.remote()
+                elif ray.wait([counts], timeout=0)[0]:
+                    try:
+                        for i, n in ray.get(counts).items():
+                            show(i, min(n, len(tasks[i])))
+                    except Exception:  # the progress actor died: the shards matter, the bar does not
+                        tracker = None
+                    counts = None
+    except BaseException:
+        # interrupted (Ctrl-C) or a bug here: stop the running tasks; their shards leave only temporary files
+        for ref in inflight:
+            ray.cancel(ref, force=True)
+        raise
+    if failures:
+        raise TasksFailed([(tasks[i].name, failures[i]) for i in sorted(failures)], results)
+    return results
