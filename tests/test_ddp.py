@@ -97,6 +97,7 @@ def test_two_ranks_equal_steps_identical_weights(tmp_path):
         torch.testing.assert_close(ckpt["model"][name], p0, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_bad_shard_on_one_rank_stops_every_rank(tmp_path):
     # 4 x 8 samples, 4 per rank and step: each rank reads two whole shards per epoch, so exactly one rank meets the
     # bad one. Truncated (its stats file still promises 8 samples), it fails part-way through.

@@ -4,6 +4,16 @@
 Steps are counted from 1: log row ``step`` = n and ``ckpt-{n:08d}.pt`` both mean "after n optimizer steps".
 The lr and EMA schedules span ``epochs * steps_per_epoch`` steps; ``--max-steps`` stops earlier without changing them.
 
+``OUT/log.jsonl``, one row per ``--log-every`` steps (rank 0): ``loss`` and ``loss_{scene,scene_instance,instance}``
+(unweighted terms; ``loss`` is the weighted sum), averaged over ranks and the steps since the previous row; ``lr``;
+``momentum`` (EMA); ``images_per_s`` (all ranks); ``data_wait`` (fraction of wall time spent waiting for batches);
+``fallback_rate`` (Algorithm 1 fell back to random boxes), ``shards_skipped`` and ``samples_skipped``, summed over
+ranks since this process started.
+
+Resume: a resumed run repeats the uninterrupted one exactly on CPU (data order, augmentation and RNG states are
+restored). On GPU it matches only to floating-point noise: cuDNN autotuning and atomic adds in backward kernels
+(roi_align among them) are not deterministic.
+
 Data errors under DDP: with ``--on-bad-shard skip`` (default) every rank still yields exactly ``steps_per_epoch``
 batches (``train.data``), so ranks never diverge. With ``fail``, or any other exception while fetching a batch, the
 rank does not raise at once: every step all ranks exchange a "my batch failed" flag over a CPU (gloo) group, and then
@@ -184,6 +194,7 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
               find_unused_parameters=unused) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels once
     use_amp = cfg.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     dist.print0(f"{cfg.arch} {cfg.method}: {world} rank(s) x batch {batch_size}, {steps_per_epoch} steps/epoch, "
@@ -239,8 +250,9 @@ def save(cfg: TrainConfig, step: int, model, opt, steps_per_epoch: int, batch_si
     rng = dist.gather_objects(checkpoint.rng_state())
     if dist.is_main():
         pos = data.DataPosition.from_step(step, steps_per_epoch, batch_size).to_dict()
-        checkpoint.save(cfg.out, step, model=model, optimizer=opt, config=cfg, data_position={**pos, "streams": streams},
-                        rng=rng, world_size=dist.world_size(), keep=cfg.keep_ckpts)
+        checkpoint.save(cfg.out, step, model=model, optimizer=opt, config=cfg,
+                        data_position={**pos, "streams": streams}, rng=rng, world_size=dist.world_size(),
+                        keep=cfg.keep_ckpts)
 
 
 def main(argv: list[str] | None = None) -> int:

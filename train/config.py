@@ -167,7 +167,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      wd_exclude_bn_bias=True, warmup_epochs=10.0, epochs=200),
     # Small enough for a laptop CPU: demo and tests.
     "tiny": dict(arch="resnet18", proj_hidden=512, proj_dim=128, pred_hidden=512, image_size=64, instance_size=32,
-                 batch_size=8, lr=0.05, lr_batch=8, warmup_epochs=1.0, epochs=20, workers=1, shuffle_buffer=64,
+                 batch_size=8, lr=0.05, lr_batch=8, warmup_epochs=1.0, epochs=100, workers=1, shuffle_buffer=64,
                  sinkhorn_iters=20, ckpt_every=50, log_every=1, amp=False, channels_last=False, device="cpu"),
 }
 

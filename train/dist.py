@@ -108,7 +108,7 @@ def gather_objects(obj) -> list:
     if not is_dist():
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_CPU_GROUP)
     return out
 
 
