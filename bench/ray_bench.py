@@ -126,7 +126,8 @@ def render(r: dict) -> str:
         f"**{r['ratio']:.3f}** | ≥ 0.9 | {ok(r['ratio'] >= 0.9)} |",
         f"| run wall times local / Ray (s) | {fmt(r['local_s'])} / {fmt(r['ray_s'])} | | |",
         f"| Ray instance start (not timed) | {r['ray_start_s']:.2f} s | | |",
-        f"| warm-up run local / Ray (not timed) | {r['warm_up_s']['local']:.2f} s / {r['warm_up_s']['ray']:.2f} s | | |",
+        f"| warm-up run local / Ray (not timed) | {r['warm_up_s']['local']:.2f} s / "
+        f"{r['warm_up_s']['ray']:.2f} s | | |",
         f"| tars identical, local vs Ray | {r['tars_identical']} | True | {ok(r['tars_identical'])} |",
     ])
 

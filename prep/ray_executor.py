@@ -12,10 +12,10 @@ temporary names, renames, and writes the stats file last, so a rerun of a half-w
 After every task ran, ``TasksFailed`` names the failed shards, as the local executor does.
 
 Determinism: each shard runs in a child process of the Ray worker, forked from a clean single-threaded server (as the
-local executor's workers are). Ray worker processes run threads that call the C library's ``rand()``; selective search
-draws from that same process-wide generator after ``srand(seed)`` (prep.proposals), so run inside the Ray worker
-itself, about one image in twenty got other boxes (seen with Ray 2.60). A child that dies (segfault, OOM kill) raises
-``ShardProcessDied``, which is retried like a dead Ray worker.
+local executor's workers are) and kept for that worker's next shards. Ray worker processes run threads that call the C
+library's ``rand()``, and selective search draws from that same process-wide generator after ``srand(seed)``
+(prep.proposals): run in the Ray worker itself, 2 of 36 repeated calls on one image gave other boxes (Ray 2.60). A child
+that dies (segfault, OOM kill) raises ``ShardProcessDied``, which is retried like a dead Ray worker.
 
 Progress: each task reports its image count to a small actor (at most every ``REPORT_EVERY`` s); the driver polls it
 and moves the same tqdm bar as the local executor. Ray itself is imported only when this executor is chosen.
@@ -189,21 +189,25 @@ def _task(fn: Callable, task, index: int, tracker) -> Any:
     return run_in_child(fn, task, tick)
 
 
-def _child(payload: bytes, conn) -> None:
-    # the Ray worker handles Ctrl-C and cancellation; this process only works until it is done or terminated
+def _child_loop(conn) -> None:
+    """The shard process: runs ``(fn, task)`` payloads one after the other until its Ray worker closes the pipe."""
+    # the Ray worker handles Ctrl-C and cancellation; this process works until its pipe closes or it is terminated
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fn, task = pickle.loads(payload)
-    try:
-        result = fn(task, lambda n=1: conn.send(("tick", n)))
-    except Exception as e:
-        text = _format(e)
+    while True:
         try:
-            conn.send(("error", e, text))  # the exception itself, so that Ray can tell a transient one
-        except Exception:  # an exception that does not pickle: its text only
-            conn.send(("error", RuntimeError(text.strip().splitlines()[-1]), text))
-    else:
-        conn.send(("done", result))
-    conn.close()
+            fn, task = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return
+        try:
+            result = fn(task, lambda n=1: conn.send(("tick", n)))
+        except Exception as e:
+            text = _format(e)
+            try:
+                conn.send(("error", e, text))  # the exception itself, so that Ray can tell a transient one
+            except Exception:  # an exception that does not pickle: its text only
+                conn.send(("error", RuntimeError(text.strip().splitlines()[-1]), text))
+        else:
+            conn.send(("done", result))
 
 
 def _dumps(fn: Callable, task) -> bytes:
@@ -216,24 +220,47 @@ def _dumps(fn: Callable, task) -> bytes:
         return cloudpickle.dumps((fn, task))
 
 
+# In a Ray worker: its shard process, kept for the next task, so OpenCV's one-off set-up (~0.25 s) and the imports are
+# paid once per worker, as in the local executor's workers, not once per shard.
+_shard_process: dict[str, Any] = {}
+
+
+def _stop_shard_process() -> None:
+    proc, conn = _shard_process.pop("proc", None), _shard_process.pop("conn", None)
+    if conn is not None:
+        conn.close()
+    if proc is not None:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+
+
 def run_in_child(fn: Callable, task, tick: Callable[[int], None]) -> Any:
-    """``fn(task, tick)`` in a child process forked from a clean server; its exception re-raised here (with the child's
-    traceback as the cause), ``ShardProcessDied`` if it dies."""
-    ctx = mp.get_context(START_METHOD)
-    if START_METHOD == "forkserver":
-        ctx.set_forkserver_preload(_PRELOAD)  # once per Ray worker: later children start without imports
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(_dumps(fn, task), send), daemon=True, name=f"prep-{task.name}")
-    proc.start()
-    send.close()
+    """``fn(task, tick)`` in this process's shard process (started on first use from a clean forkserver); its exception
+    re-raised here with the child's traceback as the cause; ``ShardProcessDied`` if it dies."""
+    proc = _shard_process.get("proc")
+    if proc is None or not proc.is_alive():
+        _stop_shard_process()
+        ctx = mp.get_context(START_METHOD)
+        if START_METHOD == "forkserver":
+            ctx.set_forkserver_preload(_PRELOAD)
+        conn, child_conn = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=_child_loop, args=(child_conn,), daemon=True, name="prep-shard")
+        proc.start()
+        child_conn.close()
+        _shard_process.update(proc=proc, conn=conn)
+    conn = _shard_process["conn"]
     try:
+        conn.send_bytes(_dumps(fn, task))
         while True:
             try:
-                msg = receive.recv()
-            except EOFError:
+                msg = conn.recv()
+            except (EOFError, OSError):
                 proc.join()
+                code = proc.exitcode
+                _stop_shard_process()
                 raise ShardProcessDied(
-                    f"process {proc.pid} writing shard {task.name} died (exit code {proc.exitcode})"
+                    f"process {proc.pid} writing shard {task.name} died (exit code {code})"
                 ) from None
             if msg[0] == "tick":
                 tick(msg[1])
@@ -241,18 +268,17 @@ def run_in_child(fn: Callable, task, tick: Callable[[int], None]) -> Any:
                 return msg[1]
             else:
                 raise msg[1] from RemoteTraceback(msg[2])
-    finally:
-        receive.close()
-        proc.join(timeout=10)
-        if proc.is_alive():  # cancelled or interrupted while the child works: its shard leaves only temp files
-            proc.terminate()
-            proc.join()
+    except (KeyboardInterrupt, SystemExit):
+        # cancelled while the child works: stop it (its shard leaves only temporary files), a later task starts anew
+        _stop_shard_process()
+        raise
 
 
 def _describe(ray, e: BaseException, name: str, max_retries: int) -> str:
     if isinstance(e, ray.exceptions.RayTaskError):
         return str(e)  # the remote traceback, ending with the exception line
-    if isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError)):
+    died = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError)
+    if isinstance(e, died):
         return f"Ray worker died while writing {name} ({1 + max_retries} attempts): {type(e).__name__}: {e}"
     return f"{type(e).__name__}: {e}"
 

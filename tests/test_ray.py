@@ -38,7 +38,8 @@ def cluster():
     # every Ray process inherits this environment: a fake AWS identity for moto (as each node of a real cluster has its
     # own credentials), but no S3 endpoint (that must reach the workers from `--s3-endpoint`)
     fake_aws = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                    AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true")
+                    AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+                    AWS_EC2_METADATA_DISABLED="true")
     unset = ("RAY_ADDRESS", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", *unset, *fake_aws)}
     os.environ.update(RAY_AUTH_TOKEN=secrets.token_hex(32), **fake_aws)
