@@ -1,7 +1,7 @@
 """Ray executor benchmark: prep images/s with ``--executor ray`` ÷ the local executor, 2 CPUs each, same run.
 
-    python bench/ray_bench.py                                  # default: ~2-3 minutes on 2 idle cores
-    python bench/ray_bench.py --images 8 --long-side 200 --repeats 1   # smoke test, under a minute
+    python bench/ray_bench.py                                  # default: about 2 minutes on 2 idle cores
+    python bench/ray_bench.py --images 16 --long-side 320     # quick check, under a minute
     python bench/ray_bench.py --json results.json
 
 Images: the bundled sample photos resized to ``--long-side`` and repeated under distinct names (as bench/prep_bench.py
@@ -53,8 +53,8 @@ def tars(out: str) -> dict[str, bytes]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--shard-size", type=int, default=4, help="images per shard (tasks = images / shard size)")
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--shard-size", type=int, default=8, help="images per shard (tasks = images / shard size)")
     ap.add_argument("--long-side", type=int, default=640, help="longer side of the benchmark images (px)")
     ap.add_argument("--mode", default="fast")
     ap.add_argument("--ss-max-side", type=int, default=300)
