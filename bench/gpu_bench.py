@@ -14,6 +14,10 @@ Measured, for each variant (``byol``, ``univip-crop`` = the paper's, ``univip-ro
    "data wait" is the time the GPU sat idle between steps because the next batch was not there yet: CUDA events
    recorded just before and just after ``next(loader)`` give the gap on the GPU's own timeline (the CPU time spent
    blocked in ``next()`` is reported too, as the loop logs it). The loader alone (no model) is timed afterwards;
+   with ``--gpu-decode`` (default on) the same again, last, with ``gpu_decode=True``: the workers send JPEG bytes and
+   crops, ``train.gpu_decode.decode_batch`` makes the views on the GPU inside the step (as ``--gpu-decode`` trains);
+   ``decode_views`` alone is timed too, and its views are compared with the CPU path's for the same random draws
+   (mean |difference| in levels: nvjpeg is not libjpeg-turbo). A failure there is reported and stops nothing else;
 3. FLOPs of one forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
    convolutions; BatchNorm, RoIAlign, Sinkhorn's elementwise ops, the augmentation and the optimizer are not
    counted) at the benchmark batch, and MFU = FLOPs / step time / ``--peak-tflops`` (989 = H100 SXM / H200 dense
@@ -30,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
+import itertools
 import json
 import math
 import os
@@ -348,9 +354,34 @@ def shm_workers(workers: int, batch_bytes: int) -> tuple[int, str | None]:
                  f"{batch_bytes / 2**20:.0f} MiB: using {fit} worker(s)")
 
 
+def decode_check(urls: list[str], args, device, n: int = 32) -> float:
+    """Mean |view level difference| between ``decode_views`` on ``device`` and the CPU path (full-size decode) for
+    the same random draws, over both views of the first ``n`` samples."""
+    from train.gpu_decode import decode_batch
+
+    samples = []
+    for u in urls:
+        samples += [reader.decode(s) for s in itertools.islice(reader.read_shard(u), n - len(samples))]
+        if len(samples) >= n:
+            break
+    geo = dict(size=args.image_size, k=args.k)
+    cpu = UniVIPTransform(ViewConfig(gpu_aug=True, draft=False, **geo))
+    dev = UniVIPTransform(ViewConfig(gpu_decode=True, **geo))
+    ref = [cpu(s, np.random.default_rng([args.seed, i])) for i, s in enumerate(samples)]
+    batch = data.collate([dict(dev(s, np.random.default_rng([args.seed, i])), __key__=str(i), stats={})
+                          for i, s in enumerate(samples)])
+    views = decode_batch(batch, args.image_size, device)
+    diffs = [(v.cpu().int() - torch.stack([r[f"view{j + 1}"] for r in ref]).int()).abs().float().mean()
+             for j, v in enumerate(views)]
+    return float(sum(diffs) / 2)
+
+
 def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, flops: int | None,
                  notes: list[str]) -> dict:
-    batch_bytes = args.batch * 2 * (3 * args.image_size ** 2 + 4 * 4 * args.k)  # two uint8 views + two float boxes
+    if vcfg.gpu_decode:  # imported here: a failure of this optional path must not stop the other phases
+        from train.gpu_decode import decode_batch
+    # two uint8 views + two float boxes (with gpu_decode the JPEG bytes instead, usually fewer: an upper bound)
+    batch_bytes = args.batch * 2 * (3 * args.image_size ** 2 + 4 * 4 * args.k)
     workers, note = shm_workers(args.workers, batch_bytes)
     if note:
         notes.append(note)
@@ -392,7 +423,10 @@ def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, fl
                     b = torch.cuda.Event(enable_timing=True)
                     b.record()
                     gaps.append((a, b))
-            v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))
+            if vcfg.gpu_decode:
+                v1, v2 = decode_batch(batch, args.image_size, device)
+            else:
+                v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))
             b1, b2 = (batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2"))
             setup.step(v1, v2, b1, b2)
 
@@ -416,7 +450,8 @@ def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, fl
             wall = time.perf_counter() - w0
             measuring[0] = False
             idle = sum(a.elapsed_time(b) for a, b in gaps) / 1000 if cuda else cpu_wait[0]
-            row = dict(variant=name + ("+compile" if args.compile else ""), input=f"loader, {workers} workers",
+            row = dict(variant=name + ("+compile" if args.compile else ""),
+                       input=f"loader{' + GPU decode' if vcfg.gpu_decode else ''}, {workers} workers",
                        workers=workers,
                        steps=steps, warmup_s=round(warm_s, 2), step_s=total / steps, flops=flops,
                        peak_mem_gib=peak_memory_gib(device), data_wait=idle / total, cpu_wait=cpu_wait[0] / wall,
@@ -431,6 +466,17 @@ def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, fl
                 n = timed_steps(next_batch, args.steps, deadline)
                 loader_only = n * args.batch / (time.perf_counter() - t0)
             row["loader_only_images_per_s"] = loader_only
+            if vcfg.gpu_decode and time.perf_counter() < deadline:
+                try:  # decode_views alone on one batch, and its views against the CPU path's
+                    batch = next_batch()
+                    n = max(1, min(10, args.steps))
+                    clock.start()
+                    for _ in range(n):
+                        decode_batch(batch, args.image_size, device)
+                    row["decode_ms"] = 1000 * clock.stop() / n
+                    row["decode_diff"] = decode_check(urls, args, device)
+                except Exception as e:  # the throughput row above is still worth keeping
+                    notes.append(f"gpu_decode check failed: {type(e).__name__}: {e}")
             return derived(row, args, device)
         finally:
             if hasattr(setup, "model"):
@@ -480,7 +526,10 @@ def format_report(result: dict) -> str:
                              f"{'GPU idle between steps (CUDA events)' if gpu else 'time in next()'}, "
                              f"CPU blocked in next() "
                              f"{_fmt(r.get('cpu_wait'), '.1%')}; Algorithm 1 fallback rate "
-                             f"{_fmt(r.get('fallback_rate'), '.1%')}")
+                             f"{_fmt(r.get('fallback_rate'), '.1%')}"
+                             + (f"; decode_views alone {_fmt(r.get('decode_ms'), '.1f')} ms/batch, views vs the CPU "
+                                f"path: mean |diff| {_fmt(r.get('decode_diff'), '.2f')} levels"
+                                if "GPU decode" in r["input"] else ""))
     for note in result["notes"]:
         lines.append(f"- note: {note}")
     for err in result["errors"]:
@@ -504,6 +553,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=50, help="measured steps per measurement")
     ap.add_argument("--warmup", type=int, default=10, help="warm-up steps (the loader adds 2 per worker)")
     ap.add_argument("--data", default=None, help="shard spec for the real loader; without shards: synthetic only")
+    ap.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the real loader with the views decoded on the GPU (train --gpu-decode), last")
     ap.add_argument("--workers", type=int, default=min(12, max(1, cores - 2)), help="DataLoader workers")
     ap.add_argument("--shuffle-buffer", type=int, default=64,
                     help="samples per slot before the first leaves (only delays start-up)")
@@ -564,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 shards = find_shards(args.data)
                 phases += [("loader", v) for v in args.loader_variants]
+                # last: whatever happens on the GPU decode path cannot disturb the measurements before it
+                phases += [("loader-gpu_decode", v) for v in args.loader_variants if args.gpu_decode]
             except FileNotFoundError as e:
                 result["notes"].append(f"{e}: real-loader measurement skipped (synthetic only)")
     if shards:
@@ -584,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = bench_synthetic(name, args, device, vcfg, deadline)
                 flops[name] = row["flops"]
             else:
-                row = bench_loader(name, args, device, vcfg, *shards, deadline, flops.get(name), result["notes"])
+                lcfg = dataclasses.replace(vcfg, gpu_decode=kind == "loader-gpu_decode")
+                row = bench_loader(name, args, device, lcfg, *shards, deadline, flops.get(name), result["notes"])
             if row["steps"] < args.steps:
                 result["notes"].append(f"{kind} {name}: only {row['steps']} of {args.steps} steps fit its time share")
             result["rows"].append(row)

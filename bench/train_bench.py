@@ -8,6 +8,9 @@ Pipelines, each producing the two 224 px views of one sample from its JPEG bytes
 - ``univip-cpu``: ``train.views.UniVIPTransform`` (metadata, Algorithm 1, K boxes, decode, crops, CPU colour ops).
 - ``univip-gpu_aug``: the same with ``gpu_aug=True``: the CPU decodes, crops and flips; colour ops are left to
   ``train.augment.gpu_colour`` (its CPU time per batch is reported for the record, not counted).
+- ``univip-gpu_decode``: ``gpu_decode=True``: the CPU reads the JPEG header and runs Algorithm 1 and the flips, and
+  hands over the bytes as a tensor; ``train.gpu_decode.decode_views`` decodes, crops and resizes on the GPU (its GPU
+  time per batch is reported when CUDA is available, not counted).
 - ``decode only``: PIL full decode, the floor every pipeline pays.
 Pipelines run interleaved item by item so that load from other processes hits them alike; the figure is CPU time
 (``time.process_time``) of this single-threaded process, best of a few rounds per item (the same random draws each
@@ -133,10 +136,12 @@ def measure(samples: list[dict], variants: int, rounds: int, seed: int) -> dict[
     naive = naive_pipeline()
     cpu = UniVIPTransform(ViewConfig())
     gpu = UniVIPTransform(ViewConfig(gpu_aug=True))
+    gdec = UniVIPTransform(ViewConfig(gpu_decode=True))
     pipes = {
         "naive torchvision BYOL": lambda s, r: naive(s["jpg"]),
         "univip-cpu": lambda s, r: cpu(s, r),
         "univip-gpu_aug (CPU part)": lambda s, r: gpu(s, r),
+        "univip-gpu_decode (CPU part)": lambda s, r: gdec(s, r),
         "decode only (PIL, full size)": lambda s, r: Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
     }
     items = [(i, j) for i in range(len(samples)) for j in range(variants)]
@@ -181,6 +186,30 @@ def measure_augment(batch: int, reps: int, seed: int, device: str = "cpu") -> di
     return out
 
 
+def measure_decode(samples: list[dict], batch: int, reps: int, seed: int, device: str = "cuda") -> tuple[float, float]:
+    """(device ms, host CPU ms) per batch of ``train.gpu_decode.decode_views`` (224 px views) on ``batch`` samples
+    cycled from ``samples``, crops from the gpu_decode transform; wall time between synchronisations."""
+    from train.data import collate
+    from train.gpu_decode import decode_batch
+
+    t = UniVIPTransform(ViewConfig(gpu_decode=True))
+    items = [dict(t(samples[i % len(samples)], np.random.default_rng([seed, i])), __key__=str(i), stats={})
+             for i in range(batch)]
+    b = collate(items)
+    cuda = device.startswith("cuda")
+    if cuda:
+        b["jpeg"] = b["jpeg"].pin_memory()  # as the DataLoader delivers it (pin_memory=True)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    decode_batch(b, 224, device)
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        decode_batch(b, 224, device)
+    host = (time.process_time() - c0) / reps * 1e3
+    sync()
+    return (time.perf_counter() - t0) / reps * 1e3, host
+
+
 def print_table(title: str, samples: list[dict], res: dict[str, float]) -> None:
     sizes = np.array([[s["meta"]["width"], s["meta"]["height"]] for s in samples])
     kib = np.mean([len(s["jpg"]) for s in samples]) / 1024
@@ -189,7 +218,8 @@ def print_table(title: str, samples: list[dict], res: dict[str, float]) -> None:
     naive = res["naive torchvision BYOL"]
     print("| pipeline (2 views of 224 px) | CPU ms / sample | samples/s per core | naive / this |")
     print("|---|---:|---:|---:|")
-    for name in ("naive torchvision BYOL", "univip-cpu", "univip-gpu_aug (CPU part)", "decode only (PIL, full size)"):
+    for name in ("naive torchvision BYOL", "univip-cpu", "univip-gpu_aug (CPU part)", "univip-gpu_decode (CPU part)",
+                 "decode only (PIL, full size)"):
         ms = res[name]
         print(f"| {name} | {ms:.2f} | {1000 / ms:.0f} | {naive / ms:.1f}x |")
 
@@ -231,11 +261,17 @@ def main(argv=None) -> int:
         print(f"`train.augment.gpu_colour` on {torch.cuda.get_device_name()}, uint8 [{args.gpu_batch}, 3, 224, 224]: "
               f"view 0 {ga[0]:.1f} ms/batch, view 1 {ga[1]:.1f} ms/batch "
               f"({args.gpu_batch * 2000 / (ga[0] + ga[1]):.0f} samples/s for both views)")
+        dec_ms, dec_host = measure_decode(coco, args.gpu_batch, 20, args.seed)
+        print(f"`train.gpu_decode.decode_views` on {torch.cuda.get_device_name()}, {args.gpu_batch} COCO-sized JPEGs "
+              f"-> 2 x [{args.gpu_batch}, 3, 224, 224]: {dec_ms:.1f} ms/batch ({args.gpu_batch * 1000 / dec_ms:.0f} "
+              f"samples/s), host CPU {dec_host:.1f} ms/batch (launches, nvjpeg's host part)")
     naive = res["naive torchvision BYOL"]
     cpu_ratio, gpu_ratio = naive / res["univip-cpu"], naive / res["univip-gpu_aug (CPU part)"]
+    dec_ratio = naive / res["univip-gpu_decode (CPU part)"]
     print(f"\ntargets (COCO-sized): univip-cpu {cpu_ratio:.1f}x the naive samples/s (>= 8x: "
           f"{'met' if cpu_ratio >= 8 else 'NOT met'}); gpu_aug CPU time {gpu_ratio:.1f}x lower (>= 25x: "
-          f"{'met' if gpu_ratio >= 25 else 'NOT met'})")
+          f"{'met' if gpu_ratio >= 25 else 'NOT met'}); gpu_decode CPU time {dec_ratio:.1f}x lower (>= 25x: "
+          f"{'met' if dec_ratio >= 25 else 'NOT met'})")
     return 0
 
 

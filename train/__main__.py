@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from shards import reader, storage
-from train import augment, checkpoint, data, dist, optim, schedule
+from train import augment, checkpoint, data, dist, gpu_decode, optim, schedule
 from train.config import TrainConfig, parse_args
 from train.model import TERMS, UniVIP, update_target
 from train.views import UniVIPTransform, ViewConfig
@@ -47,7 +47,8 @@ class TrainError(RuntimeError):
 
 def view_config(cfg: TrainConfig) -> ViewConfig:
     return ViewConfig(size=cfg.image_size, scale=(cfg.crop_min_scale, 1.0), k=cfg.k, iters=cfg.view_iters,
-                      instance_size=cfg.instance_size, gpu_aug=cfg.gpu_aug)
+                      instance_size=cfg.instance_size, gpu_aug=cfg.gpu_aug or cfg.gpu_decode,
+                      gpu_decode=cfg.gpu_decode)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
@@ -219,9 +220,12 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
             wait = time.perf_counter() - t0
             counters.add(batch)
 
-            v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))  # uint8 [B,3,S,S]
+            if cfg.gpu_decode:  # the workers sent JPEG bytes, crops and flips: the views are made on the device
+                v1, v2 = gpu_decode.decode_batch(batch, vcfg.size, device)  # uint8 [B,3,S,S]
+            else:
+                v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))  # uint8 [B,3,S,S]
             b1, b2 = (batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2"))  # [B,K,4]
-            if cfg.gpu_aug:
+            if vcfg.gpu_aug:
                 g = step_generator(cfg.seed, it, rank)
                 v1, v2 = augment.gpu_colour(v1, 0, g, vcfg), augment.gpu_colour(v2, 1, g, vcfg)
             else:

@@ -73,6 +73,8 @@ class TrainConfig:
     streams: int = _f(0, "independent sample streams per rank (0 = max(1, workers)); the sample order depends on "
                          "it, not on --workers, so keep it when resuming with another worker count")
     gpu_aug: bool = _f(False, "colour jitter, grayscale, blur and solarize on the device, batched (CPU only crops)")
+    gpu_decode: bool = _f(False, "decode the JPEGs on the device too (nvjpeg on CUDA), with the crops, resizes and "
+                                 "flips: the CPU only reads bytes and runs Algorithm 1 (implies --gpu-aug)")
     on_bad_shard: str = _f("skip", "unreadable shard or sample: skip it (counted in the log) or fail the run",
                            ("skip", "fail"))
     allow_pipe: bool = _f(False, "allow pipe: shard URLs (they run a shell command)")

@@ -406,15 +406,27 @@ class ShardStream(IterableDataset):
                 yield next(slots[s])  # never exhausted: _borrowed raises rather than ending
 
 
+# Variable-length 1-D tensors (the JPEG bytes of the gpu_decode transform): packed by collate, see there
+PACKED = ("jpeg",)
+
+
 def collate(batch: list[dict]) -> dict:
     """Stack a list of samples: tensors -> [B, ...] (view1/view2 uint8 [B,3,S,S], boxes1/boxes2 float32 [B,K,4]),
-    numbers and bools -> [B] tensors (fallback bool [B]), ``stats`` summed, anything else (keys, bytes) -> list."""
+    numbers and bools -> [B] tensors (fallback bool [B]), ``stats`` summed, anything else (keys, bytes) -> list.
+
+    Fields in ``PACKED`` (1-D tensors of different lengths) are concatenated into one tensor ``name`` [sum of
+    lengths] with ``name_sizes`` int64 [B] (``unpack`` splits them again): one storage, so a worker hands the batch
+    over with one shared-memory segment instead of one per sample (B file descriptors passed one by one: 256
+    tensors of 100 KB cost the main process ~74 ms of CPU per batch here, one packed tensor ~3 ms)."""
     out: dict[str, Any] = {}
     for name in batch[0]:
         values = [b[name] for b in batch]
         first = values[0]
         if name == "stats":
             out[name] = {k: sum(v[k] for v in values) for k in first}
+        elif name in PACKED:
+            out[name] = torch.cat(values)
+            out[f"{name}_sizes"] = torch.tensor([len(v) for v in values], dtype=torch.int64)
         elif isinstance(first, torch.Tensor):
             try:
                 out[name] = torch.stack(values)
@@ -427,6 +439,11 @@ def collate(batch: list[dict]) -> dict:
         else:
             out[name] = values
     return out
+
+
+def unpack(flat: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor]:
+    """A ``PACKED`` field of a batch -> its B tensors (views into ``flat``, contiguous)."""
+    return list(flat.split(sizes.tolist()))
 
 
 def _worker_init(worker_id: int) -> None:

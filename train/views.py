@@ -15,6 +15,11 @@ Pipeline of ``UniVIPTransform`` for one sample (all randomness from one ``np.ran
    times faster at 224 px here (hue 0.2 ms vs 2.4 ms through PIL's HSV; blur with the kernel cut at 3 sigma).
 4. Boxes go through crop, resize and flip with the same numbers as the pixels, so box m is the same object in
    both views.
+
+With ``gpu_decode=True`` the transform stops after step 1 and the flips: it returns the JPEG bytes, the two crops and
+flips, and the view boxes (the same numbers as a full-size decode: no reduced-scale rounding), and
+``train.gpu_decode.decode_views`` does steps 2-3 on the batch on the device. The CPU then only reads the JPEG header
+(size check) and runs Algorithm 1.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class ViewConfig:
     solarize_p: tuple[float, float] = (0.0, 0.2)
     solarize_threshold: int = 128  # uint8 level; pixels >= it are inverted (torchvision RandomSolarize)
     gpu_aug: bool = False  # True: the CPU only decodes, crops and flips; colour ops run in train.augment
+    # True: the CPU does not decode either (Algorithm 1 and flips only); train.gpu_decode decodes, crops, resizes and
+    # flips the batch on the device. Implies gpu_aug (no colour op ever runs on the CPU then).
+    gpu_decode: bool = False
     draft: bool = True  # allow reduced-scale JPEG decoding when it loses no resolution
 
     def __post_init__(self) -> None:
@@ -209,16 +217,23 @@ def draft_factor(width: int, height: int, crops: list[np.ndarray], size: int) ->
     return 1
 
 
-def decode_for_crops(jpeg: bytes, width: int, height: int, crops: list[np.ndarray], size: int, draft: bool = True,
-                     name: str = "sample") -> tuple[Image.Image, int]:
-    """Decode ``jpeg`` as RGB, at 1/d scale when ``draft_factor`` allows it -> ``(image, d)``; image-pixel
-    coordinates divide by d. Raises ValueError naming ``name`` when the JPEG's size differs from the metadata's."""
+def open_image(jpeg: bytes, width: int, height: int, name: str = "sample") -> Image.Image:
+    """PIL's lazy open (header only, nothing decoded yet). Raises ValueError naming ``name`` when the bytes are not
+    an image or the image's size differs from the metadata's (the crops would then be wrong)."""
     try:
         img = Image.open(io.BytesIO(jpeg))
     except Exception as e:  # PIL raises several types for bad data
         raise ValueError(f"{name}: cannot open the JPEG ({e})") from e
     if img.size != (width, height):
         raise ValueError(f"{name}: JPEG is {img.size[0]}x{img.size[1]} but its metadata says {width}x{height}")
+    return img
+
+
+def decode_for_crops(jpeg: bytes, width: int, height: int, crops: list[np.ndarray], size: int, draft: bool = True,
+                     name: str = "sample") -> tuple[Image.Image, int]:
+    """Decode ``jpeg`` as RGB, at 1/d scale when ``draft_factor`` allows it -> ``(image, d)``; image-pixel
+    coordinates divide by d. Raises ValueError naming ``name`` when the JPEG's size differs from the metadata's."""
+    img = open_image(jpeg, width, height, name)
     d = draft_factor(width, height, crops, size) if draft else 1
     if d > 1 and img.format == "JPEG":
         # PIL picks the largest s in (8, 4, 2, 1) <= min(W // w, H // h); with w = W // d, W // w lies in [d, 2d)
@@ -349,6 +364,29 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).permute(2, 0, 1)
 
 
+# --- the undecoded sample (gpu_decode) ---------------------------------------------------------------------------
+_DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces every decoder of decode_jpeg(mode=RGB) takes: YCbCr/RGB, gray
+
+
+def device_jpeg(jpeg: bytes, width: int, height: int, name: str = "sample") -> torch.Tensor:
+    """The bytes of a 3- or 1-component JPEG as uint8 ``[nbytes]`` (a copy: the sample's bytes are read-only), after
+    a header check (size against the metadata, as the CPU path does).
+
+    Anything else, which prep never writes (it re-encodes all but RGB JPEGs), is decoded here with PIL, converted to
+    RGB as the CPU path does, and re-encoded (quality 95): CMYK/YCCK JPEGs, which nvjpeg's batched decoder refuses
+    for the whole batch, or another format under the ``.jpg`` name. Rare, so its cost does not matter."""
+    img = open_image(jpeg, width, height, name)
+    if img.format != "JPEG" or img.mode not in _DEVICE_MODES:
+        try:
+            rgb = img.convert("RGB")
+        except Exception as e:
+            raise ValueError(f"{name}: image data is corrupt ({e})") from e
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=95)
+        jpeg = buf.getvalue()
+    return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+
+
 # --- the transform -----------------------------------------------------------------------------------------------
 class UniVIPTransform:
     """Sample -> two views and their K instance boxes.
@@ -358,7 +396,12 @@ class UniVIPTransform:
     random choice (a per-sample generator makes the output a pure function of sample and seed); default: the
     transform's own generator from ``seed``. Returns ``view1``, ``view2`` uint8 ``[3, S, S]``; ``boxes1``,
     ``boxes2`` float32 ``[K, 4]`` in each view's pixels (row m is the same proposal in both); ``fallback`` bool.
-    Views are colour-augmented unless ``cfg.gpu_aug`` (then ``train.augment.gpu_colour`` does it on the batch)."""
+    Views are colour-augmented unless ``cfg.gpu_aug`` (then ``train.augment.gpu_colour`` does it on the batch).
+
+    ``cfg.gpu_decode``: no decoding and no pixels. Returns ``jpeg`` uint8 ``[nbytes]`` (``device_jpeg``),
+    ``crop1``, ``crop2`` float32 ``[4]`` (xyxy, image pixels), ``flip1``, ``flip2`` bool, ``boxes1``, ``boxes2`` and
+    ``fallback`` as above; ``train.gpu_decode.decode_views`` makes the views from them. The random draws are those of
+    the ``gpu_aug`` path, so both give the same crops, flips and boxes for the same generator."""
 
     def __init__(self, cfg: ViewConfig | None = None, seed: int | None = None):
         self.cfg = cfg or ViewConfig()
@@ -374,6 +417,13 @@ class UniVIPTransform:
         width, height = int(meta["width"]), int(meta["height"])
         crop1, crop2, inst, fallback = overlapping_crops(width, height, meta["boxes"], rng, cfg)
         flips = rng.random(2) < cfg.flip
+        if cfg.gpu_decode:
+            out = {"jpeg": device_jpeg(sample["jpg"], width, height, name), "fallback": bool(fallback)}
+            for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1]))), start=1):
+                out[f"crop{v}"] = torch.from_numpy(crop)
+                out[f"flip{v}"] = flip
+                out[f"boxes{v}"] = torch.from_numpy(boxes_to_view(inst, crop, cfg.size, flip))
+            return out
         img, d = decode_for_crops(sample["jpg"], width, height, [crop1, crop2], cfg.size, cfg.draft, name)
         src = image_tensor(img)
         out: dict[str, Any] = {"fallback": bool(fallback)}
