@@ -48,6 +48,12 @@ def configure(*, endpoint_url: str | None = None, allow_pipe: bool = False) -> N
     _config.update(endpoint_url=endpoint_url or None, allow_pipe=bool(allow_pipe))
 
 
+def settings() -> dict:
+    """The current ``configure`` settings, for processes that do not inherit them (spawned workers):
+    ``configure(**settings())`` there repeats them."""
+    return dict(_config)
+
+
 def endpoint_url() -> str | None:
     return _config["endpoint_url"] or os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
 

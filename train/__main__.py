@@ -159,19 +159,29 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
     streams = ckpt["data"].get("streams", 0) if ckpt and not cfg.streams else cfg.streams
     streams = streams or max(1, cfg.workers)
     position = data.DataPosition.from_dict(ckpt["data"]) if ckpt else data.DataPosition()
+    # process-wide storage settings; make_loader hands them to its worker processes
+    storage.configure(endpoint_url=cfg.s3_endpoint or None, allow_pipe=cfg.allow_pipe)
     try:
         urls = reader.expand_spec(cfg.data)
         local = [u for u in urls if storage.scheme(u) == "file"]
         if local and not any(os.path.exists(storage.local_path(u)) for u in local):
             # a brace pattern expands without looking at the disk: none of its files exists
             raise TrainError(f"no shards matched {cfg.data!r}: none of the {len(local)} paths it names exists")
+        if not cfg.allow_pipe and any(storage.scheme(u) == "pipe" for u in urls):
+            # refused here, not per shard: under the default 'skip' each would only be warned about and skipped
+            raise TrainError(f"{cfg.data!r}: pipe: URLs run a shell command; pass --allow-pipe to use them")
         loader, steps_per_epoch = data.make_loader(
             cfg.data, UniVIPTransform(vcfg), batch_size=batch_size, workers=cfg.workers, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, rank=rank, world_size=world, position=position,
             on_bad_shard=cfg.on_bad_shard, pin_memory=device.type == "cuda", streams=streams,
             open_kwargs={"allow_pipe": cfg.allow_pipe})
-    except (reader.SpecError, FileNotFoundError, data.BadShardError) as e:
+    except (reader.SpecError, data.BadShardError) as e:
         raise TrainError(str(e)) from e
+    except (OSError, NotImplementedError) as e:
+        # the manifest, listing or stats files could not be read (missing, access denied, retries exhausted) or the
+        # spec needs what the scheme lacks (an http listing): storage's messages name the URL, never a credential
+        shown = storage.redact(cfg.data)
+        raise TrainError(str(e) if shown.rstrip("/") in str(e) else f"{shown}: {e}") from e
     except ValueError as e:  # e.g. too few samples for one step
         raise TrainError(f"{cfg.data}: {e}") from e
     total = cfg.epochs * steps_per_epoch

@@ -29,7 +29,8 @@ def _f(default: Any, help: str, choices: tuple | None = None):
 @dataclass
 class TrainConfig:
     # --- where
-    data: str = _f("", "shards: directory, brace pattern (out/coco-{000000..000099}.tar), glob or manifest.json")
+    data: str = _f("", "shards: directory, brace pattern (out/coco-{000000..000099}.tar), glob or manifest.json; "
+                       "local, s3://bucket/prefix/ (listing or manifest) or http(s):// (manifest or brace pattern)")
     out: str = _f("runs/univip", "output directory: config.json, log.jsonl, ckpt-XXXXXXXX.pt")
     preset: str = _f("coco", "settings bundle applied before the other flags", ("coco", "imagenet", "tiny"))
     resume: bool = _f(False, "continue from the newest checkpoint in --out (same config required)")
@@ -78,6 +79,9 @@ class TrainConfig:
     on_bad_shard: str = _f("skip", "unreadable shard or sample: skip it (counted in the log) or fail the run",
                            ("skip", "fail"))
     allow_pipe: bool = _f(False, "allow pipe: shard URLs (they run a shell command)")
+    s3_endpoint: str = _f("", "S3 API endpoint of an S3-compatible store for s3:// data (MinIO, Ceph...); empty: "
+                              "$S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS. Credentials: the AWS environment "
+                              "or profile")
     # --- hardware
     device: str = _f("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
     sync_bn: bool = _f(False, "SyncBatchNorm across ranks in the online network")

@@ -53,6 +53,7 @@ With 'skip', ranks never diverge: every rank still delivers exactly ``steps_per_
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -446,9 +447,11 @@ def unpack(flat: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor]:
     return list(flat.split(sizes.tolist()))
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(storage_settings: Mapping[str, Any], worker_id: int) -> None:
     # workers parallelise over samples; intra-op threads in each of them would oversubscribe the cores
     torch.set_num_threads(1)
+    # storage.configure (--s3-endpoint) is module state: a spawned or forkserver worker would start without it
+    storage.configure(**storage_settings)
 
 
 def make_loader(
@@ -472,7 +475,8 @@ def make_loader(
     spec: directory, brace pattern, glob, manifest.json (local or URL), or a list of tar URLs. Iterate the loader
     once per epoch; each ``iter()`` is the next epoch (workers are persistent). ``streams`` (default: ``workers`` or
     1) fixes the sample order independently of ``workers``; keep it when resuming with another worker count.
-    ``open_kwargs`` go to ``storage.open_stream`` (retries, backoff, timeout, allow_pipe) in every worker."""
+    ``open_kwargs`` go to ``storage.open_stream`` (retries, backoff, timeout, allow_pipe) in every worker, and so
+    do the ``storage.configure`` settings of this process (the S3 endpoint), whatever the workers' start method."""
     streams = streams or max(1, workers)
     if streams % max(1, workers):
         raise ValueError(f"streams={streams} must be a multiple of workers={workers} (each slot lives in one worker)")
@@ -495,7 +499,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=functools.partial(_worker_init, storage.settings()) if workers else None,
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers else None,  # 2 batches per worker in flight: enough to hide decode jitter
     )
