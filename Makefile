@@ -44,10 +44,11 @@ test-fast: $(VENV)/.dev
 	$(MAKE) test PYTEST_ARGS="-m 'not slow'"
 
 bench: $(VENV)/.dev
-	$(BIN)/python bench/prep_bench.py
-	$(BIN)/python bench/train_bench.py
-	$(BIN)/python bench/step_bench.py
-	$(BIN)/python bench/stream_bench.py
+	PYTHONPATH=. $(BIN)/python bench/prep_bench.py
+	PYTHONPATH=. $(BIN)/python bench/train_bench.py
+	PYTHONPATH=. $(BIN)/python bench/step_bench.py
+	PYTHONPATH=. $(BIN)/python bench/stream_bench.py
+	PYTHONPATH=. $(BIN)/python bench/ray_bench.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: v for k, v in vars(args).items()}
     result = {"device": info, "config": config, "rows": [], "notes": [], "errors": [], "loader": None}
     if device.type == "cuda" and args.cudnn_benchmark:
-        result["notes"].append("cudnn.benchmark on (train/__main__.py does not set it)")
+        result["notes"].append("cudnn.benchmark on, as in train/__main__.py")
     if CV2_VERSION is None:
         result["notes"].append("OpenCV missing: a placeholder cv2 module let train.views import (gpu_aug path only)")
 

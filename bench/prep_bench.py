@@ -1,12 +1,13 @@
 """Prep benchmark: pipeline overhead over bare selective search, worker scaling, memory, modes × sizes.
 
-    python bench/prep_bench.py                 # default: ~3-4 minutes on 2 idle cores
+    python bench/prep_bench.py                 # default: ~5 minutes on 2 idle cores
     python bench/prep_bench.py --images 4 --table-images 2 --long-side 200   # smoke test, seconds
     python bench/prep_bench.py --json results.json
 
 Images: the bundled sample photos (data/sample, 15 files), resized so the longer side is ``--long-side`` (640 by
 default, COCO-like, so ``--ss-max-side 500`` really downsizes) and repeated under distinct names until there are
-``--images`` of them. All figures come from this one process, on the same images and settings:
+``--images`` of them. All figures come from this one process, on the same images and settings, (a) and (b) as the
+best of ``--rounds`` alternating rounds (one-off imports and OpenCV set-up paid before timing):
 
 (a) ``prep`` wall time with 1 worker (in process) ÷ bare time: read + decode with PIL + ``proposals.selective_search``
     per image, nothing else. Target <= 1.03.
@@ -19,6 +20,7 @@ default, COCO-like, so ``--ss-max-side 500`` really downsizes) and repeated unde
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -38,6 +40,7 @@ from prep import executors, proposals  # noqa: E402
 from prep import run as prep_run  # noqa: E402
 from prep.config import PrepConfig  # noqa: E402
 from prep.sources import load_source  # noqa: E402
+from shards import stats as stats_mod  # noqa: E402
 
 
 def make_images(directory: str, n: int, long_side: int) -> list[str]:
@@ -150,7 +153,10 @@ def modes_table(source, sides: list[int], modes: list[str], n: int, base: PrepCo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=32, help="images for (a), (b), (c)")
-    ap.add_argument("--shard-size", type=int, default=2, help="images per shard in (a), (b)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (a), (b); the best of each counts")
+    ap.add_argument("--shard-size", type=int, default=1,
+                    help="images per shard in (a), (b); small so 2 workers share the work evenly (the last shard "
+                         "of a run leaves one worker idle: with few images that tail, not prep, would set (b))")
     ap.add_argument("--long-side", type=int, default=640, help="longer side of the benchmark images (px)")
     ap.add_argument("--mode", default="fast")
     ap.add_argument("--ss-max-side", type=int, default=500)
@@ -175,14 +181,31 @@ def main() -> None:
     # OpenCV's first selective search in a process pays a one-off ~0.25 s set-up: pay it before the timed runs
     proposals.selective_search(np.zeros((16, 16, 3), np.uint8), mode=cfg.mode, ss_max_side=16, seed=0)
 
-    # (a) interleaved: bare, prep 1 worker, prep 2 workers; so a slow phase of the shared machine hits all of them
-    t_bare = bare(source, cfg)
-    t_one = prep_once(source, cfg, os.path.join(work, "w1"), workers=1)
-    with RssSampler() as rss:
-        t_two = prep_once(source, cfg, os.path.join(work, "w2"), workers=2)
+    # The first prep run in a process imports pyarrow's writer and friends (~0.3 s, once per process, not per image):
+    # pay it on one image outside the timed runs, as the selective-search set-up above.
+    first = dataclasses.replace(source, records=source.records[:1])
+    prep_once(first, cfg, os.path.join(work, "warm"), workers=1)
+
+    # (a), (b) in alternating rounds (bare, prep 1 worker, prep 2 workers), best of each: the same selective search on
+    # the same image varies by several % between runs on this machine, more than the overhead being measured; the
+    # best of alternating rounds is the estimate least bent by that noise and by slow phases of a shared machine.
+    t_bare, t_one, t_two, rss_peak = [], [], [], {}
+    for r in range(args.rounds):
+        t_bare.append(bare(source, cfg))
+        t_one.append(prep_once(source, cfg, os.path.join(work, f"w1-{r}"), workers=1))
+        with RssSampler() as rss:
+            t_two.append(prep_once(source, cfg, os.path.join(work, f"w2-{r}"), workers=2))
+        rss_peak.update(rss.peak)
+    rounds = {"bare_s": t_bare, "prep_1_worker_s": t_one, "prep_2_workers_s": t_two}
+    # (a') the same overhead without the run-to-run noise: the best 1-worker run ÷ the selective-search seconds that
+    # run itself recorded (Parquet ss_seconds). Stricter than (a): decoding counts as overhead here.
+    best = min(range(args.rounds), key=lambda r: t_one[r])
+    ss_in_run = sum(stats_mod.read_table(os.path.join(work, f"w1-{best}")).column("ss_seconds").to_pylist())
+    t_bare, t_one, t_two = min(t_bare), min(t_one), min(t_two)
     same = all(
-        open(os.path.join(work, "w1", f), "rb").read() == open(os.path.join(work, "w2", f), "rb").read()
-        for f in os.listdir(os.path.join(work, "w1")) if f.endswith(".tar")
+        open(os.path.join(work, "w1-0", f), "rb").read() == open(os.path.join(work, f"w{w}-{r}", f), "rb").read()
+        for w in (1, 2) for r in range(args.rounds)
+        for f in os.listdir(os.path.join(work, "w1-0")) if f.endswith(".tar")
     )
     table = modes_table(source, [int(s) for s in args.table_sides.split(",")], args.table_modes.split(","),
                         args.table_images, cfg)
@@ -192,10 +215,12 @@ def main() -> None:
                     "start_method": executors.START_METHOD},
         "setup": {"images": n, "shards": shards, "shard_size": args.shard_size, "long_side": args.long_side,
                   "mode": args.mode, "ss_max_side": args.ss_max_side},
-        "overhead": {"bare_s": t_bare, "prep_1_worker_s": t_one, "ratio": t_one / t_bare, "target": "<= 1.03"},
+        "overhead": {"bare_s": t_bare, "prep_1_worker_s": t_one, "ratio": t_one / t_bare, "target": "<= 1.03",
+                     "ss_in_run_s": ss_in_run, "ratio_in_run": t_one / ss_in_run},
         "scaling": {"img_per_s_1": n / t_one, "img_per_s_2": n / t_two, "ratio": t_one / t_two, "target": ">= 1.9",
                     "pool_startup_s": startup, "tars_identical": same},
-        "memory": {"worker_peak_rss_mb": sorted(rss.peak.values()),
+        "rounds": rounds,
+        "memory": {"worker_peak_rss_mb": sorted(rss_peak.values()),
                    "main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         "modes": table,
     }
@@ -210,6 +235,7 @@ def render(r: dict) -> str:
     ok = lambda good: "yes" if good else "NO"  # noqa: E731
     lines = [
         f"{s['images']} images (sample photos at {s['long_side']} px), {s['shards']} shards of {s['shard_size']}, "
+        f"best of {len(r['rounds']['bare_s'])} alternating rounds, "
         f"mode {s['mode']}, ss_max_side {s['ss_max_side']}; {r['machine']['cpus']} CPUs, OpenCV "
         f"{r['machine']['opencv']}, Python {r['machine']['python']}, start method {r['machine']['start_method']}",
         "",
@@ -217,10 +243,12 @@ def render(r: dict) -> str:
         "|---|---|---|---|",
         f"| (a) prep 1 worker ÷ bare selective search | {o['prep_1_worker_s']:.2f} s ÷ {o['bare_s']:.2f} s = "
         f"**{o['ratio']:.3f}** | ≤ 1.03 | {ok(o['ratio'] <= 1.03)} |",
+        f"| (a') the same prep run ÷ the selective-search seconds it recorded | {o['prep_1_worker_s']:.2f} s ÷ "
+        f"{o['ss_in_run_s']:.2f} s = **{o['ratio_in_run']:.3f}** | ≤ 1.03 | {ok(o['ratio_in_run'] <= 1.03)} |",
         f"| (b) images/s 2 workers ÷ 1 worker | {sc['img_per_s_2']:.2f} ÷ {sc['img_per_s_1']:.2f} = "
         f"**{sc['ratio']:.2f}** | ≥ 1.9 | {ok(sc['ratio'] >= 1.9)} |",
         f"| (b) worker pool start (once per run, not in (b)) | {sc['pool_startup_s']:.2f} s | | |",
-        f"| (b) tars identical, 1 vs 2 workers | {sc['tars_identical']} | True | {ok(sc['tars_identical'])} |",
+        f"| (b) tars identical, 1 vs 2 workers, every round | {sc['tars_identical']} | True | {ok(sc['tars_identical'])} |",
         f"| (c) peak RSS per worker | {', '.join(f'{x:.0f}' for x in m['worker_peak_rss_mb'])} MB | | |",
         f"| (c) peak RSS main process (1-worker run in process) | {m['main_peak_rss_mb']:.0f} MB | | |",
         "",

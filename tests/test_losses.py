@@ -11,13 +11,7 @@ from train.losses import byol_loss, instance_ot_loss, ot_masses, scene_instance_
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ---- naive references: plain Python loops over batch, m, n, in float64 ----------------------------------------

@@ -8,13 +8,7 @@ from train.model import MLP, ModelConfig, ResNetEncoder, UniVIP, boxes_to_rois, 
 B, K, S, CROP = 2, 3, 64, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(**kw) -> ModelConfig:
