@@ -126,7 +126,10 @@ def process_record(rec, cfg: PrepConfig) -> tuple[dict, Optional[bytes], Optiona
             rec.path, max_side=cfg.max_side, max_pixels=cfg.max_pixels, quality=cfg.jpeg_quality
         )
     except images.ImageError as e:
-        return schema.make_row(rec.key, rec.relpath, e.reason, error=e.message, **ids), None, None
+        # the message names the file by its path relative to the root, like the `path` column: rows must not depend
+        # on where the data set is mounted (root is not part of the fingerprint, so a moved data set resumes)
+        error = e.message.replace(rec.path, rec.relpath)
+        return schema.make_row(rec.key, rec.relpath, e.reason, error=error, **ids), None, None
     except Exception as e:  # a decoder failure the loader did not classify: still one bad input, not a dead run
         return schema.make_row(rec.key, rec.relpath, "corrupt", error=f"{type(e).__name__}: {e}", **ids), None, None
 

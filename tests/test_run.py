@@ -236,6 +236,21 @@ def test_bad_inputs_all_end_up_as_samples_or_error_rows(tmp_path):
     assert problems == []
 
 
+def test_error_rows_do_not_depend_on_where_the_source_root_is(tmp_path):
+    # root is left out of the fingerprint so a moved data set resumes; its rows must not name the old location,
+    # and two people with the same data at different mount points must get the same parquet
+    write_bad_inputs(str(tmp_path / "a" / "data"))
+    shutil.copytree(tmp_path / "a" / "data", tmp_path / "elsewhere")
+    outs = []
+    for root in (tmp_path / "a" / "data", tmp_path / "elsewhere"):
+        outs.append(str(tmp_path / f"out_{root.name}"))
+        prep_run.run(small_cfg(str(root), shard_size=20), outs[-1], workers=1, progress=False)
+    rows = parquet_rows(outs[0])
+    errors = [r["error"] for shard in rows.values() for r in shard if r["error"]]
+    assert errors and not [e for e in errors if str(tmp_path) in e]
+    assert rows == parquet_rows(outs[1])
+
+
 # --- the local executor ----------------------------------------------------------------------------------------------
 class Job:
     def __init__(self, name: str, n: int, action: str = "ok"):
