@@ -26,6 +26,9 @@ from shards import schema, storage
 
 # Settings of the run config that identify a run but do not decide shard content.
 _NOT_CONTENT = ("root",)
+# Library versions that do decide shard content: OpenCV the boxes, Pillow the decoded pixels and the JPEG bytes.
+# A resume under others would mix two kinds of shards under one manifest (which records the first run's versions).
+_CONTENT_VERSIONS = ("format", "opencv", "pillow")
 
 
 class RunConfigError(RuntimeError):
@@ -242,6 +245,15 @@ def check_resume(out: str, old: dict, new: dict) -> None:
             f"{out} holds shards made with other settings ({path}):\n  "
             + "\n  ".join(diffs)
             + "\nUse the same settings to resume, another --out, or --overwrite to delete those shards and start over."
+        )
+    old_v, new_v = old.get("versions") or {}, new["versions"]
+    changed = [f"{k}: {old_v.get(k, '<unset>')!r} in the output, {new_v.get(k)!r} now"
+               for k in _CONTENT_VERSIONS if old_v.get(k, "<unset>") != new_v.get(k)]
+    if changed:
+        raise RunConfigError(
+            f"{out} holds shards made with other library versions ({path}):\n  " + "\n  ".join(changed)
+            + "\nThey change the boxes or the stored images: resume with those versions, use another --out, or "
+            "--overwrite to start over."
         )
     if old.get("source", {}).get("digest") != new["source"]["digest"]:
         o, n = old.get("source", {}), new["source"]

@@ -171,6 +171,28 @@ def test_other_settings_are_refused_and_overwrite_starts_over(images, reference,
     assert len(result.written) == 2 and json.loads((out / schema.MANIFEST_NAME).read_text())["config"]["seed"] == 5
 
 
+def test_resume_with_other_opencv_or_pillow_is_refused(images, reference, tmp_path):
+    # another OpenCV gives other boxes (another Pillow other pixels and JPEG bytes): resuming would mix them in one
+    # output under a manifest that names the first versions only
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    os.remove(out / "folder-000003.stats.json")
+    path = out / schema.RUN_CONFIG_NAME
+    original = json.loads(path.read_text())
+    for lib in ("opencv", "pillow"):
+        changed = json.loads(json.dumps(original))
+        changed["versions"][lib] = "0.0.1"
+        path.write_text(json.dumps(changed))
+        with pytest.raises(prep_run.RunConfigError, match=f"{lib}: '0.0.1' in the output, '[^']+' now"):
+            prep_run.run(small_cfg(images), str(out), workers=1, progress=False)
+    # versions that do not decide shard content (e.g. running from a checkout, another Python) still resume
+    changed = json.loads(json.dumps(original))
+    changed["versions"].update(prep="0.0.1", python="3.0.0", pyarrow="1.0")
+    path.write_text(json.dumps(changed))
+    result = prep_run.run(small_cfg(images), str(out), workers=1, progress=False)
+    assert result.written == ["folder-000003"]
+
+
 def test_changed_inputs_are_refused(images, reference, tmp_path):
     root = tmp_path / "imgs"
     shutil.copytree(images, root)
