@@ -98,17 +98,21 @@ def _worker(fn: Callable, conn) -> None:
     # Ctrl-C reaches the whole process group; the main process decides (it terminates workers on interrupt).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tick = lambda n=1: conn.send(("tick", n))  # noqa: E731
-    while True:
-        item = conn.recv()
-        if item is None:
-            return
-        index, task = item
-        try:
-            result = fn(task, tick)
-        except Exception as e:
-            conn.send(("error", index, _format(e)))
-        else:
-            conn.send(("done", index, result))
+    try:
+        while True:
+            item = conn.recv()
+            if item is None:
+                return
+            index, task = item
+            try:
+                result = fn(task, tick)
+            except Exception as e:  # also a tick that found the pipe closed: the writer has cleaned up by now
+                conn.send(("error", index, _format(e)))
+            else:
+                conn.send(("done", index, result))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        # The main process is gone (kill -9, OOM killer): nobody to report to. Stop quietly; its rerun redoes the shard.
+        return
 
 
 class _Worker:

@@ -311,6 +311,23 @@ def test_executor_keeps_order_reports_failures_and_dead_workers():
     assert executors.run_local([Job("a", 1)], job_fn, workers=1, progress=False)[0]["pid"] == os.getpid()
 
 
+def test_worker_exits_quietly_when_the_main_process_is_gone(capfd):
+    # kill -9 or an OOM kill of the main process: its workers find the pipe closed and must just stop (their shard
+    # writer has removed its temporary files), not print two tracebacks each over the user's terminal
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # inherits this test's captured stderr
+    main_end, worker_end = ctx.Pipe(duplex=True)
+    proc = ctx.Process(target=executors._worker, args=(job_fn, worker_end), daemon=True)
+    proc.start()
+    worker_end.close()
+    main_end.send((0, Job("s0", 200)))
+    main_end.close()  # gone before reading a single tick
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_unknown_executor_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown executor 'nope'; known: local"):
         executors.get("nope")
