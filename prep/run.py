@@ -296,14 +296,12 @@ def _is_run_file(name: str, prefixes: set[str]) -> bool:
 def _leftover_temp_files(out: str, names: set[str]) -> list[str]:
     """Temporary files of shards in ``names`` left by a killed run (a live writer removes its own on error): in
     ``out`` and, for a remote output, in its local staging directory (full paths there)."""
-    from shards.writer import staging_dir
-
     def temp_of(n: str) -> bool:
         m = _TEMP_RE.match(n)
         return bool(m) and m.group("stem") in names
 
     found = [storage.join(out, n) for n in storage.list_names(out) if temp_of(n)]
-    stage = staging_dir(out)
+    stage = storage.staging_dir(out)
     if storage.is_remote(out) and os.path.isdir(stage):
         found += [os.path.join(stage, n) for n in sorted(os.listdir(stage)) if temp_of(n)]
     return found

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import os
 import queue
@@ -231,10 +232,13 @@ def remove(url: str) -> None:
 
 
 def staging_dir(base: str) -> str:
-    """A local directory where files for ``base`` are built before ``put_file``: same filesystem when local."""
-    if is_remote(base):
-        return tempfile.mkdtemp(prefix="shards-")
-    return local_path(base)
+    """The local directory where files for ``base`` are built before ``put_file``: ``base`` itself when local (same
+    filesystem, so ``put_file`` is a rename), else ``$TMPDIR/shards-staging/<hash of the URL>``, one per output, so
+    the next run into the same output finds (and removes) the temporary files a killed one left. Not created here."""
+    if not is_remote(base):
+        return local_path(base)
+    digest = hashlib.sha256(base.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "shards-staging", digest)
 
 
 def open_stream(

@@ -4,13 +4,12 @@ A shard is done exactly when ``NAME.stats.json`` exists: it is written after the
 a crash at any point leaves either a done shard or one that a rerun redoes. The tar bytes depend only on the samples
 and their order (member headers carry no time, owner or host), so equal inputs give byte-identical tars.
 
-For a remote output (``s3://…``) the files are built in ``staging_dir(out)``, a local directory named after the
+For a remote output (``s3://…``) the files are built in ``storage.staging_dir(out)``, a local directory named after the
 output URL, and uploaded as whole objects (tar, parquet, then stats); a rerun finds what a killed run left there.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -48,7 +47,7 @@ class ShardWriter:
         self._closed = False
 
         storage.makedirs(out)
-        self._stage = staging_dir(out)
+        self._stage = storage.staging_dir(out)
         os.makedirs(self._stage, exist_ok=True)
         # A leading dot keeps temporary files out of every listing that matches shard names.
         fd, self._tar_tmp = tempfile.mkstemp(prefix=f".{name}{schema.TAR_SUFFIX}.", suffix=".tmp", dir=self._stage)
@@ -164,16 +163,6 @@ class ShardWriter:
         for path in (self._tar_tmp, self._parquet_tmp):
             if path is not None:
                 _unlink(path)
-
-
-def staging_dir(out: str) -> str:
-    """The local directory where shard files for ``out`` are built: ``out`` itself when local (then a rename moves
-    them into place), else ``$TMPDIR/shards-staging/<hash of the URL>`` (one per output, so the next run of the same
-    output removes the temporary files a killed one left, as it does in a local output)."""
-    if not storage.is_remote(out):
-        return storage.local_path(out)
-    digest = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "shards-staging", digest)
 
 
 def is_done(out: str, name: str) -> bool:

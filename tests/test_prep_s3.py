@@ -16,8 +16,7 @@ from click.testing import CliRunner
 
 from imagegen import jpeg_bytes, textured_image
 from prep.cli import prep
-from shards import schema
-from shards.writer import staging_dir
+from shards import schema, storage
 from tests.servers import moto_server, s3_server  # noqa: F401  (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +83,7 @@ def test_s3_output_equals_local_and_inspect_commands_read_it(s3_server, images, 
         n + s for n in SHARDS for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
     assert_same_shards(s3_server, "run", local_run)
     assert get(s3_server, f"run/{schema.MANIFEST_NAME}") == local_bytes(local_run, schema.MANIFEST_NAME)
-    stage = staging_dir(url)
+    stage = storage.staging_dir(url)
     assert not os.path.isdir(stage) or os.listdir(stage) == []  # everything staged was uploaded and removed
 
     monkeypatch.delenv("AWS_ENDPOINT_URL")
@@ -123,8 +122,8 @@ def test_resume_redoes_partial_shards_and_leaves_done_ones(s3_server, images, lo
     client.delete_object(Bucket=bucket, Key="run/folder-000002.stats.json")
     client.put_object(Bucket=bucket, Key="run/folder-000002.tar", Body=get(s3_server, "run/folder-000002.tar")[:700])
     client.delete_object(Bucket=bucket, Key=f"run/{schema.MANIFEST_NAME}")
-    os.makedirs(staging_dir(url), exist_ok=True)
-    leftover = os.path.join(staging_dir(url), ".folder-000002.tar.killed.tmp")
+    os.makedirs(storage.staging_dir(url), exist_ok=True)
+    leftover = os.path.join(storage.staging_dir(url), ".folder-000002.tar.killed.tmp")
     with open(leftover, "wb") as f:
         f.write(b"partial")
 

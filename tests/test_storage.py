@@ -32,6 +32,7 @@ def test_round_trip(base, tmp_path):
     storage.write_bytes(url, b"two")  # replaces whole
     assert storage.read_bytes(url) == b"two" and storage.exists(url)
 
+    os.makedirs(storage.staging_dir(base), exist_ok=True)
     staged = os.path.join(storage.staging_dir(base), ".b.bin.tmp")
     with open(staged, "wb") as f:
         f.write(b"x" * 100_000)
@@ -221,3 +222,10 @@ def test_pipe_needs_opt_in(tmp_path, monkeypatch):
 def test_no_torch_import():
     code = "import sys, shards.storage, shards.reader; sys.exit('torch' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_staging_dir_is_one_per_output():
+    # the shard writer builds files there and a rerun removes what a killed run left: same directory every call
+    url = "s3://bucket/run"
+    assert storage.staging_dir(url) == storage.staging_dir(url + "/") != storage.staging_dir("s3://bucket/other")
+    assert storage.staging_dir("/data/out") == "/data/out"  # local: beside the final files, so moving is a rename
