@@ -142,6 +142,19 @@ def test_export_torchvision_and_detectron2(tmp_path):
     assert len(m) == sum(not k.endswith("num_batches_tracked") for k in sd)
 
 
+def test_detectron2_export_prints_the_config_that_matches_torchvision(tmp_path, capsys):
+    # torchvision strides in the 3x3 conv; detectron2's default (STRIDE_IN_1X1 True) would load the same shapes
+    # silently into another network, so the export must say how to build the right one
+    cfg = _tiny()
+    model, opt = _build(cfg)
+    path = _save(tmp_path, cfg, model, opt)
+    assert export.main([path, "--format", "detectron2", "-o", str(tmp_path / "r18.pkl")]) == 0
+    err = capsys.readouterr().err
+    for text in ("STRIDE_IN_1X1: False", "DEPTH: 18", "RES2_OUT_CHANNELS: 64", "FORMAT: RGB", "123.675"):
+        assert text in err, text
+    assert "RES2_OUT_CHANNELS" not in export.detectron2_config("resnet50", "x.pkl")
+
+
 def test_detectron2_names():
     assert export.detectron2_name("layer3.5.bn2.running_mean") == "res4.5.conv2.norm.running_mean"
     assert export.detectron2_name("bn1.weight") == "stem.conv1.norm.weight"

@@ -6,8 +6,11 @@
 torchvision: a plain ``state_dict`` that ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` accepts
 with only ``fc.weight``/``fc.bias`` missing (the classifier is not pre-trained).
 detectron2: a pickle ``{"model": {name: numpy array}, "__author__": ..., "matching_heuristics": True}`` with
-detectron2's ResNet names (stem.conv1, res2..res5, convN.norm, shortcut); load it with
-``MODEL.WEIGHTS file.pkl`` and ``MODEL.PIXEL_MEAN/STD`` and ``INPUT.FORMAT RGB`` of torchvision.
+detectron2's ResNet names (stem.conv1, res2..res5, convN.norm, shortcut). The config lines that make detectron2
+build the network these weights belong to are printed by the export (``detectron2_config``): besides the weights and
+torchvision's RGB mean/std (on detectron2's 0-255 scale), ``MODEL.RESNETS.STRIDE_IN_1X1: False``. torchvision's
+bottleneck strides in its 3x3 conv, detectron2's default (MSRA weights) in the 1x1: the shapes are the same, so the
+weights would load without a warning into a network whose features differ from the pre-trained ones.
 """
 
 from __future__ import annotations
@@ -65,6 +68,17 @@ def to_detectron2(state: dict[str, torch.Tensor]) -> dict:
     return {"model": model, "__author__": "univip", "matching_heuristics": True}
 
 
+def detectron2_config(arch: str, weights: str) -> str:
+    """The detectron2 YAML lines for an exported torchvision ResNet ``arch`` stored at ``weights``."""
+    depth = int(arch.removeprefix("resnet"))
+    lines = ["MODEL:", f"  WEIGHTS: {weights}", "  PIXEL_MEAN: [123.675, 116.280, 103.530]",
+             "  PIXEL_STD: [58.395, 57.120, 57.375]", "  RESNETS:", f"    DEPTH: {depth}",
+             "    STRIDE_IN_1X1: False  # torchvision strides in the 3x3 conv"]
+    if depth < 50:  # BasicBlock ResNets: detectron2 needs the narrower res2
+        lines.append("    RES2_OUT_CHANNELS: 64")
+    return "\n".join(lines + ["INPUT:", "  FORMAT: RGB"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with open(args.output, "wb") as f:
             pickle.dump(to_detectron2(state), f)
-    print(f"{args.output}: {ckpt['config']['arch']} encoder, {len(state)} tensors, step {ckpt['step']}",
-          file=sys.stderr)
+    arch = ckpt["config"]["arch"]
+    print(f"{args.output}: {arch} encoder, {len(state)} tensors, step {ckpt['step']}", file=sys.stderr)
+    if args.format == "detectron2":
+        print("detectron2 config for these weights:\n" + detectron2_config(arch, args.output), file=sys.stderr)
     return 0
 
 
