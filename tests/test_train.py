@@ -169,6 +169,8 @@ def test_help_lists_flags_and_presets(capsys):
     for text in ("--batch-size", "GLOBAL batch", "--preset {coco,imagenet,tiny}", "--instance-mode {crop,roi}",
                  "--no-amp", "imagenet: batch_size=4096"):
         assert text in out, text
+    data_help = out.split("\n  --data DATA")[1].split("\n  --out OUT")[0]
+    assert "(default: )" not in out and "(required)" in data_help  # --data has no usable default
     # and the real entry point answers too
     assert "usage: python -m train" in run_train("--help").stdout
 

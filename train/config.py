@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        # an empty default would print as "(default: )": --data has no usable default, the others say what empty means
+        suffix = " (required)" if f.name == "data" else "" if f.default == "" else f" (default: {f.default})"
+        help_text = f.metadata["help"] + suffix
         kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
