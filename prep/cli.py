@@ -91,7 +91,7 @@ def _run_options(f):
                           "plan writes the manifest.  [default: 0/1, all]"),
         click.option("--overwrite", is_flag=True,
                      help="Delete the shards, manifest and run config of an earlier run in --out (nothing else) and "
-                          "start over. Without it, rerunning resumes and other settings are refused."),
+                          "start over (not with --part). Without it, rerunning resumes and other settings are refused."),
         click.option("--executor", type=click.Choice(sorted(EXECUTORS)), default="local", show_default=True,
                      help="Where shard tasks run: local processes, or Ray tasks (see --ray-address)."),
         click.option("--ray-address", metavar="ADDR", default=None,

@@ -359,6 +359,12 @@ def run(
     from prep import executors
     from shards.writer import done_shards
 
+    if overwrite and tuple(part) != (0, 1):
+        # every part of an array job would clear the whole output, deleting what the other parts had written
+        raise RunConfigError(
+            f"--overwrite cannot be combined with --part {part[0]}/{part[1]}: each part would delete the shards of "
+            f"the others. Clear {out} once (delete it, or use another --out), then run the parts without --overwrite."
+        )
     if source is None:
         source = load_source_for(cfg)
     tasks = plan(source.records, cfg)

@@ -216,6 +216,16 @@ def test_parts_then_manifest_equals_single_run(images, reference, tmp_path):
     assert prep_run.finalize(out) == second.manifest
 
 
+def test_overwrite_with_part_is_refused_before_deleting_anything(images, reference, tmp_path):
+    # in an array job every task would clear the whole output, deleting the shards the other parts had written
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = sorted(os.listdir(out))
+    with pytest.raises(prep_run.RunConfigError, match="--overwrite.*--part"):
+        prep_run.run(small_cfg(images, seed=3), str(out), workers=1, part=(1, 2), overwrite=True, progress=False)
+    assert sorted(os.listdir(out)) == before
+
+
 def test_failed_shard_is_reported_and_others_are_kept(images, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
