@@ -111,6 +111,19 @@ def test_resume_gives_the_uninterrupted_run(shards, reference_run, tmp_path):
         torch.testing.assert_close(a["model"][k], v, rtol=0, atol=1e-5, msg=k)
 
 
+def test_resumed_log_drops_rows_after_the_checkpoint(tmp_path):
+    # a run killed at step 7 after its step-5 checkpoint repeats steps 6 and 7 when resumed: logged once only
+    import dataclasses
+
+    from train.__main__ import Logger
+    from train.config import preset
+
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
+    Logger(dataclasses.replace(preset("tiny"), out=str(tmp_path)), start=5, end=10).close()
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5]
+
+
 # The error paths run train.__main__.main in this process (no torch start-up per case); the runs above cover
 # `python -m train` itself.
 def _main(capsys, *argv) -> tuple[int, str]:

@@ -85,13 +85,31 @@ def open_run(cfg: TrainConfig, world: int) -> tuple[dict | None, str | None]:
     return ckpt, path
 
 
+def drop_rows_after(path: str, step: int) -> None:
+    """Remove the rows of ``path`` (a log.jsonl) logged after ``step``: a run that stopped between its last checkpoint
+    and a later log row repeats those steps when resumed, and the log must not hold them twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
 class Logger:
     """Rank 0: a tqdm bar and ``OUT/log.jsonl``. Every rank: the window sums behind the logged rates."""
 
     def __init__(self, cfg: TrainConfig, start: int, end: int):
         self.main = dist.is_main()
         self.bar = tqdm(total=end, initial=start, disable=not self.main, dynamic_ncols=True, desc="train")
-        self.file = open(os.path.join(cfg.out, "log.jsonl"), "a") if self.main else None
+        path = os.path.join(cfg.out, "log.jsonl")
+        if self.main:
+            drop_rows_after(path, start)
+        self.file = open(path, "a") if self.main else None
         self.reset()
 
     def reset(self) -> None:
