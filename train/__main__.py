@@ -54,11 +54,12 @@ def view_config(cfg: TrainConfig) -> ViewConfig:
 def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = UniVIP(cfg.model_config())
-    if cfg.sync_bn and dist.world_size() > 1:  # the target normalises with its own rank's batch, like BYOL's
+    if cfg.sync_bn and dist.world_size() > 1:
         if device.type != "cuda":
             raise TrainError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
-        model.online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.online)
-        model.predictor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.predictor)
+        # both branches: BYOL normalises online and target alike with statistics of the global batch; the target's
+        # SyncBN layers keep the online ones' names, so the EMA update pairs them as before
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
