@@ -46,6 +46,8 @@ def _bar(tasks: Sequence, progress: bool) -> tqdm:
         disable=not progress,
         dynamic_ncols=True,
         smoothing=0.05,  # selective-search time varies a lot per image; a long average gives a steadier ETA
+        # in a batch log (SLURM, nohup) each redraw is a line of the file: one a minute is plenty there
+        mininterval=0.1 if sys.stderr.isatty() else 60.0,
     )
 
 

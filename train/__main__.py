@@ -106,7 +106,8 @@ class Logger:
 
     def __init__(self, cfg: TrainConfig, start: int, end: int):
         self.main = dist.is_main()
-        self.bar = tqdm(total=end, initial=start, disable=not self.main, dynamic_ncols=True, desc="train")
+        self.bar = tqdm(total=end, initial=start, disable=not self.main, dynamic_ncols=True, desc="train",
+                        mininterval=0.1 if sys.stderr.isatty() else 60.0)  # batch logs: a line a minute
         path = os.path.join(cfg.out, "log.jsonl")
         if self.main:
             drop_rows_after(path, start)
