@@ -17,14 +17,15 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from prep.config import PrepConfig
 from shards import schema
 
 # Formats we let PIL open. Others (EPS calls Ghostscript, fonts, icons, ...) are refused as not_image whatever the
 # file is named: a data set is photos, and a rarely used plugin is not worth its attack surface. (Multi-picture JPEGs
 # open through "JPEG" with format "MPO"; their first picture is used and re-encoded.)
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
-# PIL's own default bomb limit (about 89.5 M pixels, a quarter GiB of RGB). PrepConfig.max_pixels defaults to it too.
-DEFAULT_MAX_PIXELS = 89_478_485
+# The decompression-bomb limit when none is given: PrepConfig's default, PIL's own (about 89.5 M pixels).
+DEFAULT_MAX_PIXELS = PrepConfig.max_pixels
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees (width and height swap)
 # 4:2:0 chroma subsampling, spelled out so a Pillow default change cannot change the bytes we write.

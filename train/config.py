@@ -26,6 +26,13 @@ def _f(default: Any, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def loss_weights(method: str, w_scene: float, w_scene_instance: float, w_instance: float) -> dict[str, float]:
+    """The weight of each loss term; ``byol`` is scene-scene alone (shared by TrainConfig and model.ModelConfig)."""
+    if method == "byol":
+        return {"scene": w_scene, "scene_instance": 0.0, "instance": 0.0}
+    return {"scene": w_scene, "scene_instance": w_scene_instance, "instance": w_instance}
+
+
 @dataclass
 class TrainConfig:
     # --- where
@@ -105,9 +112,7 @@ class TrainConfig:
 
     def loss_weights(self) -> dict[str, float]:
         """The weight of each loss term; ``--method byol`` is scene-scene alone."""
-        if self.method == "byol":
-            return {"scene": self.w_scene, "scene_instance": 0.0, "instance": 0.0}
-        return {"scene": self.w_scene, "scene_instance": self.w_scene_instance, "instance": self.w_instance}
+        return loss_weights(self.method, self.w_scene, self.w_scene_instance, self.w_instance)
 
     def model_config(self):
         """The ``train.model.ModelConfig`` of this run (imported here so that reading a config needs no torch)."""

@@ -22,6 +22,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from train.config import loss_weights
 from train.losses import byol_loss, instance_ot_loss, scene_instance_loss
 
 __all__ = ["ModelConfig", "ResNetEncoder", "MLP", "Branch", "UniVIP", "update_target", "boxes_to_rois", "TERMS"]
@@ -64,9 +65,7 @@ class ModelConfig:
 
     def weights(self) -> dict[str, float]:
         """Loss weights by term; "byol" zeroes the two UniVIP terms."""
-        if self.method == "byol":
-            return {"scene": self.w_scene, "scene_instance": 0.0, "instance": 0.0}
-        return {"scene": self.w_scene, "scene_instance": self.w_scene_instance, "instance": self.w_instance}
+        return loss_weights(self.method, self.w_scene, self.w_scene_instance, self.w_instance)
 
 
 class ResNetEncoder(nn.Module):
