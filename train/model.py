@@ -1,4 +1,4 @@
-"""UniVIP networks (METHOD.md, "Networks"): ResNet encoder, BYOL MLPs, online and target branches, instance features.
+"""UniVIP networks (docs/method.md, "Networks"): ResNet encoder, BYOL MLPs, online and target branches, instance features.
 
 The training loop owns the EMA: it calls `model(view1, view2, boxes1, boxes2)` for the loss terms, steps the
 optimizer, then `update_target(model, momentum)`. Nothing here updates the target behind the loop's back.
