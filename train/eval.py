@@ -59,7 +59,7 @@ import torchvision
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from shards import reader, storage
+from shards import reader, schema, storage
 from train import checkpoint as ckpt_io
 from train import data
 from train.augment import normalize
@@ -217,7 +217,9 @@ def _expand(spec: str) -> list[str]:
 
 
 def _known_samples(spec: str) -> int | None:
-    """Samples in the spec from the manifest or stats files, for the progress bar; None when unknown."""
+    """Samples in the spec from the manifest or local stats files, for the progress bar; None when unknown."""
+    if storage.is_remote(spec) and storage.basename(spec.strip()) != schema.MANIFEST_NAME:
+        return None  # a GET per shard's stats file only for a progress bar's total: not worth the wait
     try:
         sizes = reader.shard_sizes(spec)
     except Exception:  # only a progress bar's total: never fail for it
