@@ -109,8 +109,7 @@ def centre_view(jpeg: bytes, width: int, height: int, *, size: int, resize: int,
     The JPEG is decoded at full size: decoding at 1/d scale (as training does) would be about twice as fast but
     filters differently, e.g. 2.5 grey levels off on average at 320 -> 73 px, and evaluation should be the standard's.
     """
-    whole = np.array([0, 0, width, height])
-    img, _ = decode_for_crops(jpeg, width, height, [whole], size, draft=False, name=name)
+    img, _ = decode_for_crops(jpeg, width, height, [], draft=False, name=name)  # full size
     # torchvision's Resize(int): the shorter side becomes `resize`, the longer int(resize * long / short)
     if width <= height:
         out_w, out_h = resize, int(resize * height / width)
@@ -125,7 +124,7 @@ def box_views(jpeg: bytes, width: int, height: int, boxes: np.ndarray, *, size: 
               name: str = "sample") -> torch.Tensor:
     """Each box (int xyxy image pixels ``[B, 4]``, B >= 1) cut out and resized to size x size, aspect not kept
     (UniVIP's instance crops) -> uint8 ``[B, 3, size, size]``."""
-    img, _ = decode_for_crops(jpeg, width, height, list(boxes), size, draft=False, name=name)  # full size, as above
+    img, _ = decode_for_crops(jpeg, width, height, [], draft=False, name=name)  # full size, as above
     src = image_tensor(img)
     return torch.stack([crop_view(src, b, size) for b in boxes])
 
