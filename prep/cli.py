@@ -194,7 +194,8 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
         failed = sum(t["failed"].values())
         click.echo(
             f"manifest written: {t['inputs']} inputs = {t['samples']} samples + {failed} failed; "
-            f"{t['boxes']} boxes, {t['few_boxes']} samples with fewer than {cfg.min_boxes}",
+            f"{t['boxes']} boxes, {t['few_boxes']} samples with fewer than {cfg.min_boxes}"
+            + (f", {t['fallback_images']} needed the fallback tier" if "fallback_images" in t else ""),
             err=True,
         )
     elif opts["part"] != (0, 1):
@@ -319,14 +320,16 @@ def show(out, count, output, seed, max_boxes, cell):
 
 @prep.command()
 @_out_arg
-def verify(out):
-    """Check every shard: tar members vs Parquet rows vs stats, boxes inside images, images decode; and the manifest.
+@click.option("--quick", is_flag=True, help="Do not hash the stored images (skips the SHA-256 check of their bytes).")
+def verify(out, quick):
+    """Check every shard: tar members vs Parquet rows vs stats, boxes inside images, images decode and match their
+    SHA-256 (format 2); and the manifest.
 
     Prints one line per problem; exit status 1 if there is any."""
     from prep import inspect
 
     try:
-        problems, summary = inspect.verify(out, echo=lambda line: click.echo(line))
+        problems, summary = inspect.verify(out, echo=lambda line: click.echo(line), quick=quick)
     except OSError as e:  # the output itself unreachable (a broken shard is a problem line, not this)
         raise click.ClickException(str(e)) from None
     if problems:

@@ -73,9 +73,9 @@ def _manifest_shards(spec: str) -> list[tuple[str, int]]:
     """(tar URL, samples) from a manifest; tar names are relative to the manifest's location."""
     try:
         manifest = json.loads(storage.read_bytes(spec))
-        if manifest.get("format_version") != schema.FORMAT_VERSION:
+        if manifest.get("format_version") not in schema.READABLE_VERSIONS:
             version = manifest.get("format_version")
-            raise ShardError(f"format_version {version}, this reader knows {schema.FORMAT_VERSION}")
+            raise ShardError(f"format_version {version}, this reader knows {schema.READABLE_VERSIONS}")
         entries = manifest["shards"]
         base = storage.parent(spec)
         return [

@@ -67,7 +67,8 @@ class ShardWriter:
 
     def write(self, row: Mapping[str, Any], jpeg: bytes | None = None, meta: bytes | None = None) -> None:
         """Add one input's parquet row (from ``schema.make_row``); an ok row also needs its ``KEY.jpg`` bytes and
-        ``KEY.json`` bytes (``schema.encode_meta``), a failed row neither. ``image_bytes`` is filled from ``jpeg``."""
+        ``KEY.json`` bytes (``schema.encode_meta``), a failed row neither. ``image_bytes`` and ``image_sha256`` are
+        filled from ``jpeg`` (or checked against it when the row has them)."""
         if self._closed:
             raise ValueError(f"shard {self.name}: write after close")
         if row.keys() != _COLUMNS:
@@ -89,6 +90,11 @@ class ShardWriter:
                 row["image_bytes"] = len(jpeg)
             elif row["image_bytes"] != len(jpeg):
                 raise ValueError(f"shard {self.name}: row {key!r} says image_bytes={row['image_bytes']}, jpeg has {len(jpeg)}")
+            digest = schema.image_sha256(jpeg)
+            if row["image_sha256"] is None:
+                row["image_sha256"] = digest
+            elif row["image_sha256"] != digest:
+                raise ValueError(f"shard {self.name}: row {key!r} has an image_sha256 that is not the jpeg's")
             self._add(f"{key}.{schema.IMAGE_EXT}", jpeg)
             self._add(f"{key}.{schema.META_EXT}", meta)
         self._keys.add(key)

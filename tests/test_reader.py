@@ -1,5 +1,6 @@
 """shards.reader: spec expansion in every form, the generator stages on plain lists, shards read from disk, HTTP, S3."""
 
+import hashlib
 import io
 import json
 import os
@@ -150,8 +151,24 @@ def _dir(name):
     return info
 
 
+def test_metadata_of_both_format_versions():
+    boxes = np.array([[0, 0, 4, 4]])
+    v2 = json.loads(schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=boxes,
+                                       image_sha256=schema.image_sha256(b"jpeg")))
+    assert v2["format_version"] == 2 and v2["image_sha256"] == hashlib.sha256(b"jpeg").hexdigest()
+    v1 = {k: v for k, v in v2.items() if k != "image_sha256"} | {"format_version": 1}
+    assert schema.decode_meta(json.dumps(v1).encode())["image_sha256"] is None  # version 1 has no hash
+    assert schema.decode_meta(json.dumps(v2).encode())["image_sha256"] == v2["image_sha256"]
+    for bad, match in (({**v2, "format_version": 3}, "format_version 3"), (v1 | {"format_version": 2}, "no image_sha")):
+        with pytest.raises(ValueError, match=match):
+            schema.decode_meta(json.dumps(bad).encode())
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=boxes, image_sha256=b"jpeg")
+
+
 def test_decode_adds_meta():
-    meta = schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=np.array([[0, 0, 4, 4]]))
+    meta = schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=np.array([[0, 0, 4, 4]]),
+                              image_sha256=schema.image_sha256(b""))
     sample = reader.decode({"__key__": "k", "__url__": "u", "jpg": b"", "json": meta})
     assert sample["meta"]["boxes"].dtype == np.int32 and sample["meta"]["boxes"].shape == (1, 4)
     with pytest.raises(reader.ShardError, match="u: sample 'k': bad metadata"):
@@ -211,6 +228,8 @@ def test_pipe_shard_needs_opt_in(out, monkeypatch):
 
 def test_manifest_format_version_checked(out):
     m = json.loads((out / "manifest.json").read_bytes())
+    (out / "manifest.json").write_text(json.dumps({**m, "format_version": 1}))
+    assert len(reader.expand_spec(str(out / "manifest.json"))) == len(m["shards"])  # version 1 is still read
     m["format_version"] = 99
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(reader.ShardError, match="manifest.json: not a valid manifest: format_version 99"):
