@@ -186,6 +186,16 @@ def test_verify_images_skips_a_damaged_image(tmp_path, capsys):
     assert read_log(tmp_path / "checked")[-1]["samples_skipped"] == 1
 
 
+def test_outputs_get_the_permissions_of_the_umask(shards, tmp_path, capsys, umask):
+    umask(0o027)
+    out = tmp_path / "run"
+    code, err = _main(capsys, *TINY, "--data", shards, "--out", str(out), "--max-steps", "1")
+    assert code == 0, err
+    modes = {n: os.stat(out / n).st_mode & 0o777 for n in os.listdir(out)}
+    assert {"config.json", "log.jsonl", "ckpt-00000001.pt"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o640), modes  # the checkpoint is renamed into place: not mkstemp's 0600
+
+
 def test_help_lists_flags_and_presets(capsys):
     from train.__main__ import main
 
