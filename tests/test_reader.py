@@ -77,9 +77,21 @@ def test_expand_spec_rejects_other_files(out):
 def test_shard_sizes(out):
     expected = {str(out / n): i + 1 for i, n in enumerate(SHARDS)}
     assert reader.shard_sizes(str(out / "manifest.json")) == expected
-    assert reader.shard_sizes(str(out)) == expected  # from the stats files
     os.remove(out / "c-000001.stats.json")
-    assert reader.shard_sizes(str(out)) is None
+    assert reader.shard_sizes(str(out)) == expected  # from the manifest inside the directory
+    os.remove(out / "manifest.json")
+    assert reader.expand_spec(str(out)) == list(expected)  # the listing
+    assert reader.shard_sizes(str(out)) is None  # a shard without its stats file
+    os.remove(out / "c-000001.tar")
+    assert reader.shard_sizes(str(out)) == {str(out / SHARDS[0]): 1, str(out / SHARDS[2]): 3}  # the stats files
+
+
+def test_a_manifest_inside_the_output_is_used(out):
+    # a tar beside the manifest that the manifest does not list (another run's, a copy) is not read
+    (out / "c-000009.tar").write_bytes((out / "c-000000.tar").read_bytes())
+    for spec in (str(out), str(out) + "/"):
+        assert names(reader.expand_spec(spec)) == SHARDS
+    assert names(reader.expand_spec(f"{out}/*.tar")) == [*SHARDS, "c-000009.tar"]  # a glob still lists
 
 
 def upload(out, s3_server):
@@ -92,13 +104,18 @@ def upload(out, s3_server):
 def test_expand_spec_s3_forms(out, s3_server):
     base = upload(out, s3_server)
     expected = [f"{base}/{n}" for n in SHARDS]
-    assert reader.expand_spec(base + "/") == expected
+    # the prefix as `prep --out` takes it, with or without the slash: its manifest
+    assert reader.expand_spec(base) == reader.expand_spec(base + "/") == expected
+    assert reader.shard_sizes(base) == reader.shard_sizes(base + "/") == {u: i + 1 for i, u in enumerate(expected)}
     assert reader.expand_spec(base + "/*.tar") == expected
     assert reader.expand_spec(base + "/manifest.json") == expected
     assert reader.expand_spec(base + "/c-{000000..000002}.tar") == expected
     assert reader.shard_sizes(base + "/") == {u: i + 1 for i, u in enumerate(expected)}
     with pytest.raises(reader.SpecError, match="no shards matched 's3://.*/nothing/'"):
         reader.expand_spec(s3_server.url("nothing/"))
+    s3_server.client().delete_object(Bucket=s3_server.bucket, Key="run/manifest.json")
+    assert reader.expand_spec(base) == reader.expand_spec(base + "/") == expected  # its listing
+    assert reader.shard_sizes(base) == {u: i + 1 for i, u in enumerate(expected)}  # its stats files
 
 
 def test_expand_spec_http_manifest(out, http_server):
