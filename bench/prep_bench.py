@@ -142,8 +142,7 @@ def modes_table(source, sides: list[int], modes: list[str], n: int, base: PrepCo
                                                    seed=proposals.image_seed(base.seed, rec.key))
                 secs.append(time.perf_counter() - t0)
                 raw.append(len(boxes))
-                kept.append(len(proposals.filter_boxes(boxes, min_side=base.min_side, max_aspect=base.max_aspect,
-                                                       iou=base.iou, max_boxes=base.max_boxes)))
+                kept.append(len(proposals.filter_with(boxes, base)[0]))
             rows.append({"mode": mode, "ss_max_side": side, "images": len(records),
                          "seconds_per_image": float(np.mean(secs)), "raw_boxes": float(np.mean(raw)),
                          "kept_boxes": float(np.mean(kept)), "few_boxes": int(sum(k < base.min_boxes for k in kept))})

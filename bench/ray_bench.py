@@ -6,7 +6,8 @@
 
 Images: the bundled sample photos resized to ``--long-side`` and repeated under distinct names (as bench/prep_bench.py
 makes them). Both executors run ``prep.run.run`` on the same images and settings, ``--shard-size`` images per shard,
-2 CPUs: the local executor with 2 worker processes, Ray on a local instance with ``num_cpus=2`` (one CPU per task).
+2 CPUs: the local executor with 2 worker processes, Ray on a local instance with ``num_cpus=2`` (one CPU per task),
+started as prep starts its own (``ray_executor.init_local``: it listens on 127.0.0.1 only).
 Progress bars are on (the Ray executor's progress actor is part of its cost) and written to nowhere.
 
 Timed: whole runs (run config, shards, manifest), alternating local, Ray, local, Ray, … so a slow phase of a shared
@@ -32,6 +33,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from prep import ray_executor  # noqa: E402
 from prep import run as prep_run  # noqa: E402
 from prep.config import PrepConfig  # noqa: E402
 from prep.sources import load_source  # noqa: E402
@@ -85,7 +87,8 @@ def bench(args, work: str, ray) -> dict:
     n = len(source.records)
 
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    # as prep starts its own instance: listening on 127.0.0.1 only
+    ray_executor.init_local(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     ray_start = time.perf_counter() - t0
 
     # warm-up: 2 one-image shards per executor, so both workers of each start their processes and imports

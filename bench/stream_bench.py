@@ -55,7 +55,8 @@ def make_shards(out: str, shards: int, per_shard: int, size: int, boxes: int, se
                 xy = rng.integers(0, size // 2, (boxes, 2))
                 wh = rng.integers(8, size // 2, (boxes, 2))
                 meta = schema.encode_meta(key=key, path=f"{key}.jpg", width=size, height=size,
-                                          boxes=np.concatenate([xy, xy + wh], 1))
+                                          boxes=np.concatenate([xy, xy + wh], 1),
+                                          image_sha256=schema.image_sha256(buf.getvalue()))
                 for member, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.json", meta)):
                     info = tarfile.TarInfo(member)
                     info.size, info.mode = len(data), 0o644

@@ -106,6 +106,11 @@ def _run_options(f):
                      help="Seed of the per-image generator (with the key): same boxes in the same order in any run."),
         click.option("--min-side", type=click.IntRange(min=1), default=d.min_side, show_default=True,
                      help="Drop boxes with a side shorter than this (stored-image px)."),
+        click.option("--fallback-min-side", type=click.IntRange(min=0), default=d.fallback_min_side,
+                     show_default=True,
+                     help="Second tier: for images with fewer than --min-boxes boxes of --min-side, add boxes down to "
+                          "this side (same rules, after the first tier's, up to --max-boxes). 0, or a value >= "
+                          "--min-side: no second tier."),
         click.option("--max-aspect", type=click.FloatRange(min=1.0), default=d.max_aspect, show_default=True,
                      help="Drop boxes with long/short side above this."),
         click.option("--iou", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=d.iou, show_default=True,
@@ -113,7 +118,8 @@ def _run_options(f):
         click.option("--max-boxes", type=click.IntRange(min=1), default=d.max_boxes, show_default=True,
                      help="Keep the first N boxes after the filters."),
         click.option("--min-boxes", type=click.IntRange(min=0), default=d.min_boxes, show_default=True,
-                     help="Images with fewer kept boxes are kept and counted as few_boxes (K of UniVIP)."),
+                     help="K of UniVIP: images with fewer boxes of --min-side get the second tier; images with fewer "
+                          "boxes in all are kept and counted as few_boxes."),
         click.option("--max-side", type=click.IntRange(min=16), default=None,
                      help="Downscale stored images so the longer side is at most this (px).  [default: keep size]"),
         click.option("--jpeg-quality", type=click.IntRange(1, 100), default=d.jpeg_quality, show_default=True,
@@ -135,6 +141,7 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
     try:
         cfg = PrepConfig(
             kind=kind, root=root, annotations=annotations,
+            fallback_min_side=opts["fallback_min_side"] or None,
             **{k: opts[k] for k in ("mode", "ss_max_side", "seed", "min_side", "max_aspect", "iou", "max_boxes",
                                     "min_boxes", "max_side", "jpeg_quality", "max_pixels", "shard_size", "prefix")},
         )
@@ -187,7 +194,8 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
         failed = sum(t["failed"].values())
         click.echo(
             f"manifest written: {t['inputs']} inputs = {t['samples']} samples + {failed} failed; "
-            f"{t['boxes']} boxes, {t['few_boxes']} samples with fewer than {cfg.min_boxes}",
+            f"{t['boxes']} boxes, {t['few_boxes']} samples with fewer than {cfg.min_boxes}"
+            + (f", {t['fallback_images']} needed the fallback tier" if "fallback_images" in t else ""),
             err=True,
         )
     elif opts["part"] != (0, 1):
@@ -312,14 +320,16 @@ def show(out, count, output, seed, max_boxes, cell):
 
 @prep.command()
 @_out_arg
-def verify(out):
-    """Check every shard: tar members vs Parquet rows vs stats, boxes inside images, images decode; and the manifest.
+@click.option("--quick", is_flag=True, help="Do not hash the stored images (skips the SHA-256 check of their bytes).")
+def verify(out, quick):
+    """Check every shard: tar members vs Parquet rows vs stats, boxes inside images, images decode and match their
+    SHA-256 (format 2); and the manifest.
 
     Prints one line per problem; exit status 1 if there is any."""
     from prep import inspect
 
     try:
-        problems, summary = inspect.verify(out, echo=lambda line: click.echo(line))
+        problems, summary = inspect.verify(out, echo=lambda line: click.echo(line), quick=quick)
     except OSError as e:  # the output itself unreachable (a broken shard is a problem line, not this)
         raise click.ClickException(str(e)) from None
     if problems:

@@ -9,6 +9,8 @@ from shards import schema
 
 SOURCE_KINDS = ("coco", "imagenet", "folder")
 SS_MODES = ("fast", "quality", "single")
+# Settings added after outputs were first made, with the value that gives what was made before they existed.
+_BEFORE_RECORDED = {"fallback_min_side": None}
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,15 @@ class PrepConfig:
     mode: str = "fast"
     ss_max_side: int = 500  # image resized so its longer side is at most this before selective search
     seed: int = 0  # per-image C rand() seed = f(seed, key): same boxes, same order, in any process
-    # filters, applied in selective-search order
-    min_side: int = 64  # px, in stored-image pixels
+    # filters, applied in selective-search order (prep.proposals.tiered_filter)
+    min_side: int = 96  # px, in stored-image pixels (ORL, UniVIP)
+    # second tier, only for images where fewer than min_boxes boxes of min_side survive: boxes down to this side
+    # (UniVIP's 64); None: no second tier. A value >= min_side could add nothing and is stored as None.
+    fallback_min_side: Optional[int] = 64
     max_aspect: float = 3.0
     iou: float = 0.5  # greedy suppression threshold
     max_boxes: int = 100
-    min_boxes: int = 4  # images with fewer kept boxes are kept and counted (K of UniVIP)
+    min_boxes: int = 4  # K of UniVIP: fewer first-tier boxes call the second tier; fewer in all are counted few_boxes
     # storage
     max_side: Optional[int] = None  # downscale stored images so the longer side is at most this
     jpeg_quality: int = 95
@@ -48,6 +53,11 @@ class PrepConfig:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.fallback_min_side is not None and self.fallback_min_side < 1:
+            raise ValueError(f"fallback_min_side must be positive or None, got {self.fallback_min_side}")
+        if self.fallback_min_side is not None and self.fallback_min_side >= self.min_side:
+            # one spelling per content: a second tier that cannot add a box is no second tier (same fingerprint)
+            object.__setattr__(self, "fallback_min_side", None)
         if self.max_side is not None and self.max_side < 16:
             raise ValueError(f"max_side must be >= 16, got {self.max_side}")
 
@@ -60,8 +70,10 @@ class PrepConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PrepConfig":
+        """The settings of a recorded config (stats, manifest, run config). A setting added later is absent from
+        older records and takes the value that reproduces them, not today's default (``_BEFORE_RECORDED``)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**_BEFORE_RECORDED, **{k: v for k, v in d.items() if k in names}})
 
     def fingerprint(self) -> str:
         """Digest of the settings that decide shard content; ``root`` is left out so a moved dataset can resume."""

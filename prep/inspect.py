@@ -1,7 +1,8 @@
 """Look at an output: ``stats`` (Parquet only), ``show`` (boxes drawn on samples), ``verify`` (tar vs Parquet vs stats).
 
 ``verify`` is the check a consumer can run before a training job: every claim the Parquet rows, the stats files and the
-manifest make about the tars is checked against the tar bytes themselves.
+manifest make about the tars is checked against the tar bytes themselves, down to the SHA-256 of every stored image
+(format version 2; ``quick`` skips the hashing).
 
 ``out`` is a local directory or a URL ``shards.storage`` can list (``s3://bucket/prefix``): Parquet is read through
 pyarrow's filesystem layer, tars are streamed, and the output is listed once per command, not probed per file.
@@ -55,10 +56,13 @@ def _read_json(url: str) -> dict:
 
 
 def _read_parquet(url: str, columns: Optional[list[str]] = None):
+    """The shard Parquet at ``url``; all columns in this format version's schema (older versions conformed), or the
+    ``columns`` named."""
     import pyarrow.parquet as pq
 
     fs, path = storage.arrow_filesystem(url)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    table = pq.read_table(path, filesystem=fs, columns=columns)
+    return table if columns is not None else schema.conform_table(table, url)
 
 
 def _run_config(out: str) -> Optional[dict]:
@@ -203,10 +207,11 @@ def _decode_size(jpeg: bytes) -> tuple[tuple[int, int], str, str]:
 
 
 def verify_shard(
-    out: str, name: str, fingerprint: Optional[str] = None, listing: Optional[set[str]] = None
+    out: str, name: str, fingerprint: Optional[str] = None, listing: Optional[set[str]] = None, *, quick: bool = False
 ) -> tuple[list[str], Optional[dict]]:
     """Problems of one shard (each line starts with the shard name) and its stats (None if unreadable).
-    ``listing``: the set of ``storage.list_names(out)`` when the caller has it already."""
+    ``listing``: the set of ``storage.list_names(out)`` when the caller has it already. ``quick``: do not hash the
+    stored images (their SHA-256 is checked against ``KEY.json`` otherwise, in format version 2)."""
     problems: list[str] = []
 
     def problem(msg: str) -> None:
@@ -245,6 +250,8 @@ def verify_shard(
         "failed": dict(sorted(failed.items())),
         "boxes": sum(r["kept_boxes"] or 0 for r in ok_rows),
     }
+    if st.get("format_version", 1) >= 2:
+        expect["fallback_images"] = sum(r["fallback_boxes"] is not None for r in ok_rows)
     for field, suffix in (("tar_bytes", schema.TAR_SUFFIX), ("parquet_bytes", schema.PARQUET_SUFFIX)):
         size = _size(base + suffix)
         if size is not None:  # unknown for http(s) URLs
@@ -268,7 +275,7 @@ def verify_shard(
             if key != row["key"]:
                 problem(f"tar sample {seen} is {key!r}, parquet ok row {seen} is {row['key']!r}")
                 continue
-            _check_sample(key, group, row, problem)
+            _check_sample(key, group, row, problem, quick=quick)
             if len(problems) > MAX_PROBLEMS_PER_SHARD:
                 break
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -281,7 +288,8 @@ def verify_shard(
     return problems, st
 
 
-def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callable[[str], None]) -> None:
+def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callable[[str], None], *,
+                  quick: bool = False) -> None:
     extra = sorted(set(group) - {schema.IMAGE_EXT, schema.META_EXT})
     if extra:
         problem(f"{key}: unexpected members {', '.join(key + '.' + e for e in extra)}")
@@ -295,7 +303,7 @@ def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callabl
         return
     w, h = meta.get("width"), meta.get("height")
     for field, value in (("key", key), ("path", row["path"]), ("width", row["width"]), ("height", row["height"]),
-                         ("label", row["label"]), ("image_id", row["image_id"])):
+                         ("label", row["label"]), ("image_id", row["image_id"]), ("image_sha256", row["image_sha256"])):
         if meta.get(field) != value:
             problem(f"{key}.{schema.META_EXT}: {field} = {meta.get(field)!r}, parquet has {value!r}")
     boxes = meta["boxes"]
@@ -308,6 +316,10 @@ def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callabl
     jpeg = group[schema.IMAGE_EXT]
     if len(jpeg) != row["image_bytes"]:
         problem(f"{key}.{schema.IMAGE_EXT}: {len(jpeg)} bytes, parquet image_bytes = {row['image_bytes']}")
+    # a flipped byte can leave a JPEG that still decodes to the right size: only its hash tells (format version 2)
+    if not quick and meta["image_sha256"] is not None and schema.image_sha256(jpeg) != meta["image_sha256"]:
+        problem(f"{key}.{schema.IMAGE_EXT}: SHA-256 of the stored bytes differs from {key}.{schema.META_EXT} "
+                "(the image was damaged after it was written)")
     try:
         size, fmt, mode = _decode_size(jpeg)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError … for damaged data
@@ -330,9 +342,10 @@ def _size(url: str) -> Optional[int]:
         return None
 
 
-def verify(out: str, echo: Callable[[str], None] = print) -> tuple[list[str], dict]:
-    """Check every shard of ``out`` (``verify_shard``), keys unique across shards, the plan of the run config and the
-    manifest totals. ``echo`` gets each problem line as found. Returns (problems, totals)."""
+def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False) -> tuple[list[str], dict]:
+    """Check every shard of ``out`` (``verify_shard``; ``quick``: without hashing the images), keys unique across
+    shards, the plan of the run config and the manifest totals. ``echo`` gets each problem line as found. Returns
+    (problems, totals)."""
     problems: list[str] = []
 
     def report(lines: list[str]) -> None:
@@ -353,7 +366,7 @@ def verify(out: str, echo: Callable[[str], None] = print) -> tuple[list[str], di
     all_stats = []
     owner: dict[str, str] = {}
     for name in names:
-        shard_problems, st = verify_shard(out, name, fingerprint, listing)
+        shard_problems, st = verify_shard(out, name, fingerprint, listing, quick=quick)
         report(shard_problems)
         if st is not None:
             all_stats.append(st)

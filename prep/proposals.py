@@ -82,12 +82,24 @@ def selective_search(rgb: np.ndarray, *, mode: str, ss_max_side: int, seed: int)
     return boxes.astype(np.int32)
 
 
-def filter_boxes(boxes: np.ndarray, *, min_side: int, max_aspect: float, iou: float, max_boxes: int) -> np.ndarray:
+def filter_boxes(
+    boxes: np.ndarray,
+    *,
+    min_side: int,
+    max_aspect: float,
+    iou: float,
+    max_boxes: int,
+    kept: np.ndarray | None = None,
+) -> np.ndarray:
     """ORL/UniVIP filters in the given order: int [N, 4] xyxy end-exclusive boxes -> int32 [M, 4], M <= max_boxes.
 
     A box is kept when both sides are >= ``min_side``, ``max(w/h, h/w) <= max_aspect``, and its IoU with every box
     kept before it is <= ``iou`` (greedy suppression in the given order, not by score); the first ``max_boxes`` kept.
+    ``kept``: int [K, 4] boxes kept earlier (another tier): candidates are suppressed against them too, they count
+    towards ``max_boxes``, and only the newly kept boxes are returned.
     """
+    prior = np.zeros((0, 4), np.int64) if kept is None else np.asarray(kept).reshape(-1, 4).astype(np.int64)
+    max_boxes -= len(prior)
     b = np.asarray(boxes).reshape(-1, 4).astype(np.int64)
     bw = b[:, 2] - b[:, 0]
     bh = b[:, 3] - b[:, 1]
@@ -99,18 +111,18 @@ def filter_boxes(boxes: np.ndarray, *, min_side: int, max_aspect: float, iou: fl
     if n == 0 or max_boxes <= 0:
         return np.zeros((0, 4), np.int32)
 
-    area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).astype(np.float64)
+    area = _area(b)
     suppressed = np.zeros(n, bool)
+    for p in prior:  # a few boxes (fewer than K): one vector op each
+        suppressed |= _iou_with(b, area, p) > iou
     keep: list[int] = []
-    i = 0
+    nxt = np.flatnonzero(~suppressed)
+    i = int(nxt[0]) if len(nxt) else n
     # Python iterates over kept boxes only (at most max_boxes); each one suppresses the later boxes in one vector op.
     while i < n and len(keep) < max_boxes:
         keep.append(i)
         rest = slice(i + 1, n)
-        iw = np.minimum(b[rest, 2], b[i, 2]) - np.maximum(b[rest, 0], b[i, 0])
-        ih = np.minimum(b[rest, 3], b[i, 3]) - np.maximum(b[rest, 1], b[i, 1])
-        inter = (np.maximum(iw, 0) * np.maximum(ih, 0)).astype(np.float64)
-        suppressed[rest] |= inter / (area[rest] + area[i] - inter) > iou
+        suppressed[rest] |= _iou_with(b[rest], area[rest], b[i]) > iou
         nxt = np.flatnonzero(~suppressed[rest])
         if len(nxt) == 0:
             break
@@ -118,20 +130,69 @@ def filter_boxes(boxes: np.ndarray, *, min_side: int, max_aspect: float, iou: fl
     return b[keep].astype(np.int32)
 
 
+def _area(b: np.ndarray) -> np.ndarray:
+    return ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).astype(np.float64)
+
+
+def _iou_with(b: np.ndarray, area: np.ndarray, one: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``b`` (int64 [N, 4], areas ``area``) with the box ``one``."""
+    iw = np.minimum(b[:, 2], one[2]) - np.maximum(b[:, 0], one[0])
+    ih = np.minimum(b[:, 3], one[3]) - np.maximum(b[:, 1], one[1])
+    inter = (np.maximum(iw, 0) * np.maximum(ih, 0)).astype(np.float64)
+    return inter / (area + _area(one[None])[0] - inter)
+
+
+def tiered_filter(
+    boxes: np.ndarray,
+    *,
+    min_side: int,
+    fallback_min_side: int | None,
+    min_boxes: int,
+    max_aspect: float,
+    iou: float,
+    max_boxes: int,
+) -> tuple[np.ndarray, int | None]:
+    """The two tiers of UniVIP: ``filter_boxes`` with ``min_side``; only when fewer than ``min_boxes`` (K) survive and
+    ``fallback_min_side`` is set, the boxes with a shorter side in ``[fallback_min_side, min_side)`` are filtered by
+    the same rules, in the given order, suppressed against the first tier's boxes too, until ``max_boxes`` in all.
+
+    Returns (int32 [M, 4]: the first tier's boxes then the fallback's, each in the given order; the number of boxes
+    the fallback added, or None when it did not run). Boxes of ``min_side`` and more are not offered twice: one the
+    first tier did not keep failed the aspect test, or overlaps a kept box, or found the list full, all still true."""
+    first = filter_boxes(boxes, min_side=min_side, max_aspect=max_aspect, iou=iou, max_boxes=max_boxes)
+    if fallback_min_side is None or fallback_min_side >= min_side or len(first) >= min_boxes:
+        return first, None
+    b = np.asarray(boxes).reshape(-1, 4)
+    small = b[np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) < min_side]
+    extra = filter_boxes(
+        small, min_side=fallback_min_side, max_aspect=max_aspect, iou=iou, max_boxes=max_boxes, kept=first
+    )
+    return np.concatenate([first, extra]), len(extra)
+
+
 @dataclass
 class Proposals:
     """raw: box count from selective search before filters; boxes: int32 [M, 4] kept, xyxy in the stored image's
-    pixels, rank order; seconds: selective-search time (wall clock, not reproducible)."""
+    pixels, rank order (first tier, then fallback); seconds: selective-search time (wall clock, not reproducible);
+    fallback: boxes the second tier added, None when it did not run (``tiered_filter``)."""
 
     raw: int
     boxes: np.ndarray
     seconds: float
+    fallback: int | None = None
 
 
 def propose(rgb: np.ndarray, key: str, cfg: PrepConfig) -> Proposals:
-    """Seeded selective search on the stored image ``rgb`` (uint8 [H, W, 3]) then the filters, all settings from cfg."""
+    """Seeded selective search on the stored image ``rgb`` (uint8 [H, W, 3]) then the filter tiers, all settings from
+    cfg."""
     t0 = time.perf_counter()
     raw = selective_search(rgb, mode=cfg.mode, ss_max_side=cfg.ss_max_side, seed=image_seed(cfg.seed, key))
     seconds = time.perf_counter() - t0
-    boxes = filter_boxes(raw, min_side=cfg.min_side, max_aspect=cfg.max_aspect, iou=cfg.iou, max_boxes=cfg.max_boxes)
-    return Proposals(raw=len(raw), boxes=boxes, seconds=seconds)
+    boxes, fallback = filter_with(raw, cfg)
+    return Proposals(raw=len(raw), boxes=boxes, seconds=seconds, fallback=fallback)
+
+
+def filter_with(raw: np.ndarray, cfg: PrepConfig) -> tuple[np.ndarray, int | None]:
+    """``tiered_filter`` with the settings of ``cfg``."""
+    return tiered_filter(raw, min_side=cfg.min_side, fallback_min_side=cfg.fallback_min_side,
+                         min_boxes=cfg.min_boxes, max_aspect=cfg.max_aspect, iou=cfg.iou, max_boxes=cfg.max_boxes)

@@ -3,7 +3,8 @@
 ``run_tasks(tasks, fn, *, workers, progress)`` runs ``fn(task, tick)`` (``prep.run.run_task``) as one Ray task per
 shard, one CPU each, on the cluster at ``address``: ``host:port`` or ``auto`` (the cluster ``ray start`` made on this
 machine), else ``$RAY_ADDRESS``, else a local Ray instance with ``workers`` CPUs started here and stopped at the end. A
-process already connected to Ray (``ray.init`` done) keeps its connection.
+process already connected to Ray (``ray.init`` done) keeps its connection. The local instance listens on 127.0.0.1
+only (``init_local``): nothing on the network can reach it; joining a cluster is left to the cluster's settings.
 
 Failures: a task whose worker dies (segfault, OOM kill, lost node) is retried ``max_retries`` times by Ray; a task that
 raises a transient network error (``TRANSIENT``) is retried as well; any other exception is final at once (retrying a
@@ -37,6 +38,7 @@ from prep.executors import _PRELOAD, START_METHOD, TasksFailed, _bar, _format, _
 _settings: dict[str, Any] = {"address": None, "max_retries": 3}
 REPORT_EVERY = 0.25  # s between progress reports of one task: cheap (an actor call), still a smooth bar
 POLL = 0.25  # s between polls of the progress actor by the driver
+LOOPBACK = "127.0.0.1"  # the only address a local instance started here listens on
 
 
 def configure(*, address: Optional[str] = None, max_retries: int = 3) -> None:
@@ -121,14 +123,39 @@ def _connect(address: Optional[str], workers: int) -> bool:
     env = {**code_env(local), **_storage_env()}
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # worker output would tear the progress bar
     if local:
-        # "local": never join a cluster `ray start` left running on this machine without being asked to
-        ray.init(address="local", num_cpus=max(1, workers), include_dashboard=False, runtime_env=env or None, **quiet)
+        init_local(num_cpus=max(1, workers), include_dashboard=False, runtime_env=env or None, **quiet)
         return True
     try:
         ray.init(address=address, runtime_env=env or None, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise ConnectionError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
     return True
+
+
+def init_local(**kwargs: Any) -> Any:
+    """``ray.init`` of a new Ray instance on this machine (``address="local"``: never a cluster ``ray start`` left
+    running here) whose processes all listen on 127.0.0.1 only; ``kwargs`` go to ``ray.init``, its result is returned.
+
+    Ray binds its servers (GCS, raylet, workers, agents) to the node's address, and ``ray.init(_node_ip_address=
+    "127.0.0.1")`` does not help: Ray replaces a loopback address by the routable one. Only its single-machine mode
+    (``ray_constants.ENABLE_RAY_CLUSTER`` false, the default on macOS and Windows) keeps 127.0.0.1, and the node's
+    address is chosen once, in ``ray.init``: so that mode is on for this call only. Raises RuntimeError (and stops the
+    instance) if Ray still picked another address (a Ray release that changed this)."""
+    import ray
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        context = ray.init(address="local", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+    ip = ray.util.get_node_ip_address()
+    if ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray instance took the address {ip}, not {LOOPBACK} (Ray {ray.__version__}): "
+                           "refusing to run it where the network can reach it")
+    return context
 
 
 def run_tasks(

@@ -144,6 +144,7 @@ def process_record(rec, cfg: PrepConfig) -> tuple[dict, Optional[bytes], Optiona
         row = schema.make_row(rec.key, rec.relpath, "proposal_failed", error=f"{type(e).__name__}: {e}", **ids, **sizes)
         return row, None, None
 
+    digest = schema.image_sha256(img.jpeg)  # of the bytes stored in the tar, for KEY.json and the row alike
     row = schema.make_row(
         rec.key,
         rec.relpath,
@@ -152,12 +153,14 @@ def process_record(rec, cfg: PrepConfig) -> tuple[dict, Optional[bytes], Optiona
         **sizes,
         raw_boxes=prop.raw,
         kept_boxes=len(prop.boxes),
+        fallback_boxes=prop.fallback,
         boxes=prop.boxes,
         ss_seconds=prop.seconds,
         image_bytes=len(img.jpeg),
+        image_sha256=digest,
     )
     meta = schema.encode_meta(
-        key=rec.key, path=rec.relpath, width=width, height=height, boxes=prop.boxes, **ids
+        key=rec.key, path=rec.relpath, width=width, height=height, boxes=prop.boxes, image_sha256=digest, **ids
     )
     return row, img.jpeg, meta
 

@@ -73,9 +73,9 @@ def _manifest_shards(spec: str) -> list[tuple[str, int]]:
     """(tar URL, samples) from a manifest; tar names are relative to the manifest's location."""
     try:
         manifest = json.loads(storage.read_bytes(spec))
-        if manifest.get("format_version") != schema.FORMAT_VERSION:
+        if manifest.get("format_version") not in schema.READABLE_VERSIONS:
             version = manifest.get("format_version")
-            raise ShardError(f"format_version {version}, this reader knows {schema.FORMAT_VERSION}")
+            raise ShardError(f"format_version {version}, this reader knows {schema.READABLE_VERSIONS}")
         entries = manifest["shards"]
         base = storage.parent(spec)
         return [
@@ -87,15 +87,38 @@ def _manifest_shards(spec: str) -> list[tuple[str, int]]:
         raise ShardError(f"{storage.redact(spec)}: not a valid manifest: {exc}") from None
 
 
+def _is_output(spec: str) -> bool:
+    """Whether ``spec`` names an output as ``prep --out`` takes it: a local directory or an ``s3://bucket/prefix``,
+    with or without a trailing slash (or any URL prefix ending in ``/``). Not a brace pattern, glob or file."""
+    kind = storage.scheme(spec)
+    if "{" in spec or _is_glob(spec) or kind == "pipe" or spec.endswith(schema.TAR_SUFFIX):
+        return False
+    if kind == "file":
+        return spec.endswith("/") or os.path.isdir(storage.local_path(spec))
+    return spec.endswith("/") or (kind == "s3" and storage.basename(spec) != schema.MANIFEST_NAME)
+
+
+def _manifest_of(spec: str) -> str | None:
+    """The manifest a spec stands for: the spec itself when it names a ``manifest.json``, the one inside an output
+    (``_is_output``) when it has one (one listing), else None."""
+    if storage.basename(spec) == schema.MANIFEST_NAME and "{" not in spec:
+        return spec
+    if _is_output(spec) and schema.MANIFEST_NAME in storage.list_names(spec):
+        return storage.join(spec, schema.MANIFEST_NAME)
+    return None
+
+
 def expand_spec(spec: str) -> list[str]:
-    """Shard URLs for a spec, sorted: a directory or ``s3://`` prefix ending in ``/`` (its ``*.tar``), a brace pattern
-    (``out/coco-{000000..000099}.tar``), a glob (``out/*.tar``, also on s3), a ``manifest.json`` (local or URL), or
-    one shard path/URL. Raises SpecError when nothing matched."""
+    """Shard URLs for a spec, sorted: an output as ``prep --out`` took it (a directory or ``s3://bucket/prefix``, with
+    or without a trailing slash: the shards of its ``manifest.json`` when it has one, else its ``*.tar``), a brace
+    pattern (``out/coco-{000000..000099}.tar``), a glob (``out/*.tar``, also on s3), a ``manifest.json`` (local or
+    URL), or one shard path/URL. Raises SpecError when nothing matched."""
     spec = spec.strip()
     kind = storage.scheme(spec)
     where = storage.redact(spec)
-    if storage.basename(spec) == schema.MANIFEST_NAME and "{" not in spec:
-        urls = [url for url, _ in _manifest_shards(spec)]
+    manifest = _manifest_of(spec)
+    if manifest is not None:
+        urls = [url for url, _ in _manifest_shards(manifest)]
     elif "{" in spec:
         urls = expand_braces(spec)
     elif kind == "pipe":
@@ -107,7 +130,7 @@ def expand_spec(spec: str) -> list[str]:
             base, pattern = spec.rsplit("/", 1)
             names = _tar_names(storage.list_names(base))
             urls = [storage.join(base, n) for n in names if fnmatch.fnmatchcase(n, pattern)]
-    elif spec.endswith("/") or (kind == "file" and os.path.isdir(storage.local_path(spec))):
+    elif _is_output(spec):
         urls = [storage.join(spec, n) for n in _tar_names(storage.list_names(spec))]
     elif spec.endswith(schema.TAR_SUFFIX):
         if kind == "file" and not os.path.isfile(storage.local_path(spec)):
@@ -115,8 +138,8 @@ def expand_spec(spec: str) -> list[str]:
         urls = [spec]
     else:
         raise SpecError(
-            f"{where!r} is not a shard spec: give a directory, a prefix ending in '/', a brace pattern, a glob, "
-            f"a {schema.MANIFEST_NAME} or a .tar"
+            f"{where!r} is not a shard spec: give a directory, an s3:// prefix, a URL prefix ending in '/', a brace "
+            f"pattern, a glob, a {schema.MANIFEST_NAME} or a .tar"
         )
     if not urls:
         raise SpecError(f"no shards matched {where!r}")
@@ -124,10 +147,11 @@ def expand_spec(spec: str) -> list[str]:
 
 
 def shard_sizes(spec: str) -> dict[str, int] | None:
-    """Samples per shard URL (the URLs ``expand_spec`` gives): from the manifest, else from every ``NAME.stats.json``;
-    None when a count is unknown (a shard without a stats file)."""
-    if storage.basename(spec.strip()) == schema.MANIFEST_NAME:
-        return dict(_manifest_shards(spec.strip()))
+    """Samples per shard URL (the URLs ``expand_spec`` gives): from the manifest (named, or inside the output), else
+    from every ``NAME.stats.json``; None when a count is unknown (a shard without a stats file)."""
+    manifest = _manifest_of(spec.strip())
+    if manifest is not None:
+        return dict(_manifest_shards(manifest))
     sizes = {}
     for url in expand_spec(spec):
         if not url.endswith(schema.TAR_SUFFIX) or storage.scheme(url) == "pipe":

@@ -10,6 +10,11 @@ A shard named ``{prefix}-{index:06d}`` is three files (or objects) side by side:
 ``manifest.json`` sits beside the shards once every shard is done (``make_manifest``).
 Boxes are integer ``[x0, y0, x1, y1]`` in the stored image's pixels, end-exclusive
 (``0 <= x0 < x1 <= width``), in selective-search rank order. ``docs/format.md`` is the prose version of this file.
+
+Version 2 added the SHA-256 of the stored ``KEY.jpg`` bytes (``image_sha256`` in ``KEY.json`` and in the Parquet) and
+the count of boxes from the fallback tier (``fallback_boxes`` in the Parquet, ``fallback_images`` in stats and
+manifest). Readers read versions 1 and 2 (``READABLE_VERSIONS``); a version 1 Parquet file is read with nulls in the
+columns it lacks (``conform_table``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # --- names -------------------------------------------------------------------------------------------------------
 IMAGE_EXT = "jpg"
@@ -84,6 +90,14 @@ def sanitize_key(text: str) -> str:
 
 
 # --- per-sample metadata (KEY.json) ------------------------------------------------------------------------------
+def image_sha256(data: bytes) -> str:
+    """Hex SHA-256 of the stored ``KEY.jpg`` bytes (the bytes in the tar, not the source file's)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
 def encode_meta(
     *,
     key: str,
@@ -91,10 +105,14 @@ def encode_meta(
     width: int,
     height: int,
     boxes: np.ndarray,
+    image_sha256: str,
     label: int | None = None,
     image_id: int | None = None,
 ) -> bytes:
-    """Canonical bytes of ``KEY.json`` (sorted keys, no spaces: identical inputs give identical bytes)."""
+    """Canonical bytes of ``KEY.json`` (sorted keys, no spaces: identical inputs give identical bytes).
+    ``image_sha256``: ``image_sha256(jpeg)`` of the ``KEY.jpg`` stored beside it."""
+    if not isinstance(image_sha256, str) or not _SHA256_RE.match(image_sha256):
+        raise ValueError(f"{key}: image_sha256 must be 64 lowercase hex digits, got {image_sha256!r}")
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -103,6 +121,7 @@ def encode_meta(
         "width": int(width),
         "height": int(height),
         "boxes": boxes.tolist(),
+        "image_sha256": image_sha256,
         "label": None if label is None else int(label),
         "image_id": None if image_id is None else int(image_id),
     }
@@ -110,13 +129,17 @@ def encode_meta(
 
 
 def decode_meta(data: bytes) -> dict[str, Any]:
-    """``KEY.json`` bytes -> dict with ``boxes`` as an int32 ``[N, 4]`` array. Raises ValueError on a bad payload."""
+    """``KEY.json`` bytes -> dict with ``boxes`` as an int32 ``[N, 4]`` array and ``image_sha256`` (None in version 1,
+    which has no hash). Raises ValueError on a bad payload."""
     meta = json.loads(data)
     if not isinstance(meta, dict) or "boxes" not in meta:
         raise ValueError("sample metadata has no 'boxes'")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"sample metadata has format_version {version}, this reader knows {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"sample metadata has format_version {version}, this reader knows {READABLE_VERSIONS}")
+    if version >= 2 and not isinstance(meta.get("image_sha256"), str):
+        raise ValueError(f"sample metadata of format_version {version} has no image_sha256")
+    meta.setdefault("image_sha256", None)
     meta["boxes"] = np.asarray(meta["boxes"], dtype=np.int32).reshape(-1, 4)
     return meta
 
@@ -148,12 +171,16 @@ PARQUET_SCHEMA = pa.schema(
         pa.field("image_id", pa.int64()),  # COCO image id
         pa.field("raw_boxes", pa.int32()),  # selective search output count, before filters
         pa.field("kept_boxes", pa.int32()),
+        pa.field("fallback_boxes", pa.int32()),  # of kept_boxes, from the fallback tier; null: that tier did not run
         pa.field("boxes", pa.list_(pa.list_(pa.int32()))),  # kept boxes, xyxy, as in KEY.json
         pa.field("ss_seconds", pa.float64()),  # selective search time (not reproducible across runs)
         pa.field("image_bytes", pa.int64()),  # size of KEY.jpg in the tar
+        pa.field("image_sha256", pa.string()),  # of KEY.jpg in the tar, as in KEY.json
         pa.field("sha256", pa.string()),  # of the source file's bytes
     ]
 )
+# Columns each version added; a file of an older version lacks them.
+ADDED_COLUMNS = {2: ("fallback_boxes", "image_sha256")}
 # Columns whose values depend on timing, excluded when comparing two runs for reproducibility.
 NONDETERMINISTIC_COLUMNS = ("ss_seconds",)
 
@@ -176,6 +203,26 @@ def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=PARQUET_SCHEMA)
 
 
+def parquet_version(table_schema: pa.Schema) -> int | None:
+    """The format version whose Parquet columns ``table_schema`` has (any subset of columns is not enough), or None."""
+    for version in sorted(READABLE_VERSIONS, reverse=True):
+        later = {c for v, cols in ADDED_COLUMNS.items() if v > version for c in cols}
+        want = pa.schema([f for f in PARQUET_SCHEMA if f.name not in later])
+        if table_schema.equals(want, check_metadata=False):
+            return version
+    return None
+
+
+def conform_table(table: pa.Table, where: str) -> pa.Table:
+    """A shard's Parquet table of any readable version with this version's columns (nulls where an older version had
+    none). ValueError naming ``where`` for columns of no known version."""
+    if parquet_version(table.schema) is None:
+        raise ValueError(f"{where}: columns differ from the shard schema of every format version {READABLE_VERSIONS}")
+    columns = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in PARQUET_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=PARQUET_SCHEMA)
+
+
 # --- stats (done marker) and manifest ----------------------------------------------------------------------------
 def fingerprint(config: Mapping[str, Any]) -> str:
     """Stable digest of the settings that decide a shard's content (runs with equal fingerprints may share an output)."""
@@ -195,7 +242,7 @@ def make_stats(
 ) -> dict[str, Any]:
     """The ``NAME.stats.json`` content for a shard from its parquet rows."""
     failed: dict[str, int] = {}
-    ok = few = boxes = 0
+    ok = few = boxes = fallback = 0
     ss = 0.0
     for r in rows:
         ss += r.get("ss_seconds") or 0.0
@@ -203,6 +250,7 @@ def make_stats(
             ok += 1
             boxes += r["kept_boxes"] or 0
             few += (r["kept_boxes"] or 0) < min_boxes
+            fallback += r.get("fallback_boxes") is not None
         else:
             failed[r["status"]] = failed.get(r["status"], 0) + 1
     return {
@@ -214,6 +262,7 @@ def make_stats(
         "failed": dict(sorted(failed.items())),
         "few_boxes": few,
         "min_boxes": min_boxes,
+        "fallback_images": fallback,  # ok images whose first tier had fewer than min_boxes boxes (fallback tier ran)
         "boxes": boxes,
         "tar_bytes": tar_bytes,
         "parquet_bytes": parquet_bytes,
@@ -229,12 +278,16 @@ def make_manifest(
     classes: list[str] | None,
     stats: list[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """``manifest.json``: config, versions, class list, every shard with its sample count, totals."""
+    """``manifest.json``: config, versions, class list, every shard with its sample count, totals.
+
+    ``fallback_images`` is in the totals when every shard's stats have it (version 2 stats)."""
     stats = sorted(stats, key=lambda s: s["shard"])
     failed: dict[str, int] = {}
     for s in stats:
         for reason, n in s["failed"].items():
             failed[reason] = failed.get(reason, 0) + n
+    fallback = {"fallback_images": sum(s["fallback_images"] for s in stats)} if all(
+        "fallback_images" in s for s in stats) else {}
     return {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint(config),
@@ -251,6 +304,7 @@ def make_manifest(
             "samples": sum(s["samples"] for s in stats),
             "failed": dict(sorted(failed.items())),
             "few_boxes": sum(s["few_boxes"] for s in stats),
+            **fallback,
             "boxes": sum(s["boxes"] for s in stats),
             "tar_bytes": sum(s["tar_bytes"] for s in stats),
         },

@@ -19,6 +19,7 @@ import io
 import os
 import queue
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -174,6 +175,38 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def temp_file(directory: str, prefix: str) -> tuple[BinaryIO, str]:
+    """(binary file open for writing, its path): a new file ``{prefix}{random}.tmp`` in ``directory``, with the
+    permissions any new file gets there (0666 less the umask, default ACLs applied), unlike ``tempfile.mkstemp``'s
+    0600, which a rename would carry over to the final name and lock other users out of the output."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(path, flags, 0o666)  # the kernel applies the umask, as for any new file
+        except FileExistsError:
+            continue
+        return os.fdopen(fd, "wb"), path
+    raise FileExistsError(f"{directory}: no free temporary name {prefix}*.tmp after 100 tries")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Write a local file atomically: yields a binary file (``temp_file`` beside ``path``), flushed to disk and
+    renamed to ``path`` when the block ends; an exception removes it and leaves ``path`` as it was."""
+    f, tmp = temp_file(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".")
+    try:
+        with f:
+            yield f
+            # fsync before the rename: after a power loss the name must not point at unwritten blocks
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Atomic: readers see the old content or the new, never a prefix."""
     kind = scheme(url)
@@ -184,15 +217,8 @@ def write_bytes(url: str, data: bytes) -> None:
         return
     if kind != "file":
         raise _read_only(url, "write")
-    path = local_path(url)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    with atomic_file(local_path(url)) as f:
+        f.write(data)
 
 
 def put_file(local_file: str, url: str) -> None:

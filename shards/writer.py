@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -49,10 +48,10 @@ class ShardWriter:
         storage.makedirs(out)
         self._stage = storage.staging_dir(out)
         os.makedirs(self._stage, exist_ok=True)
-        # A leading dot keeps temporary files out of every listing that matches shard names.
-        fd, self._tar_tmp = tempfile.mkstemp(prefix=f".{name}{schema.TAR_SUFFIX}.", suffix=".tmp", dir=self._stage)
+        # A leading dot keeps temporary files out of every listing that matches shard names. They get the permissions
+        # of any new file (the umask's), which the rename into place keeps.
+        self._file, self._tar_tmp = storage.temp_file(self._stage, f".{name}{schema.TAR_SUFFIX}.")
         self._parquet_tmp: str | None = None
-        self._file = os.fdopen(fd, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
 
     def __enter__(self) -> "ShardWriter":
@@ -67,7 +66,8 @@ class ShardWriter:
 
     def write(self, row: Mapping[str, Any], jpeg: bytes | None = None, meta: bytes | None = None) -> None:
         """Add one input's parquet row (from ``schema.make_row``); an ok row also needs its ``KEY.jpg`` bytes and
-        ``KEY.json`` bytes (``schema.encode_meta``), a failed row neither. ``image_bytes`` is filled from ``jpeg``."""
+        ``KEY.json`` bytes (``schema.encode_meta``), a failed row neither. ``image_bytes`` and ``image_sha256`` are
+        filled from ``jpeg`` (or checked against it when the row has them)."""
         if self._closed:
             raise ValueError(f"shard {self.name}: write after close")
         if row.keys() != _COLUMNS:
@@ -89,6 +89,11 @@ class ShardWriter:
                 row["image_bytes"] = len(jpeg)
             elif row["image_bytes"] != len(jpeg):
                 raise ValueError(f"shard {self.name}: row {key!r} says image_bytes={row['image_bytes']}, jpeg has {len(jpeg)}")
+            digest = schema.image_sha256(jpeg)
+            if row["image_sha256"] is None:
+                row["image_sha256"] = digest
+            elif row["image_sha256"] != digest:
+                raise ValueError(f"shard {self.name}: row {key!r} has an image_sha256 that is not the jpeg's")
             self._add(f"{key}.{schema.IMAGE_EXT}", jpeg)
             self._add(f"{key}.{schema.META_EXT}", meta)
         self._keys.add(key)
@@ -113,10 +118,8 @@ class ShardWriter:
             self._tar.close()
             _sync_close(self._file)
 
-            fd, self._parquet_tmp = tempfile.mkstemp(
-                prefix=f".{self.name}{schema.PARQUET_SUFFIX}.", suffix=".tmp", dir=self._stage
-            )
-            with os.fdopen(fd, "wb") as f:
+            f, self._parquet_tmp = storage.temp_file(self._stage, f".{self.name}{schema.PARQUET_SUFFIX}.")
+            with f:
                 pq.write_table(
                     schema.rows_to_table(self._rows),
                     f,

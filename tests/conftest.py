@@ -10,6 +10,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytest_plugins = ["tests.servers"]
 
 
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets the process umask inside one test; the one before the test is restored after it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
 @pytest.fixture(scope="module")
 def torch_one_thread():
     """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine.

@@ -3,6 +3,7 @@
 ``write_bad_inputs(dir)`` writes one small file per kind of bad or unusual input of issue #2 item 7 and returns what
 ``prep.images.load_image`` (default settings) must make of each: "ok" or a ``schema.FAILURE_REASONS`` key.
 ``textured_image(w, h, seed)`` draws rectangles and ellipses on a gradient so selective search finds many regions.
+``damage_jpeg_in_tar(path)`` damages a stored image so that it still decodes (only its SHA-256 tells).
 """
 
 from __future__ import annotations
@@ -160,3 +161,27 @@ def _rgb16_png(rgb16: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb16[:, :, ::-1]))
     assert ok
     return buf.tobytes()
+
+
+def damage_jpeg_in_tar(tar_path: str, member: str | None = None) -> str:
+    """Change one byte of the entropy-coded data of a ``KEY.jpg`` inside a tar, in place (the first jpg member, or
+    ``member``): the tar stays valid and the same size, the JPEG still decodes to the same size, only its pixels (and
+    its SHA-256) differ. Returns the member's name."""
+    import tarfile
+
+    with tarfile.open(tar_path) as tar:
+        info = next(m for m in tar if (m.name == member if member else m.name.endswith(".jpg")))
+        jpeg = tar.extractfile(info).read()
+    sos = jpeg.index(b"\xff\xda")  # start of scan: the segment header, then entropy-coded data up to the EOI marker
+    i = sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big") + (len(jpeg) - sos) // 2
+    # a byte that is no marker, follows none, and becomes none (0xFF starts a marker in the scan data)
+    while jpeg[i] == 0xFF or jpeg[i - 1] == 0xFF or jpeg[i] ^ 0x10 == 0xFF:
+        i += 1
+    bad = jpeg[:i] + bytes([jpeg[i] ^ 0x10]) + jpeg[i + 1 :]
+    with Image.open(io.BytesIO(bad)) as im:
+        im.load()
+        assert im.size == Image.open(io.BytesIO(jpeg)).size, "the damaged JPEG must still decode to its size"
+    with open(tar_path, "r+b") as f:
+        f.seek(info.offset_data)
+        f.write(bad)
+    return info.name

@@ -159,6 +159,27 @@ def test_resume_with_other_settings_is_refused_then_overwrite(images, tmp_path):
     assert r.exit_code == 0 and "0 shards written, 3 already done" in r.output
 
 
+def test_fallback_tier_flags(images, tmp_path):
+    def run(name, *flags):
+        out = tmp_path / name
+        r = invoke("folder", images, "--out", out, "--workers", "1", *FAST[:2], *FAST[4:], "--min-side", "40", *flags)
+        assert r.exit_code == 0, r.output
+        return json.loads((out / schema.MANIFEST_NAME).read_text())["config"], rows(out)
+
+    two_cfg, two = run("two", "--fallback-min-side", "20", "--min-boxes", "8")
+    one_cfg, one = run("one", "--fallback-min-side", "0", "--min-boxes", "8")
+    assert (two_cfg["min_side"], two_cfg["fallback_min_side"]) == (40, 20) and one_cfg["fallback_min_side"] is None
+    side = lambda b: min(b[2] - b[0], b[3] - b[1])  # noqa: E731
+    for a, b in zip(one, two):  # the same first tier, then the fallback's boxes (shorter side in [20, 40)) after it
+        assert b["boxes"][: a["kept_boxes"]] == a["boxes"]
+        assert all(20 <= side(x) < 40 for x in b["boxes"][a["kept_boxes"]:])
+    assert sum(r["kept_boxes"] for r in two) > sum(r["kept_boxes"] for r in one)
+    default = invoke("folder", images, "--out", tmp_path / "d", "--workers", "1", *FAST[:2], *FAST[4:])
+    assert default.exit_code == 0
+    d = json.loads((tmp_path / "d" / schema.MANIFEST_NAME).read_text())["config"]
+    assert (d["min_side"], d["fallback_min_side"], d["min_boxes"]) == (96, 64, 4)
+
+
 def test_parts_then_finalize(images, tmp_path):
     out = tmp_path / "out"
     r = invoke("folder", images, "--out", out, "--workers", "1", "--part", "1/2", *FAST)

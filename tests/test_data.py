@@ -6,6 +6,7 @@ Shards are tiny tars written here with tarfile + schema.encode_meta; the transfo
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import tarfile
@@ -27,13 +28,22 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path, keys, *, boxes: int = 3, with_json: bool = True, bad_meta=()) -> str:
+def write_shard(path, keys, *, boxes: int = 3, with_json: bool = True, bad_meta=(), damaged=(),
+                version_1: bool = False) -> str:
+    """``damaged``: keys whose jpg bytes differ from the hash in their KEY.json; ``version_1``: KEY.json as format
+    version 1 wrote it (no hash)."""
     with tarfile.open(path, "w") as tar:
         for k in keys:
-            _add(tar, f"{k}.jpg", b"jpeg bytes of " + k.encode())
+            jpeg = b"jpeg bytes of " + k.encode()
+            _add(tar, f"{k}.jpg", jpeg.upper() if k in damaged else jpeg)
             if with_json:
                 meta = schema.encode_meta(key=k, path=f"{k}.jpg", width=64, height=48,
-                                          boxes=np.tile([[1, 2, 30, 40]], (boxes, 1)))
+                                          boxes=np.tile([[1, 2, 30, 40]], (boxes, 1)),
+                                          image_sha256=schema.image_sha256(jpeg))
+                if version_1:
+                    d = json.loads(meta)
+                    del d["image_sha256"]
+                    meta = json.dumps({**d, "format_version": 1}).encode()
                 _add(tar, f"{k}.json", b"{broken" if k in bad_meta else meta)
     return str(path)
 
@@ -292,6 +302,25 @@ def test_bad_metadata_sample_skipped_and_counted(tmp_path):
     assert sum(o["stats"]["samples_skipped"] for o in outs) == 1
     with pytest.raises(BadShardError, match="s1_002"):
         list(stream(urls, [6, 6], on_bad_shard="fail"))
+
+
+def test_verify_images_skips_and_counts_a_damaged_image(tmp_path):
+    urls = make_shards(tmp_path, [6, 6], damaged={"s0_004"})
+    assert "s0_004" in {o["__key__"] for o in stream(urls, [6, 6])}  # off by default: bytes are not hashed
+    with pytest.warns(RuntimeWarning, match=r"t-000000.tar: sample 's0_004': s0_004.jpg does not have the SHA-256"):
+        outs = list(stream(urls, [6, 6], verify_images=True))
+    assert len(outs) == 12 and "s0_004" not in {o["__key__"] for o in outs}
+    assert sum(o["stats"]["samples_skipped"] for o in outs) == 1
+    with pytest.raises(BadShardError, match="s0_004"):
+        list(stream(urls, [6, 6], verify_images=True, on_bad_shard="fail"))
+
+
+def test_verify_images_reads_format_1_unchecked(tmp_path):
+    urls = make_shards(tmp_path, [4], version_1=True, damaged={"s0_001"})  # version 1 cannot tell
+    with pytest.warns(RuntimeWarning, match="format version 1 records no image hashes"):
+        outs = list(stream(urls, [4], verify_images=True))
+    assert sorted(o["__key__"] for o in outs) == [f"s0_{i:03d}" for i in range(4)]
+    assert sum(o["stats"]["samples_skipped"] for o in outs) == 0
 
 
 def test_no_readable_shard_raises_instead_of_hanging(tmp_path):

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagegen import jpeg_bytes, textured_image
+from click.testing import CliRunner
+
+from imagegen import damage_jpeg_in_tar, jpeg_bytes, textured_image
 from prep import inspect
 from prep import run as prep_run
+from prep.cli import prep
 from prep.config import PrepConfig
-from shards import schema
+from shards import reader, schema
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +109,74 @@ def test_boxes_outside_image_and_undecodable_image(copy):
     assert any("boxes outside the" in p for p in problems)
     assert any("differ from the parquet row" in p for p in problems)
     assert any(".jpg: does not decode" in p for p in problems)
+
+
+def test_damaged_but_decodable_image_is_caught_by_its_hash(copy):
+    key = damage_jpeg_in_tar(os.path.join(copy, "folder-000001.tar")).split(".")[0]
+    problems = problems_of(copy)
+    assert problems == [f"folder-000001: {key}.jpg: SHA-256 of the stored bytes differs from {key}.json (the image "
+                        "was damaged after it was written)"]
+    assert inspect.verify(copy, echo=lambda line: None, quick=True)[0] == []  # --quick does not hash
+    r = CliRunner().invoke(prep, ["verify", copy])
+    assert r.exit_code == 1 and f"folder-000001: {key}.jpg: SHA-256" in r.output
+    r = CliRunner().invoke(prep, ["verify", "--quick", copy])
+    assert r.exit_code == 0 and "ok: 3 shards, 7 samples" in r.output
+
+
+def test_format_version_2_records_image_hashes(output):
+    for name in ("folder-000000", "folder-000002"):
+        samples = list(map(reader.decode, reader.read_shard(os.path.join(output, name + ".tar"))))
+        rows = [r for r in inspect._read_parquet(os.path.join(output, name + ".parquet")).to_pylist()]
+        assert [s["meta"]["format_version"] for s in samples] == [2] * len(samples)
+        assert [s["meta"]["image_sha256"] for s in samples] == [schema.image_sha256(s["jpg"]) for s in samples]
+        assert [r["image_sha256"] for r in rows] == [s["meta"]["image_sha256"] for s in samples]
+    stats = json.loads(open(os.path.join(output, "folder-000000.stats.json")).read())
+    manifest = json.loads(open(os.path.join(output, schema.MANIFEST_NAME)).read())
+    assert stats["format_version"] == manifest["format_version"] == 2
+    assert "fallback_images" in stats and "fallback_images" in manifest["totals"]
+
+
+def downgrade_to_version_1(out: str) -> None:
+    """Rewrite an output as format version 1 had it: no image hashes, no fallback counts, version 1 everywhere."""
+    import pyarrow.parquet as pq
+
+    def v1_member(name: str, data: bytes) -> bytes:
+        if not name.endswith(".json"):
+            return data
+        meta = json.loads(data)
+        del meta["image_sha256"]
+        return json.dumps({**meta, "format_version": 1}, sort_keys=True, separators=(",", ":")).encode()
+
+    for name in inspect.shard_names(out):
+        base = os.path.join(out, name)
+        rewrite_tar(base + schema.TAR_SUFFIX, v1_member)
+        pq.write_table(pq.read_table(base + schema.PARQUET_SUFFIX).drop_columns(list(schema.ADDED_COLUMNS[2])),
+                       base + schema.PARQUET_SUFFIX)
+        st = json.loads(open(base + schema.STATS_SUFFIX).read())
+        del st["fallback_images"]
+        st.update(format_version=1, tar_bytes=os.path.getsize(base + schema.TAR_SUFFIX),
+                  parquet_bytes=os.path.getsize(base + schema.PARQUET_SUFFIX))
+        open(base + schema.STATS_SUFFIX, "w").write(json.dumps(st))
+    path = os.path.join(out, schema.MANIFEST_NAME)
+    manifest = json.loads(open(path).read())
+    del manifest["totals"]["fallback_images"]
+    manifest["format_version"] = 1
+    manifest["totals"]["tar_bytes"] = sum(os.path.getsize(os.path.join(out, s["tar"])) for s in manifest["shards"])
+    open(path, "w").write(json.dumps(manifest))
+
+
+def test_format_version_1_is_still_read(copy, tmp_path):
+    downgrade_to_version_1(copy)
+    assert problems_of(copy) == []  # nothing to hash against: verify checks the rest
+    summary = inspect.stats(copy)
+    assert summary["images"]["ok"] == 7 and summary["counts_add_up"]
+    assert len(inspect.show(copy, str(tmp_path / "g.png"), n=3)) == 3
+    urls = reader.expand_spec(os.path.join(copy, schema.MANIFEST_NAME))
+    metas = [reader.decode(s)["meta"] for u in urls for s in reader.read_shard(u)]
+    assert len(metas) == 7 and {m["format_version"] for m in metas} == {1}
+    assert {m["image_sha256"] for m in metas} == {None}
+    row = inspect._read_parquet(urls[0][: -len(".tar")] + ".parquet").to_pylist()[0]
+    assert row["image_sha256"] is None and row["fallback_boxes"] is None and row["kept_boxes"] > 0
 
 
 def test_changed_stats_and_manifest(copy):

@@ -109,6 +109,30 @@ def test_s3_output_equals_local_and_inspect_commands_read_it(s3_server, images, 
     assert "folder-000000" not in r.output and "folder-000002" not in r.output
 
 
+def test_the_same_url_with_or_without_the_slash(s3_server, images, local_run):
+    """What `prep --out` took, `prep stats/show/verify` and the reader (`python -m train --data`) take too."""
+    from shards import reader
+
+    url = s3_server.url("run")
+    r = invoke("folder", images, "--out", url + "/", "--workers", "1", *FAST)
+    assert r.exit_code == 0, r.output
+    assert keys(s3_server, "run") == {schema.RUN_CONFIG_NAME, schema.MANIFEST_NAME} | {
+        n + s for n in SHARDS for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
+    assert_same_shards(s3_server, "run", local_run)
+    r = invoke("folder", images, "--out", url, "--workers", "1", *FAST)  # the same output: nothing to do
+    assert r.exit_code == 0 and "0 shards written, 3 already done" in r.output, r.output
+    tars = [f"{url}/{n}{schema.TAR_SUFFIX}" for n in SHARDS]
+    for spec in (url, url + "/", local_run, local_run + "/"):
+        r = invoke("stats", spec)
+        assert r.exit_code == 0 and "every input accounted for" in r.output, (spec, r.output)
+        r = invoke("verify", spec)
+        assert r.exit_code == 0 and "ok: 3 shards, 5 samples" in r.output, (spec, r.output)
+        r = invoke("show", spec, "-n", "2", "-o", os.path.join(local_run, "..", "grid.png"))
+        assert r.exit_code == 0 and "2 samples" in r.output, (spec, r.output)
+        if spec.startswith("s3://"):
+            assert reader.expand_spec(spec) == tars and reader.shard_sizes(spec) == dict(zip(tars, [2, 2, 1]))
+
+
 def test_resume_redoes_partial_shards_and_leaves_done_ones(s3_server, images, local_run):
     client, bucket = s3_server.client(), s3_server.bucket
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})  # counts every PUT

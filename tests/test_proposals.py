@@ -15,7 +15,15 @@ import pytest
 
 from prep.config import PrepConfig
 from prep.images import load_image
-from prep.proposals import Proposals, filter_boxes, image_seed, opencv_version, propose, selective_search
+from prep.proposals import (
+    Proposals,
+    filter_boxes,
+    image_seed,
+    opencv_version,
+    propose,
+    selective_search,
+    tiered_filter,
+)
 import imagegen  # pytest (prepend import mode) puts tests/ on sys.path; the other test modules import it so too
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,6 +240,87 @@ def test_filters_match_naive_loop_on_random_boxes():
         np.testing.assert_array_equal(got, naive_filter(boxes, **params), err_msg=f"trial {trial} {params}")
 
 
+def naive_tiers(boxes, *, min_side, fallback_min_side, min_boxes, max_aspect, iou, max_boxes):
+    """The definition of the two tiers, one box at a time: the first tier; then, only below K boxes, every box not yet
+    kept with both sides >= the fallback side, against everything kept so far, until max_boxes."""
+    first = naive_filter(boxes, min_side=min_side, max_aspect=max_aspect, iou=iou, max_boxes=max_boxes).tolist()
+    if fallback_min_side is None or len(first) >= min_boxes:
+        return np.asarray(first, dtype=np.int32).reshape(-1, 4), None
+    kept, used = list(first), set()
+    for b in first:  # the first tier's own boxes (by position: equal boxes may repeat) are not offered again
+        used.add(next(i for i, c in enumerate(np.asarray(boxes).tolist()) if c == b and i not in used))
+    added = 0
+    for i, b in enumerate(np.asarray(boxes).tolist()):
+        if i in used or len(kept) >= max_boxes:
+            continue
+        w, h = b[2] - b[0], b[3] - b[1]
+        if w <= 0 or h <= 0 or w < fallback_min_side or h < fallback_min_side or max(w / h, h / w) > max_aspect:
+            continue
+        if any(_iou(b, k) > iou for k in kept):
+            continue
+        kept.append(b)
+        added += 1
+    return np.asarray(kept, dtype=np.int32).reshape(-1, 4), added
+
+
+def test_tiers_hand_made():
+    boxes = np.array(
+        [
+            [0, 0, 100, 100],  # tier 1
+            [200, 0, 264, 64],  # 64 px: tier 2, after the tier-1 boxes
+            [10, 10, 90, 90],  # 80 px, inside the first (IoU 0.64): suppressed by a tier-1 box that ranks before it
+            [300, 300, 400, 400],  # tier 1
+            [0, 300, 70, 370],  # tier 2
+            [500, 500, 550, 550],  # 50 px: below both tiers
+            [205, 0, 269, 64],  # tier 2 size, IoU 0.855 with the tier-2 box before it: suppressed
+            [400, 0, 470, 70],  # tier 2, but max_boxes = 4 is reached
+        ]
+    )
+    params = dict(min_side=96, fallback_min_side=64, max_aspect=3.0, iou=0.5, max_boxes=4)
+    got, added = tiered_filter(boxes, min_boxes=4, **params)
+    np.testing.assert_array_equal(got, boxes[[0, 3, 1, 4]])
+    assert added == 2 and got.dtype == np.int32
+    # enough first-tier boxes (K = 2): the second tier does not run
+    got, added = tiered_filter(boxes, min_boxes=2, **params)
+    np.testing.assert_array_equal(got, boxes[[0, 3]])
+    assert added is None
+    # no fallback side: one tier
+    got, added = tiered_filter(boxes, min_boxes=4, **{**params, "fallback_min_side": None})
+    np.testing.assert_array_equal(got, boxes[[0, 3]])
+    assert added is None
+    # the second tier ran and found nothing: 0, not None (the image needed it)
+    got, added = tiered_filter(boxes[[0, 2, 5]], min_boxes=4, **params)
+    np.testing.assert_array_equal(got, boxes[[0]])
+    assert added == 0
+
+
+def test_tiers_match_naive_loop_on_random_boxes():
+    rng = np.random.default_rng(1)
+    ran = 0
+    for trial in range(80):
+        n = int(rng.integers(0, 200))
+        corners = rng.integers(0, 300, (n, 2))
+        sizes = rng.integers(0, 160, (n, 2))
+        boxes = np.concatenate([corners, corners + sizes], axis=1)
+        if n and trial % 4 == 0:
+            boxes = np.concatenate([boxes, boxes[: n // 3]])  # exact repeats, which iou = 1 does not suppress
+        min_side = int(rng.choice([32, 64, 96, 128]))
+        params = dict(
+            min_side=min_side,
+            fallback_min_side=int(rng.choice([1, 16, min_side // 2, min_side - 1])),
+            min_boxes=int(rng.choice([0, 2, 4, 8, 30])),
+            max_aspect=float(rng.choice([1.5, 3.0, 10.0])),
+            iou=float(rng.choice([0.1, 0.3, 0.5, 0.7, 1.0])),
+            max_boxes=int(rng.choice([1, 3, 10, 100])),
+        )
+        got, added = tiered_filter(boxes, **params)
+        want, want_added = naive_tiers(boxes, **params)
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial} {params}")
+        assert added == want_added, f"trial {trial} {params}"
+        ran += added is not None and added > 0
+    assert ran >= 10, "too few trials reached the second tier to test it"
+
+
 def test_filter_empty_input():
     assert filter_boxes(np.zeros((0, 4), np.int32), min_side=1, max_aspect=3, iou=0.5, max_boxes=5).shape == (0, 4)
 
@@ -247,6 +336,40 @@ def test_propose(photo):
     assert 4 <= len(p.boxes) <= 20
     other = propose(photo, "coffee2", cfg)  # the key is part of the seed
     assert other.raw == p.raw and not np.array_equal(other.boxes, p.boxes)
+
+
+def test_propose_fills_from_the_fallback_tier(photo):
+    # 150 px on a 213 x 320 photo leaves few first-tier boxes: the second tier fills up
+    cfg = PrepConfig(kind="folder", root=".", ss_max_side=SS_SIDE, min_side=150, fallback_min_side=40, min_boxes=6)
+    p = propose(photo, "coffee", cfg)
+    raw = selective_search(photo, mode="fast", ss_max_side=SS_SIDE, seed=image_seed(0, "coffee"))
+    first = filter_boxes(raw, min_side=150, max_aspect=3.0, iou=0.5, max_boxes=100)
+    assert len(first) < 6 and p.fallback is not None and p.fallback > 0
+    np.testing.assert_array_equal(p.boxes[: len(first)], first)
+    assert len(p.boxes) == len(first) + p.fallback
+    assert (np.minimum(p.boxes[:, 2] - p.boxes[:, 0], p.boxes[:, 3] - p.boxes[:, 1])[len(first):] < 150).all()
+    one_tier = PrepConfig(kind="folder", root=".", ss_max_side=SS_SIDE, min_side=150, fallback_min_side=None)
+    q = propose(photo, "coffee", one_tier)
+    assert q.fallback is None
+    np.testing.assert_array_equal(q.boxes, first)
+
+
+def test_config_tiers():
+    d = PrepConfig(kind="folder", root=".")
+    assert (d.min_side, d.fallback_min_side, d.min_boxes) == (96, 64, 4)  # the papers'
+    # a fallback that cannot add a box is no fallback: one spelling, one fingerprint
+    assert PrepConfig(kind="folder", root=".", min_side=64).fallback_min_side is None
+    assert PrepConfig(kind="folder", root=".", min_side=64).fingerprint() == \
+        PrepConfig(kind="folder", root=".", min_side=64, fallback_min_side=None).fingerprint()
+    assert d.fingerprint() != PrepConfig(kind="folder", root=".", fallback_min_side=None).fingerprint()
+    assert d.fingerprint() != PrepConfig(kind="folder", root=".", fallback_min_side=48).fingerprint()
+    assert d.to_dict()["fallback_min_side"] == 64
+    # a config recorded before the second tier existed had none
+    old = {k: v for k, v in d.to_dict().items() if k != "fallback_min_side"}
+    assert PrepConfig.from_dict(old).fallback_min_side is None
+    assert PrepConfig.from_dict(d.to_dict()) == d
+    with pytest.raises(ValueError, match="fallback_min_side"):
+        PrepConfig(kind="folder", root=".", fallback_min_side=0)
 
 
 def test_opencv_version():

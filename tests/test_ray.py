@@ -1,6 +1,7 @@
 """The Ray executor on a real local Ray cluster: output byte-identical to the local executor's (in process and through
 `prep … --executor ray --ray-address` as a second driver), retries of dead workers and transient errors, final
-failures named, and Ray never imported unless chosen.
+failures named, Ray never imported unless chosen, and every process of a local instance (this module's, and the
+one prep starts for itself) listening on 127.0.0.1 only.
 
 One cluster for the module (Ray takes ~10 s to start on 2 busy cores), owned by this process: ``ray.shutdown()``
 stops every process it started, and the teardown checks that none is left.
@@ -8,8 +9,11 @@ stops every process it started, and the teardown checks that none is left.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 
@@ -45,9 +49,9 @@ def cluster():
     os.environ.update(RAY_AUTH_TOKEN=secrets.token_hex(32), **fake_aws)
     for k in unset:
         os.environ.pop(k, None)
-    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                   logging_level="WARNING", _node_ip_address="127.0.0.1")
-    pids = [p.process.pid for procs in ray._private.worker._global_node.all_processes.values() for p in procs]
+    # the way prep starts its own instance: every process listens on 127.0.0.1 only
+    ctx = ray_executor.init_local(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    pids = ray_pids()
     # the test module's functions go to the workers by value: tests/ is not on their sys.path
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
@@ -67,6 +71,63 @@ def cluster():
         for p in alive:  # only the processes of this cluster, by pid
             p.kill()
         assert not alive, f"Ray processes still running after shutdown: {[p.pid for p in alive]}"
+
+
+def ray_pids() -> list[int]:
+    """Processes of the Ray instance this process is connected to (GCS, raylet, agents, monitor …)."""
+    return [p.process.pid for procs in ray._private.worker._global_node.all_processes.values() for p in procs]
+
+
+def listening(pids) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP/UDP socket of ``pids`` and of all their descendants."""
+    procs = {p for pid in pids if psutil.pid_exists(pid)
+             for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
+    found = []
+    for p in procs:
+        try:
+            found += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)]
+        except psutil.NoSuchProcess:  # a worker that exited meanwhile listens on nothing
+            pass
+    return sorted(found)
+
+
+def assert_loopback(found) -> None:
+    names = " ".join(name for name, _, _ in found)
+    assert "gcs_server" in names and "raylet" in names and "ray::" in names, found  # the check saw Ray's servers
+    outside = [f for f in found if not ipaddress.ip_address(f[1].removeprefix("::ffff:")).is_loopback]
+    assert not outside, f"Ray processes listening beyond the loopback interface: {outside}"
+
+
+# prep's own local instance (run_tasks without an address), inspected from inside its last moment: ray.shutdown
+LOCAL_INSTANCE = """
+import json, sys
+import ray
+from prep import ray_executor
+from prep.run import ShardTask
+sys.path.insert(0, "tests")
+from test_ray import listening, ray_pids
+seen = []
+shutdown = ray.shutdown
+def inspect_then_shutdown(*args, **kwargs):
+    import os
+    seen.extend(listening([*ray_pids(), os.getpid()]))
+    shutdown(*args, **kwargs)
+ray.shutdown = inspect_then_shutdown
+tasks = [ShardTask(i, f"t-{i:06d}", ()) for i in range(4)]
+assert ray_executor.run_tasks(tasks, lambda task, tick: task.name, workers=2, progress=False) == [t.name for t in tasks]
+print(json.dumps(seen))
+"""
+
+
+def test_local_instances_listen_on_loopback_only(cluster):
+    # this module's instance, started as prep starts its own (and this driver's own servers)
+    assert_loopback(listening([*ray_pids(), os.getpid()]))
+    # prep's own instance, in a driver that was given no address (RAY_ADDRESS is unset for this module)
+    r = subprocess.run([sys.executable, "-c", LOCAL_INSTANCE], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert_loopback([tuple(f) for f in json.loads(r.stdout.strip().splitlines()[-1])])
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +237,9 @@ def test_cli_joins_the_cluster_at_ray_address(cluster, images, reference, tmp_pa
     assert ray_executor.code_env(local=True) == {}  # Ray puts the driver's directory on its local workers' path
 
     out = tmp_path / "cli"
-    env = dict(os.environ, PYTHONPATH=REPO)
+    # A second driver on this machine joins the loopback-only instance in Ray's single-machine mode; otherwise Ray
+    # takes the machine's routable address for itself and for 127.0.0.1, where nothing of the instance listens.
+    env = dict(os.environ, PYTHONPATH=REPO, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     args = ["folder", images, "--out", "cli", "--executor", "ray", "--ray-address", cluster,
             "--ss-max-side", "96", "--min-side", "8", "--shard-size", "3"]  # a relative --out: workers run elsewhere
     r = subprocess.run([sys.executable, "-c", NOT_INSTALLED, *args], cwd=tmp_path, env=env, capture_output=True,

@@ -1,5 +1,6 @@
 """shards.reader: spec expansion in every form, the generator stages on plain lists, shards read from disk, HTTP, S3."""
 
+import hashlib
 import io
 import json
 import os
@@ -76,9 +77,21 @@ def test_expand_spec_rejects_other_files(out):
 def test_shard_sizes(out):
     expected = {str(out / n): i + 1 for i, n in enumerate(SHARDS)}
     assert reader.shard_sizes(str(out / "manifest.json")) == expected
-    assert reader.shard_sizes(str(out)) == expected  # from the stats files
     os.remove(out / "c-000001.stats.json")
-    assert reader.shard_sizes(str(out)) is None
+    assert reader.shard_sizes(str(out)) == expected  # from the manifest inside the directory
+    os.remove(out / "manifest.json")
+    assert reader.expand_spec(str(out)) == list(expected)  # the listing
+    assert reader.shard_sizes(str(out)) is None  # a shard without its stats file
+    os.remove(out / "c-000001.tar")
+    assert reader.shard_sizes(str(out)) == {str(out / SHARDS[0]): 1, str(out / SHARDS[2]): 3}  # the stats files
+
+
+def test_a_manifest_inside_the_output_is_used(out):
+    # a tar beside the manifest that the manifest does not list (another run's, a copy) is not read
+    (out / "c-000009.tar").write_bytes((out / "c-000000.tar").read_bytes())
+    for spec in (str(out), str(out) + "/"):
+        assert names(reader.expand_spec(spec)) == SHARDS
+    assert names(reader.expand_spec(f"{out}/*.tar")) == [*SHARDS, "c-000009.tar"]  # a glob still lists
 
 
 def upload(out, s3_server):
@@ -91,13 +104,18 @@ def upload(out, s3_server):
 def test_expand_spec_s3_forms(out, s3_server):
     base = upload(out, s3_server)
     expected = [f"{base}/{n}" for n in SHARDS]
-    assert reader.expand_spec(base + "/") == expected
+    # the prefix as `prep --out` takes it, with or without the slash: its manifest
+    assert reader.expand_spec(base) == reader.expand_spec(base + "/") == expected
+    assert reader.shard_sizes(base) == reader.shard_sizes(base + "/") == {u: i + 1 for i, u in enumerate(expected)}
     assert reader.expand_spec(base + "/*.tar") == expected
     assert reader.expand_spec(base + "/manifest.json") == expected
     assert reader.expand_spec(base + "/c-{000000..000002}.tar") == expected
     assert reader.shard_sizes(base + "/") == {u: i + 1 for i, u in enumerate(expected)}
     with pytest.raises(reader.SpecError, match="no shards matched 's3://.*/nothing/'"):
         reader.expand_spec(s3_server.url("nothing/"))
+    s3_server.client().delete_object(Bucket=s3_server.bucket, Key="run/manifest.json")
+    assert reader.expand_spec(base) == reader.expand_spec(base + "/") == expected  # its listing
+    assert reader.shard_sizes(base) == {u: i + 1 for i, u in enumerate(expected)}  # its stats files
 
 
 def test_expand_spec_http_manifest(out, http_server):
@@ -150,8 +168,24 @@ def _dir(name):
     return info
 
 
+def test_metadata_of_both_format_versions():
+    boxes = np.array([[0, 0, 4, 4]])
+    v2 = json.loads(schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=boxes,
+                                       image_sha256=schema.image_sha256(b"jpeg")))
+    assert v2["format_version"] == 2 and v2["image_sha256"] == hashlib.sha256(b"jpeg").hexdigest()
+    v1 = {k: v for k, v in v2.items() if k != "image_sha256"} | {"format_version": 1}
+    assert schema.decode_meta(json.dumps(v1).encode())["image_sha256"] is None  # version 1 has no hash
+    assert schema.decode_meta(json.dumps(v2).encode())["image_sha256"] == v2["image_sha256"]
+    for bad, match in (({**v2, "format_version": 3}, "format_version 3"), (v1 | {"format_version": 2}, "no image_sha")):
+        with pytest.raises(ValueError, match=match):
+            schema.decode_meta(json.dumps(bad).encode())
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=boxes, image_sha256=b"jpeg")
+
+
 def test_decode_adds_meta():
-    meta = schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=np.array([[0, 0, 4, 4]]))
+    meta = schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=np.array([[0, 0, 4, 4]]),
+                              image_sha256=schema.image_sha256(b""))
     sample = reader.decode({"__key__": "k", "__url__": "u", "jpg": b"", "json": meta})
     assert sample["meta"]["boxes"].dtype == np.int32 and sample["meta"]["boxes"].shape == (1, 4)
     with pytest.raises(reader.ShardError, match="u: sample 'k': bad metadata"):
@@ -211,6 +245,8 @@ def test_pipe_shard_needs_opt_in(out, monkeypatch):
 
 def test_manifest_format_version_checked(out):
     m = json.loads((out / "manifest.json").read_bytes())
+    (out / "manifest.json").write_text(json.dumps({**m, "format_version": 1}))
+    assert len(reader.expand_spec(str(out / "manifest.json"))) == len(m["shards"])  # version 1 is still read
     m["format_version"] = 99
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(reader.ShardError, match="manifest.json: not a valid manifest: format_version 99"):

@@ -302,6 +302,18 @@ def job_fn(job: Job, tick) -> dict:
     return {"name": job.name, "pid": os.getpid()}
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_get_the_permissions_of_the_umask(images, tmp_path, umask, mask):
+    # temporary files are renamed into place: they must not keep the 0600 of tempfile.mkstemp
+    umask(mask)
+    out = tmp_path / "out"
+    prep_run.run(small_cfg(images), str(out), workers=1, progress=False)
+    modes = {n: os.stat(out / n).st_mode & 0o777 for n in os.listdir(out)}
+    assert {schema.MANIFEST_NAME, schema.RUN_CONFIG_NAME, "folder-000000.tar", "folder-000000.parquet",
+            "folder-000000.stats.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~mask), modes
+
+
 def test_executor_keeps_order_reports_failures_and_dead_workers():
     jobs = [Job(f"s{i}", 2, a) for i, a in enumerate(["ok", "raise", "ok", "die", "ok", "ok"])]
     for workers in (1, 2):

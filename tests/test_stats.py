@@ -109,6 +109,17 @@ def test_read_table_and_render(tmp_path):
         assert im.format == "PNG" and im.size[0] > 200
 
 
+def test_read_table_conforms_format_version_1(tmp_path):
+    t, rows = hand_table()
+    v1 = t.drop_columns(["shard", *schema.ADDED_COLUMNS[2]])
+    assert schema.parquet_version(v1.schema) == 1 and schema.parquet_version(t.drop_columns(["shard"]).schema) == 2
+    pq.write_table(v1, tmp_path / "coco-000000.parquet")
+    got = read_table(str(tmp_path))
+    assert got.drop_columns(["shard"]).schema.equals(schema.PARQUET_SCHEMA)
+    assert got["image_sha256"].null_count == got["fallback_boxes"].null_count == got.num_rows
+    assert got["boxes"].to_pylist() == t["boxes"].to_pylist()
+
+
 def test_read_table_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shard parquet"):
         read_table(str(tmp_path))

@@ -224,6 +224,20 @@ def test_no_torch_import():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+def test_atomic_file_keeps_the_old_content_on_error_and_follows_the_umask(tmp_path, umask):
+    umask(0o027)
+    path = str(tmp_path / "f.json")
+    storage.write_bytes(path, b"old")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_file(path) as f:
+            f.write(b"half")
+            raise RuntimeError("killed mid-write")
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.json"]
+    with storage.atomic_file(path) as f:
+        f.write(b"new")
+    assert open(path, "rb").read() == b"new" and os.stat(path).st_mode & 0o777 == 0o640
+
+
 def test_staging_dir_is_one_per_output():
     # the shard writer builds files there and a rerun removes what a killed run left: same directory every call
     url = "s3://bucket/run"

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from imagegen import jpeg_bytes, textured_image
+from imagegen import damage_jpeg_in_tar, jpeg_bytes, textured_image
 from shards import schema
 from shards.writer import ShardWriter
 
@@ -37,8 +37,9 @@ def make_train_shards(root: str, counts, size: int = 64, seed: int = 0) -> str:
                 x0, y0 = rng.integers(0, size // 2, (2, 6))
                 x1, y1 = x0 + rng.integers(8, size // 2, 6), y0 + rng.integers(8, size // 2, 6)
                 boxes = np.stack([x0, y0, np.minimum(x1, size), np.minimum(y1, size)], 1)
-                meta = schema.encode_meta(key=key, path=f"{key}.jpg", width=size, height=size, boxes=boxes)
                 jpeg = jpeg_bytes(img)
+                meta = schema.encode_meta(key=key, path=f"{key}.jpg", width=size, height=size, boxes=boxes,
+                                          image_sha256=schema.image_sha256(jpeg))
                 w.write(schema.make_row(key, f"{key}.jpg", width=size, height=size, kept_boxes=6,
                                         boxes=boxes), jpeg, meta)
     return root
@@ -188,6 +189,29 @@ def test_clear_data_errors(tmp_path, capsys):
     with pytest.warns(RuntimeWarning, match="shard without boxes"):  # skipped, then nothing is left to train on
         code, err = _main(capsys, *TINY, "--data", str(bad), "--out", str(tmp_path / "o4"))
     assert code == 1 and "0 samples" in err
+
+
+def test_verify_images_skips_a_damaged_image(tmp_path, capsys):
+    data = make_train_shards(str(tmp_path / "shards"), [8, 8])
+    damage_jpeg_in_tar(os.path.join(data, "t-000001.tar"))  # still decodes: only the hash tells
+    args = [*TINY, "--data", data, "--max-steps", "2", "--log-every", "2"]
+    code, err = _main(capsys, *args, "--out", str(tmp_path / "plain"))
+    assert code == 0, err
+    assert read_log(tmp_path / "plain")[-1]["samples_skipped"] == 0  # off by default
+    with pytest.warns(RuntimeWarning, match="t-000001.tar: sample 's1_000'"):
+        code, err = _main(capsys, *args, "--out", str(tmp_path / "checked"), "--verify-images")
+    assert code == 0, err
+    assert read_log(tmp_path / "checked")[-1]["samples_skipped"] == 1
+
+
+def test_outputs_get_the_permissions_of_the_umask(shards, tmp_path, capsys, umask):
+    umask(0o027)
+    out = tmp_path / "run"
+    code, err = _main(capsys, *TINY, "--data", shards, "--out", str(out), "--max-steps", "1")
+    assert code == 0, err
+    modes = {n: os.stat(out / n).st_mode & 0o777 for n in os.listdir(out)}
+    assert {"config.json", "log.jsonl", "ckpt-00000001.pt"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o640), modes  # the checkpoint is renamed into place: not mkstemp's 0600
 
 
 def test_help_lists_flags_and_presets(capsys):

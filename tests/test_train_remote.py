@@ -151,14 +151,22 @@ def test_s3_manifest_with_endpoint_flag_and_a_worker(s3_server, shards, referenc
     assert _losses(rows) == pytest.approx(_losses(reference[:3]), abs=1e-5)
 
 
-def test_s3_prefix_listing_endpoint_from_env(s3_server, shards, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("slash, manifest", [("", True), ("/", False), ("", False)])
+def test_s3_prefix_as_prep_out_took_it_endpoint_from_env(s3_server, shards, reference, tmp_path, monkeypatch, capsys,
+                                                          slash, manifest):
+    """--data s3://bucket/prefix, with or without the slash, as `prep --out` wrote there: its manifest when it has
+    one, else its listing and stats files."""
     _upload(s3_server, shards, "coco")
+    if not manifest:
+        s3_server.client().delete_object(Bucket=s3_server.bucket, Key=f"coco/{schema.MANIFEST_NAME}")
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("S3_ENDPOINT_URL", str(s3_server))
-    code, err = _main(capsys, *FAST, "--data", s3_server.url("coco") + "/", "--out", str(tmp_path / "o"),
+    code, err = _main(capsys, *FAST, "--data", s3_server.url("coco") + slash, "--out", str(tmp_path / "o"),
                       "--max-steps", "2")
     assert code == 0, err
-    assert [r["step"] for r in _log(tmp_path / "o")] == [1, 2]
+    rows = _log(tmp_path / "o")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert _losses(rows) == pytest.approx(_losses(reference[:2]), abs=1e-5)  # the same samples as from the manifest
 
 
 def test_spawned_workers_get_the_configured_endpoint(s3_server, shards, monkeypatch):

@@ -304,7 +304,8 @@ def test_transform_output_types_and_determinism(photo_sample, gpu_aug):
 
 def test_transform_seeded_instance_generator_and_json_meta(photo_sample):
     meta = photo_sample["meta"]
-    raw = schema.encode_meta(key="astro", path="a.jpg", width=meta["width"], height=meta["height"], boxes=meta["boxes"])
+    raw = schema.encode_meta(key="astro", path="a.jpg", width=meta["width"], height=meta["height"], boxes=meta["boxes"],
+                             image_sha256=schema.image_sha256(photo_sample["jpg"]))
     sample = {"jpg": photo_sample["jpg"], "json": raw}
     a = UniVIPTransform(ViewConfig(size=32), seed=3)(sample)
     b = UniVIPTransform(ViewConfig(size=32), seed=3)(photo_sample)

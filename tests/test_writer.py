@@ -34,7 +34,8 @@ def samples(n=5, fail_every=3):
             continue
         jpeg = tiny_jpeg(i)
         boxes = np.array([[0, 0, 24, 16], [2, 3, 10, 12], [5, 1, 20, 15]][: 1 + i % 3], dtype=np.int32)
-        meta = schema.encode_meta(key=key, path=path, width=24, height=16, boxes=boxes, image_id=i)
+        meta = schema.encode_meta(key=key, path=path, width=24, height=16, boxes=boxes, image_id=i,
+                                  image_sha256=schema.image_sha256(jpeg))
         row = schema.make_row(
             key, path, width=24, height=16, orig_width=24, orig_height=16, image_id=i, raw_boxes=10 + i,
             kept_boxes=len(boxes), boxes=boxes, ss_seconds=0.25, sha256="0" * 64,
@@ -86,6 +87,7 @@ def test_parquet_readable_by_pyarrow_duckdb_pandas(tmp_path):
     assert t["key"].to_pylist() == [r["key"] for r, _, _ in items]  # failures included, input order
     expect_bytes = [len(j) if j else None for _, j, _ in items]
     assert t["image_bytes"].to_pylist() == expect_bytes  # filled in by the writer from the jpeg
+    assert t["image_sha256"].to_pylist() == [schema.image_sha256(j) if j else None for _, j, _ in items]
     assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
 
     duckdb = pytest.importorskip("duckdb")
@@ -183,6 +185,7 @@ def test_unserialisable_config_fails_before_anything_moves(tmp_path):
         (schema.make_row("ok", "x.jpg"), b"j", None, "needs both jpeg and meta"),
         (schema.make_row("bad", "x.jpg", "missing"), b"j", b"m", "must not carry"),
         (schema.make_row("ok", "x.jpg", image_bytes=3), b"j", b"m", "image_bytes=3"),
+        (schema.make_row("ok", "x.jpg", image_sha256=schema.image_sha256(b"k")), b"j", b"m", "not the jpeg's"),
         ({"key": "k", "path": "p", "status": "ok"}, b"j", b"m", "not a schema.make_row dict"),
     ],
 )

@@ -242,7 +242,7 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
             cfg.data, UniVIPTransform(vcfg), batch_size=batch_size, workers=cfg.workers, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, rank=rank, world_size=world, position=position,
             on_bad_shard=cfg.on_bad_shard, pin_memory=device.type == "cuda", streams=streams,
-            open_kwargs={"allow_pipe": cfg.allow_pipe})
+            open_kwargs={"allow_pipe": cfg.allow_pipe}, verify_images=cfg.verify_images)
     except (reader.SpecError, data.BadShardError) as e:
         raise TrainError(str(e)) from e
     except (OSError, NotImplementedError) as e:

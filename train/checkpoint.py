@@ -10,12 +10,13 @@ import os
 import platform
 import random
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from shards import storage
 
 from .config import RESUME_MUST_MATCH, TrainConfig
 
@@ -97,15 +98,8 @@ def save(out: str, step: int, *, model: nn.Module, optimizer: torch.optim.Optimi
         "versions": versions(),
     }
     path = path_for(out, step)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with storage.atomic_file(path) as f:  # readable as the umask says, like config.json and log.jsonl
+        torch.save(payload, f)
     if keep > 0:
         for old in list_checkpoints(out)[:-keep]:
             os.unlink(old)

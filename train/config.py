@@ -92,6 +92,8 @@ class TrainConfig:
                                  "flips: the CPU only reads bytes and runs Algorithm 1 (implies --gpu-aug)")
     on_bad_shard: str = _f("skip", "unreadable shard or sample: skip it (counted in the log) or fail the run",
                            ("skip", "fail"))
+    verify_images: bool = _f(False, "check each JPEG against the SHA-256 in its KEY.json (shard format 2); a "
+                                    "mismatch is a bad sample (see --on-bad-shard)")
     allow_pipe: bool = _f(False, "allow pipe: shard URLs (they run a shell command)")
     s3_endpoint: str = _f("", "S3 API endpoint of an S3-compatible store for s3:// data (MinIO, Ceph...); empty: "
                               "$S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS. Credentials: the AWS environment "

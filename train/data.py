@@ -39,7 +39,9 @@ one warning naming its URL ('skip', the default) or raises ``BadShardError`` nam
 before the fault are kept, and it is read again wherever the plan meets it, so the order stays a function of the
 bytes (it is counted once per process that meets it: each worker may count it). A tar with no ``KEY.json`` members
 at all gets the message "shard without boxes: URL". A single sample with unreadable metadata or a failing transform
-is skipped the same way. Samples with zero boxes are not errors: Algorithm 1 falls back to random boxes. Counts of
+is skipped the same way, and so, with ``verify_images``, is a sample whose ``KEY.jpg`` bytes do not have the SHA-256
+its ``KEY.json`` records (format version 2: a JPEG damaged in storage can still decode; version 1 records no hash and
+is read unchecked, with one warning per shard). Samples with zero boxes are not errors: Algorithm 1 falls back to random boxes. Counts of
 skipped samples and shards, and of samples borrowed at run time (rule 3), travel with the batches
 (``batch["stats"]``; accumulate them with ``DataCounters``), because DataLoader workers are separate processes.
 
@@ -129,11 +131,12 @@ class DataCounters:
 class _ShardSamples:
     """Reads the valid samples of shards under a bad-shard policy; holds this process's counters and warnings."""
 
-    def __init__(self, on_bad_shard: str, open_kwargs: Mapping[str, Any] | None = None):
+    def __init__(self, on_bad_shard: str, open_kwargs: Mapping[str, Any] | None = None, verify_images: bool = False):
         if on_bad_shard not in POLICIES:
             raise ValueError(f"on_bad_shard must be one of {POLICIES}, got {on_bad_shard!r}")
         self.policy = on_bad_shard
         self.open_kwargs = dict(open_kwargs or {})  # storage.open_stream: retries, backoff, timeout, allow_pipe
+        self.verify_images = verify_images
         self.counts = dict.fromkeys(STAT_NAMES, 0)
         # A bad shard is read again wherever the plan meets it (its good prefix is a function of its bytes alone, so
         # the sample order does not depend on which worker met it first); it is warned about and counted once.
@@ -174,6 +177,8 @@ class _ShardSamples:
                 except ValueError as e:  # the reader's message names the URL and the key
                     self.bad_sample(url, raw.get("__key__", "?"), str(e), e)
                     continue
+                if self.verify_images and not self._image_intact(url, sample):
+                    continue
                 good += 1
                 yield sample
         except BadShardError:
@@ -186,6 +191,20 @@ class _ShardSamples:
             else:
                 detail = str(e) if shown in str(e) else f"{shown}: {e}"  # the reader's errors name the URL already
                 self.bad_shard(url, f"cannot read shard: {type(e).__name__}: {detail}", e)
+
+    def _image_intact(self, url: str, sample: dict) -> bool:
+        """Whether the JPEG bytes have the SHA-256 that KEY.json records; a mismatch is a bad sample."""
+        want = sample["meta"]["image_sha256"]
+        if want is None:
+            self._warn(url, f"{storage.redact(url)}: format version 1 records no image hashes; its images are not "
+                            "verified")
+            return True
+        if schema.image_sha256(sample[schema.IMAGE_EXT]) == want:
+            return True
+        key = sample["__key__"]
+        self.bad_sample(url, key, f"{storage.redact(url)}: sample {key!r}: {key}.{schema.IMAGE_EXT} does not have the "
+                                  f"SHA-256 recorded in {key}.{schema.META_EXT} (damaged in storage)")
+        return False
 
     def _without_json(self, url: str) -> bool:
         """Whether the first members of a shard hold no metadata at all (read again only on this error path)."""
@@ -231,6 +250,7 @@ class ShardStream(IterableDataset):
     (e.g. ``UniVIPTransform``: view1/view2 uint8 [3,S,S], boxes1/boxes2 float32 [K,4], fallback bool); None yields
     the decoded sample itself. Every output also gets ``__key__`` (str) and ``stats`` (skip/borrow counts since the
     previous output of this process). Yields exactly ``steps_per_epoch * batch_size`` samples per epoch.
+    ``verify_images``: skip (and count) samples whose JPEG bytes differ from the SHA-256 in their KEY.json.
     """
 
     def __init__(
@@ -248,6 +268,7 @@ class ShardStream(IterableDataset):
         on_bad_shard: str = "skip",
         streams: int = 1,
         open_kwargs: Mapping[str, Any] | None = None,
+        verify_images: bool = False,
     ):
         super().__init__()
         if not urls:
@@ -260,7 +281,7 @@ class ShardStream(IterableDataset):
         self.transform = transform
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.rank, self.world_size, self.streams = rank, world_size, streams
-        self._src = _ShardSamples(on_bad_shard, open_kwargs)
+        self._src = _ShardSamples(on_bad_shard, open_kwargs, verify_images)
 
         sizes = dict(sizes or {})
         missing = [u for u in self.urls if u not in sizes]
@@ -469,6 +490,7 @@ def make_loader(
     pin_memory: bool = False,
     streams: int | None = None,
     open_kwargs: Mapping[str, Any] | None = None,
+    verify_images: bool = False,
 ) -> tuple[DataLoader, int]:
     """(DataLoader over this rank's batches, steps_per_epoch). ``batch_size`` is per rank.
 
@@ -492,7 +514,7 @@ def make_loader(
     dataset = ShardStream(
         urls, sizes, transform, batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, rank=rank,
         world_size=world_size, position=position, on_bad_shard=on_bad_shard, streams=streams,
-        open_kwargs=open_kwargs)
+        open_kwargs=open_kwargs, verify_images=verify_images)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
