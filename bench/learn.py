@@ -56,19 +56,20 @@ METHODS = (
 MODES = {
     "quick": dict(scenes=48, size=128, probe_train=24, probe_val=16, crop=48, image=64, instance=32, batch=16,
                   steps=12, arch="resnet18", proj=(512, 128, 512), min_side=16, fallback_min_side=12,
-                  ss_max_side=128, device="cpu", workers=1, eval_every=0, gpu_aug=False),
+                  ss_max_side=128, device="cpu", workers=1, eval_every=6, gpu_aug=False, calibration_steps=6),
     "cpu": dict(scenes=600, size=128, probe_train=300, probe_val=200, crop=48, image=64, instance=32, batch=64,
                 steps=400, arch="resnet18", proj=(1024, 128, 1024), min_side=16, fallback_min_side=12,
-                ss_max_side=128, device="cpu", workers=1, eval_every=100, gpu_aug=False),
+                ss_max_side=128, device="cpu", workers=1, eval_every=100, gpu_aug=False, calibration_steps=20),
     "gpu": dict(scenes=3000, size=160, probe_train=500, probe_val=400, crop=64, image=96, instance=48, batch=256,
                 steps=0, arch="resnet18", proj=(4096, 256, 4096), min_side=24, fallback_min_side=16,
-                ss_max_side=160, device="cuda", workers=0, eval_every=250, gpu_aug=True),
+                ss_max_side=160, device="cuda", workers=0, eval_every=250, gpu_aug=True, calibration_steps=60),
 }
 # Optimiser: the small-scale recipe of the literature for ResNet-18 with the -cos loss used here (lightly's BYOL /
 # SimSiam benchmarks on CIFAR-10 and STL-10: SGD momentum 0.9, lr 0.06 per 256 images, weight decay 5e-4, EMA 0.99 -> 1),
 # not ORL's ResNet-50 / COCO numbers, and chosen before any run: no setting here was tuned on the probe's labels.
 OPTIM = ["--optimizer", "sgd", "--lr", "0.06", "--lr-batch", "256", "--weight-decay", "5e-4", "--ema-base", "0.99"]
 WARMUP_FRACTION = 0.05  # of the run's steps
+EVAL_RESERVE_S = 75  # gpu: the final evaluations (all at once) and writing the results
 
 
 def run(cmd: list[str], log: str | None = None, **kw) -> subprocess.CompletedProcess:
@@ -150,7 +151,7 @@ def train_all(work: str, m: dict, seeds: list[int], steps: int, out: str, eval_e
     cores = os.cpu_count() or 2
     # CPU runs share the cores anyway: one at a time; GPU runs overlap (small models leave the GPU mostly idle)
     parallel = len(runs) if m["device"] == "cuda" else 1
-    workers = m["workers"] or max(1, (cores - parallel) // parallel)
+    workers = m["workers"] or max(2, (cores - parallel) // parallel)
     dirs = {}
     pending = []
     for name, flags, seed in runs:
@@ -183,22 +184,22 @@ def read_log(d: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def calibrate(work: str, m: dict, seeds: list[int], out: str, seconds: float) -> tuple[int, dict]:
-    """Steps that fit ``seconds`` of concurrent training: a short run of every method and seed at once, the slowest
-    run's steady rate (log rows after the first, which holds start-up), 85 % of it, rounded down to 50 steps."""
-    probe_steps = 60
+def calibrate(work: str, m: dict, seeds: list[int], out: str) -> dict:
+    """Training speed when every method and seed runs at once: a short run of each, the slowest run's steady rate
+    (log rows after the first, which holds start-up) and the start-up time it had on top."""
+    probe_steps = m["calibration_steps"]
     t0 = time.perf_counter()
     dirs = train_all(work, m, seeds, probe_steps, out, eval_every=0, tag="-calibration")
     wall = time.perf_counter() - t0
     rates = {}
     for key, d in dirs.items():
-        rows = read_log(d)[1:]
+        rows = read_log(d)
+        rows = rows[1:] or rows  # the first row holds the start-up (cuDNN autotuning, first batches)
         rates[f"{key[0]}-s{key[1]}"] = sum(r["images_per_s"] for r in rows) / len(rows) / m["batch"]
         shutil.rmtree(d)
     slowest = min(rates.values())
-    startup = max(0.0, wall - probe_steps / slowest)
-    steps = int(max(50, 0.85 * (seconds - startup) * slowest) // 50 * 50)
-    return steps, {"steps_per_s": rates, "startup_s": startup, "calibration_wall_s": wall}
+    return {"steps_per_s": rates, "slowest": slowest, "startup_s": max(0.0, wall - probe_steps / slowest),
+            "calibration_wall_s": wall}
 
 
 def evaluate(work: str, m: dict, target: list[str], out_json: str) -> dict:
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_const", const="quick", dest="mode", help="same as --mode quick")
     p.add_argument("--work", default=None, help="data and runs (default: /tmp/univip-learn-MODE)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the mode's; gpu: calibrated)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the mode's; gpu: calibrated "
+                                                           "to --budget-s; 0 calibrates in any mode)")
     p.add_argument("--budget-s", type=float, default=480, help="gpu: the whole command's time budget")
     p.add_argument("--prepare-only", action="store_true", help="make the data and stop")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for data preparation")
@@ -235,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(runs_dir, exist_ok=True)
     info: dict = {"mode": a.mode, "settings": m, "optim": OPTIM, "seeds": a.seeds,
                   "samples": {k: _samples(os.path.join(work, k)) for k in ("scenes", "probe_train", "probe_val")}}
-    steps = a.steps or m["steps"]
-    if not steps:  # gpu: calibrate to the budget, keeping ~25 % of it for start-up, evaluation and slack
-        left = a.budget_s - (time.perf_counter() - t_start)
-        steps, info["calibration"] = calibrate(work, m, a.seeds, runs_dir, 0.75 * left - 60)
-        print(f"calibrated: {steps} steps ({info['calibration']})", flush=True)
+    steps = m["steps"] if a.steps is None else a.steps
+    if not steps:  # gpu: the steps that fit the budget, after the evaluations' share and some slack
+        cal = info["calibration"] = calibrate(work, m, a.seeds, runs_dir)
+        left = a.budget_s - (time.perf_counter() - t_start) - EVAL_RESERVE_S - cal["startup_s"]
+        steps = int(max(50, 0.85 * left * cal["slowest"]) // 50 * 50)
+        print(f"calibrated: {steps} steps ({cal})", flush=True)
     info["steps"] = steps
     t0 = time.perf_counter()
     eval_every = m["eval_every"] if m["eval_every"] and steps >= 2 * m["eval_every"] else 0
@@ -254,8 +257,15 @@ def main(argv: list[str] | None = None) -> int:
             d = dirs[(name, seed)]
             ckpt = sorted(f for f in os.listdir(d) if f.startswith("ckpt-"))[-1]
             jobs.append((name, seed, [os.path.join(d, ckpt)], os.path.join(d, "eval.json")))
+    def one(job) -> dict:
+        try:
+            return evaluate(work, m, job[2], job[3])
+        except RuntimeError as e:  # one failed evaluation must not lose the others
+            print(f"evaluation of {job[0]} seed {job[1]} failed: {e}", file=sys.stderr, flush=True)
+            return {"error": str(e)[-2000:]}
+
     with ThreadPoolExecutor(len(jobs) if m["device"] == "cuda" else 1) as pool:
-        evals = list(pool.map(lambda j: evaluate(work, m, j[2], j[3]), jobs))
+        evals = list(pool.map(one, jobs))
     results = []
     for (name, seed, _, _), ev in zip(jobs, evals):
         row = {"method": name, "seed": seed, **_acc(ev)}
@@ -279,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _acc(ev: dict) -> dict:
-    return {"knn_top1": ev["knn_top1"], "linear_top1": ev.get("linear_top1")}
+    return {"knn_top1": ev.get("knn_top1"), "linear_top1": ev.get("linear_top1"), **({"error": ev["error"]}
+                                                                                      if "error" in ev else {})}
 
 
 def markdown(results: list[dict], seeds: list[int]) -> str:
@@ -289,7 +300,7 @@ def markdown(results: list[dict], seeds: list[int]) -> str:
              "|---" * (4 + 2 * len(seeds)) + "|"]
     for name in ("random-init", *(n for n, _ in METHODS)):
         rows = [r for r in results if r["method"] == name]
-        knn = [r["knn_top1"] for r in rows]
+        knn = [r["knn_top1"] for r in rows if r["knn_top1"] is not None]
         lin = [r["linear_top1"] for r in rows if r["linear_top1"] is not None]
 
         def cell(vals):
