@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_const", const="quick", dest="mode", help="same as --mode quick")
     p.add_argument("--work", default=None, help="data and runs (default: /tmp/univip-learn-MODE)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--methods", nargs="+", choices=[n for n, _ in METHODS], default=[n for n, _ in METHODS],
+                   help="methods to train (default: all); random-init is always evaluated")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the mode's; gpu: calibrated "
                                                            "to --budget-s; 0 calibrates in any mode)")
     p.add_argument("--budget-s", type=float, default=480, help="gpu: the whole command's time budget")
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     m = dict(MODES[a.mode])
+    global METHODS
+    METHODS = tuple((n, f) for n, f in METHODS if n in a.methods)
     work = a.work or f"/tmp/univip-learn-{a.mode}"
     os.makedirs(work, exist_ok=True)
     if not os.path.exists(os.path.join(work, "probe_val", "manifest.json")):
