@@ -45,11 +45,11 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import scenes  # noqa: E402  (bench/scenes.py)
 
 # (name, extra train flags): the methods compared, at equal everything else
-METHODS = (
+METHODS = [
     ("byol", ["--method", "byol"]),
     ("univip", ["--method", "univip"]),
     ("univip-no-ot", ["--method", "univip", "--w-instance", "0"]),
-)
+]
 
 # Settings per mode. Scene and object sizes are ~1/4 of COCO's (640 px images, objects of 32-200 px), so the paper's
 # 224 px views / 96 px instances / 96-64 px proposal tiers scale to 96 / 48 / 24-16 here (gpu) and 64 / 32 (cpu).
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_const", const="quick", dest="mode", help="same as --mode quick")
     p.add_argument("--work", default=None, help="data and runs (default: /tmp/univip-learn-MODE)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--methods", nargs="+", choices=[n for n, _ in METHODS], default=[n for n, _ in METHODS],
+    names = [n for n, _ in METHODS]
+    p.add_argument("--methods", nargs="+", choices=names, default=names,
                    help="methods to train (default: all); random-init is always evaluated")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the mode's; gpu: calibrated "
                                                            "to --budget-s; 0 calibrates in any mode)")
@@ -229,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     m = dict(MODES[a.mode])
-    global METHODS
-    METHODS = tuple((n, f) for n, f in METHODS if n in a.methods)
+    METHODS[:] = [(n, f) for n, f in METHODS if n in a.methods]
     work = a.work or f"/tmp/univip-learn-{a.mode}"
     os.makedirs(work, exist_ok=True)
     if not os.path.exists(os.path.join(work, "probe_val", "manifest.json")):
