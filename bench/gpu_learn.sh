@@ -12,7 +12,7 @@ WORK="${1:?usage: bench/gpu_learn.sh DATA_DIR [learn.py flags]}"
 shift
 PY="${PYTHON:-python3}"
 OUT="${OUT:-}"
-echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 echo "CPU cores: $(nproc)"
 "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"

@@ -12,8 +12,7 @@ real tools, as a user's data would:
    table only (and, with ``--eval-every``, for the kNN curve in each run's log): no setting was chosen on them.
 
 Modes (``--mode``): ``quick`` runs the whole pipeline on CPU in a few minutes (checks the pipeline, not the
-accuracies: too short to learn); ``cpu`` is the longest CPU run that fits ~45 minutes on 2 cores; ``gpu`` is one
-prepared command for a GPU machine: the data is prepared beforehand with ``--prepare-only`` (selective search needs
+accuracies: too short to learn); ``gpu`` is one prepared command for a GPU machine: the data is prepared beforehand with ``--prepare-only`` (selective search needs
 opencv-contrib, which the GPU image lacks) and carried; training steps are calibrated so that the whole run fits
 ``--budget-s``.
 
@@ -52,14 +51,11 @@ METHODS = [
 ]
 
 # Settings per mode. Scene and object sizes are ~1/4 of COCO's (640 px images, objects of 32-200 px), so the paper's
-# 224 px views / 96 px instances / 96-64 px proposal tiers scale to 96 / 48 / 24-16 here (gpu) and 64 / 32 (cpu).
+# 224 px views / 96 px instances / 96-64 px proposal tiers scale to 96 / 48 / 24-16 here (gpu); quick is smaller still.
 MODES = {
     "quick": dict(scenes=48, size=128, probe_train=24, probe_val=16, crop=48, image=64, instance=32, batch=16,
                   steps=12, arch="resnet18", proj=(512, 128, 512), min_side=16, fallback_min_side=12,
                   ss_max_side=128, device="cpu", workers=1, eval_every=6, gpu_aug=False, calibration_steps=6),
-    "cpu": dict(scenes=600, size=128, probe_train=300, probe_val=200, crop=48, image=64, instance=32, batch=64,
-                steps=400, arch="resnet18", proj=(1024, 128, 1024), min_side=16, fallback_min_side=12,
-                ss_max_side=128, device="cpu", workers=1, eval_every=100, gpu_aug=False, calibration_steps=20),
     "gpu": dict(scenes=3000, size=160, probe_train=500, probe_val=400, crop=64, image=96, instance=48, batch=256,
                 steps=0, arch="resnet18", proj=(4096, 256, 4096), min_side=24, fallback_min_side=16,
                 ss_max_side=160, device="cuda", workers=0, eval_every=250, gpu_aug=True, calibration_steps=60),
@@ -301,7 +297,7 @@ def markdown(results: list[dict], seeds: list[int]) -> str:
     """Per method: each seed's kNN / linear top-1 and their mean; the spread is max - min over seeds."""
     lines = ["| method | " + " | ".join(f"kNN s{s}" for s in seeds) + " | kNN mean | "
              + " | ".join(f"linear s{s}" for s in seeds) + " | linear mean | final loss | z_std |",
-             "|---" * (4 + 2 * len(seeds)) + "|"]
+             "|---" * (5 + 2 * len(seeds)) + "|"]
     for name in ("random-init", *(n for n, _ in METHODS)):
         rows = [r for r in results if r["method"] == name]
         knn = [r["knn_top1"] for r in rows if r["knn_top1"] is not None]
