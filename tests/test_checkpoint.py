@@ -9,7 +9,7 @@ import torchvision
 
 from train import checkpoint, export, optim
 from train.config import preset
-from train.model import UniVIP
+from train.model import ModelConfig, UniVIP
 
 
 def _tiny(**overrides):
@@ -29,7 +29,7 @@ def one_thread():
 
 def _build(cfg, seed=0):
     torch.manual_seed(seed)
-    model = UniVIP(cfg.model_config())
+    model = UniVIP(ModelConfig.from_train(cfg))
     return model, optim.build([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg)
 
 

@@ -201,10 +201,10 @@ def test_centre_view_is_torchvision_resize_and_centre_crop(photo):
 
 def test_random_init_is_the_training_runs_step_0_encoder():
     from train.config import preset
-    from train.model import UniVIP
+    from train.model import ModelConfig, UniVIP
 
     torch.manual_seed(3)
-    model = UniVIP(preset("tiny").model_config())
+    model = UniVIP(ModelConfig.from_train(preset("tiny")))
     encoder, _ = ev.load_encoder(random_init=True, arch="resnet18", seed=3)
     for name, value in model.online.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[name], value), name

@@ -32,7 +32,7 @@ def test_quick_learning_benchmark(tmp_path):
             assert row["z_std"] > 0
     # each trained method ran the flags it names: BYOL on its own views, UniVIP without OT at weight 0
     cfg = {m: json.loads((work / "runs" / f"{m}-s0" / "config.json").read_text()) for m in rows if m != "random-init"}
-    assert cfg["byol"]["method"] == "byol" and cfg["byol"]["views"] == ""  # "" = the method's own: byol
+    assert cfg["byol"]["method"] == "byol" and cfg["byol"]["views"] == "auto"  # the method's own: byol
     assert cfg["univip-no-ot"]["w_instance"] == 0 and cfg["univip"]["w_instance"] == 1
     assert all(c["max_steps"] == 12 and c["batch_size"] == 16 and c["seed"] == 0 for c in cfg.values())
     table = res["table"].splitlines()

@@ -155,11 +155,11 @@ def _main(capsys, *argv) -> tuple[int, str]:
 def test_refuses_existing_run_and_other_config(shards, tmp_path, capsys):
     from train import checkpoint, optim
     from train.config import parse_args
-    from train.model import UniVIP
+    from train.model import ModelConfig, UniVIP
 
     out = str(tmp_path / "run")
     cfg = parse_args([*TINY, "--data", shards, "--out", out])
-    model = UniVIP(cfg.model_config())
+    model = UniVIP(ModelConfig.from_train(cfg))
     opt = optim.build(model.named_parameters(), cfg)
     checkpoint.save(out, 16, model=model, optimizer=opt, config=cfg, data_position={"epoch": 2, "consumed": 32},
                     rng=[checkpoint.rng_state()], world_size=1)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from shards import reader, storage
 from train import checkpoint, data, dist, optim, schedule
 from train.config import TrainConfig, parse_args
-from train.model import LOGGED, TERMS, UniVIP
+from train.model import LOGGED, TERMS, ModelConfig, UniVIP
 from train.step import model_inputs, step_generator, train_step
 from train.views import UniVIPTransform, ViewConfig
 
@@ -57,7 +57,7 @@ def view_config(cfg: TrainConfig) -> ViewConfig:
 
 def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = UniVIP(cfg.model_config())
+    model = UniVIP(ModelConfig.from_train(cfg))
     if cfg.sync_bn and dist.world_size() > 1:
         if device.type != "cuda":
             raise TrainError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
@@ -126,11 +126,12 @@ class Logger:
         self.bar.update(1)
 
     def write(self, step: int, lr: float, tau: float, images: int, counters: data.DataCounters,
-              extra: dict | None = None) -> dict:
+              extra: dict | None = None, paused: float = 0.0) -> dict:
         """A collective (every rank calls it at the same steps): losses averaged over ranks and the window.
-        ``extra``: more fields for the row (the evaluation's)."""
+        ``extra``: more fields for the row (the evaluation's); ``paused``: seconds of the window that were not
+        training (the evaluation), left out of the rates."""
         terms = dist.all_reduce_mean(self.terms / self.steps).tolist()
-        elapsed = time.perf_counter() - self.t0
+        elapsed = time.perf_counter() - self.t0 - paused
         c = counters.as_dict()
         wait, samples, fallbacks, shards_skipped, samples_skipped = dist.host_sum(
             [self.wait, c["samples"], c["fallbacks"], c["shards_skipped"], c["samples_skipped"]])
@@ -305,8 +306,9 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
             log.step(losses, wait)
             evaluated = probe is not None and (step == end or (cfg.eval_every and step % cfg.eval_every == 0))
             if step % cfg.log_every == 0 or step == end or evaluated:
+                t_eval = time.perf_counter()
                 extra = {"knn_top1": probe.knn(model.online.encoder)} if evaluated else None
-                log.write(step, lr, tau, batch_size * world, counters, extra)
+                log.write(step, lr, tau, batch_size * world, counters, extra, paused=time.perf_counter() - t_eval)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
                 save(cfg, step, model, opt, steps_per_epoch, batch_size, streams)
     finally:

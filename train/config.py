@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHS = ("resnet18", "resnet50")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision ResNets the encoder builds
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -45,9 +45,10 @@ class TrainConfig:
     arch: str = _f("resnet50", "encoder (torchvision, random init)", ARCHS)
     method: str = _f("univip", "univip = three losses; byol = plain BYOL: scene-scene only (instance weights "
                                "ignored), on BYOL's own views unless --views overlap", ("univip", "byol"))
-    views: str = _f("", "how the two views are drawn: overlap = Algorithm 1 (overlapping crops holding K boxes), "
-                        "byol = two independent random resized crops, boxes unused; empty: overlap for univip, byol "
-                        "for byol (byol on overlap views is an ablation, not BYOL)", ("", "overlap", "byol"))
+    views: str = _f("auto", "how the two views are drawn: overlap = Algorithm 1 (overlapping crops holding K boxes), "
+                            "byol = two independent random resized crops, boxes unused; auto: overlap for univip, "
+                            "byol for byol (byol on overlap views is an ablation, not BYOL)",
+                    ("auto", "overlap", "byol"))
     w_scene: float = _f(1.0, "weight of the scene-scene (BYOL) loss; 0 disables it")
     w_scene_instance: float = _f(1.0, "weight of the scene-instance loss; 0 disables it")
     w_instance: float = _f(1.0, "weight of the instance-instance (optimal transport) loss; 0 disables it")
@@ -133,16 +134,6 @@ class TrainConfig:
         """The weight of each loss term; ``--method byol`` is scene-scene alone."""
         return loss_weights(self.method, self.w_scene, self.w_scene_instance, self.w_instance)
 
-    def model_config(self):
-        """The ``train.model.ModelConfig`` of this run (imported here so that reading a config needs no torch)."""
-        from .model import ModelConfig
-
-        return ModelConfig(arch=self.arch, proj_hidden=self.proj_hidden, proj_dim=self.proj_dim,
-                           pred_hidden=self.pred_hidden, k=self.k, method=self.method,
-                           instance_mode=self.instance_mode, instance_size=self.instance_size,
-                           w_scene=self.w_scene, w_scene_instance=self.w_scene_instance, w_instance=self.w_instance,
-                           ot_eps=self.sinkhorn_eps, ot_iters=self.sinkhorn_iters)
-
     def validate(self) -> "TrainConfig":
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -175,7 +166,9 @@ class TrainConfig:
     @property
     def view_mode(self) -> str:
         """The views actually drawn: --views, or the method's own (overlap for univip, byol for byol)."""
-        return self.views or ("byol" if self.method == "byol" else "overlap")
+        if self.views != "auto":
+            return self.views
+        return "byol" if self.method == "byol" else "overlap"
 
     @property
     def instance_crops(self) -> bool:

@@ -25,7 +25,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from train.config import loss_weights
+from train.config import ARCHS, TrainConfig, loss_weights
 from train.losses import byol_loss, instance_ot_loss, scene_instance_loss
 
 __all__ = ["ModelConfig", "ResNetEncoder", "MLP", "Branch", "UniVIP", "update_target", "boxes_to_rois", "TERMS",
@@ -33,7 +33,6 @@ __all__ = ["ModelConfig", "ResNetEncoder", "MLP", "Branch", "UniVIP", "update_ta
 
 TERMS = ("scene", "scene_instance", "instance")
 LOGGED = ("total", *TERMS, "z_std")  # what UniVIP.forward returns: the weighted total, the terms, the collapse signal
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 METHODS = ("univip", "byol")
 INSTANCE_MODES = ("crop", "roi")
 
@@ -71,6 +70,14 @@ class ModelConfig:
     def weights(self) -> dict[str, float]:
         """Loss weights by term; "byol" zeroes the two UniVIP terms."""
         return loss_weights(self.method, self.w_scene, self.w_scene_instance, self.w_instance)
+
+    @classmethod
+    def from_train(cls, cfg: TrainConfig) -> "ModelConfig":
+        """The networks and loss settings of a training run's config."""
+        return cls(arch=cfg.arch, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, pred_hidden=cfg.pred_hidden,
+                   k=cfg.k, method=cfg.method, instance_mode=cfg.instance_mode, instance_size=cfg.instance_size,
+                   w_scene=cfg.w_scene, w_scene_instance=cfg.w_scene_instance, w_instance=cfg.w_instance,
+                   ot_eps=cfg.sinkhorn_eps, ot_iters=cfg.sinkhorn_iters)
 
 
 class ResNetEncoder(nn.Module):
