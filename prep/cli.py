@@ -254,6 +254,15 @@ def _out_arg(f):
     return _s3_endpoint_option(click.argument("out", callback=_check_out)(f))
 
 
+def _check_summary_out(ctx, param, value):
+    from shards import storage
+
+    # http(s) cannot be listed, but a summary needs no listing: the manifest names the shards (prep.inspect)
+    if storage.scheme(value) in ("http", "https"):
+        return value
+    return _check_out(ctx, param, value)
+
+
 @prep.command()
 @_out_arg
 def finalize(out):
@@ -271,11 +280,13 @@ def finalize(out):
 
 
 @prep.command()
-@_out_arg
+@_s3_endpoint_option
+@click.argument("out", callback=_check_summary_out)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw the distributions into this PNG.")
 def stats(out, as_json, plot):
-    """Summary of an output from its Parquet files: ok / failed by reason, boxes, sizes, bytes, timing."""
+    """Summary of an output from its Parquet and stats files (never the tars): ok / failed by reason, boxes, sizes,
+    bytes, timing. OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
     from prep import inspect
 
     try:
