@@ -370,7 +370,8 @@ def decode_check(urls: list[str], args, device, n: int = 32) -> float:
     ref = [cpu(s, np.random.default_rng([args.seed, i])) for i, s in enumerate(samples)]
     batch = data.collate([dict(dev(s, np.random.default_rng([args.seed, i])), __key__=str(i), stats={})
                           for i, s in enumerate(samples)])
-    views = decode_batch(batch, args.image_size, device)
+    d = decode_batch(batch, args.image_size, device)
+    views = (d["view1"], d["view2"])
     diffs = [(v.cpu().int() - torch.stack([r[f"view{j + 1}"] for r in ref]).int()).abs().float().mean()
              for j, v in enumerate(views)]
     return float(sum(diffs) / 2)
@@ -424,7 +425,8 @@ def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, fl
                     b.record()
                     gaps.append((a, b))
             if vcfg.gpu_decode:
-                v1, v2 = decode_batch(batch, args.image_size, device)
+                d = decode_batch(batch, args.image_size, device)
+                v1, v2 = d["view1"], d["view2"]
             else:
                 v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))
             b1, b2 = (batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2"))

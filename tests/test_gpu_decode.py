@@ -33,7 +33,8 @@ def both_paths(sample: dict, seeds, **cfg) -> tuple[list[dict], list[dict], torc
     dev = UniVIPTransform(ViewConfig(gpu_decode=True, **cfg))
     ref = [cpu(sample, np.random.default_rng(s)) for s in seeds]
     outs = [dev(sample, np.random.default_rng(s)) for s in seeds]
-    v1, v2 = decode_batch(batch_of(outs), cfg.get("size", 224), "cpu")
+    d = decode_batch(batch_of(outs), cfg.get("size", 224), "cpu")
+    v1, v2 = d["view1"], d["view2"]
     return ref, outs, v1, v2
 
 
@@ -165,7 +166,7 @@ def test_cuda_matches_cpu(photo_sample):
     b = batch_of([dev(photo_sample, np.random.default_rng(s)) for s in range(8)])
     cpu = decode_batch(b, 64, "cpu")
     cuda = decode_batch(b, 64, "cuda")
-    for c, g in zip(cpu, cuda):
+    for c, g in ((cpu[k], cuda[k]) for k in ("view1", "view2")):
         assert g.device.type == "cuda"
         # nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's: a level or so apart
         assert (g.cpu().int() - c.int()).abs().float().mean() < 1.5
@@ -184,3 +185,22 @@ def test_tiny_training_run_with_gpu_decode(tmp_path):
     assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "loss_scene", "loss_instance"))
     with open(os.path.join(out, "config.json")) as f:
         assert '"gpu_decode": true' in f.read()
+
+
+def test_instances_from_the_source_image_match_the_cpu_path(photo_sample):
+    """--instance-source image with --gpu-decode: the K instances cut on the device from the one decode of each JPEG
+    equal the CPU path's (same random draws, full-size decode), flipped like their views."""
+    geo = dict(size=48, instance_size=32, instance_crops=True)
+    cpu = UniVIPTransform(ViewConfig(gpu_aug=True, draft=False, **geo))
+    dev = UniVIPTransform(ViewConfig(gpu_decode=True, **geo))
+    seeds = range(6)
+    ref = [cpu(photo_sample, np.random.default_rng(s)) for s in seeds]
+    outs = [dev(photo_sample, np.random.default_rng(s)) for s in seeds]
+    assert all(o["inst_boxes"].shape == (4, 4) for o in outs)
+    got = decode_batch(batch_of(outs), 48, "cpu", instance_size=32)
+    for v in (1, 2):
+        want = torch.stack([r[f"inst{v}"] for r in ref])  # [B, K, 3, 32, 32]
+        assert got[f"inst{v}"].shape == want.shape and got[f"inst{v}"].dtype == torch.uint8
+        assert (got[f"inst{v}"].int() - want.int()).abs().float().mean() < 1.0
+    with pytest.raises(ValueError, match="instance_size"):
+        decode_batch(batch_of(outs), 48, "cpu")

@@ -1,4 +1,4 @@
-"""train.losses against naive loops written from the paper's formulas (METHOD.md), plus degenerate cases."""
+"""train.losses against naive loops written from the paper's formulas (docs/method.md), plus degenerate cases."""
 
 import math
 

@@ -34,14 +34,14 @@ def batch(seed=0):
 def test_shapes_and_finite_losses(mode):
     model = make(instance_mode=mode)
     v1, v2, b1, b2 = batch()
-    p, o = model.online_forward(v1, b1)
+    p, o, _ = model.online_forward(v1, b1)
     z, t = model.target_forward(v2, b2)
     assert p.shape == z.shape == (B, 16) and o.shape == t.shape == (B, K, 16)
     assert p.requires_grad and o.requires_grad and not z.requires_grad and not t.requires_grad
     if mode == "crop":
         assert model.online.instance_crops(v1, b1).shape == (B * K, 3, CROP, CROP)
     out = model(v1, v2, b1, b2)
-    assert set(out) == {"scene", "scene_instance", "instance", "total"}
+    assert set(out) == {"scene", "scene_instance", "instance", "total", "z_std"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in out.values())
     assert out["total"].item() == pytest.approx(sum(out[k].item() for k in ("scene", "scene_instance", "instance")),
                                                 abs=1e-5)
@@ -156,3 +156,81 @@ def test_config_errors():
         ModelConfig(instance_mode="mask")
     with pytest.raises(ValueError, match="arch"):
         ModelConfig(arch="vit")
+
+
+# ---- wiring: which output meets which (docs/method.md, "Losses") ----------------------------------------------------
+def crops_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, K, 3, CROP, CROP, generator=g), torch.randn(B, K, 3, CROP, CROP, generator=g)
+
+
+def branches(model, v1, v2, b1, b2, c1=None, c2=None):
+    p1, o1, y1 = model.online_forward(v1, b1, c1)
+    p2, o2, y2 = model.online_forward(v2, b2, c2)
+    z1, t1 = model.target_forward(v1, b1, c1)
+    z2, t2 = model.target_forward(v2, b2, c2)
+    return p1, o1, y1, p2, o2, y2, z1, t1, z2, t2
+
+
+@pytest.mark.parametrize("with_crops", [False, True])
+def test_forward_pairs_each_online_view_with_the_other_target_view(with_crops):
+    """scene: p1-z2 and p2-z1; instance OT: o1 with t2 and o2 with t1; both values change when t1/t2 (z1/z2) swap.
+    The OT masses use the online PREDICTIONS (f_o = p) and target projections (f_t = z)."""
+    from train.losses import byol_loss, instance_ot_loss
+
+    model = make(seed=8)
+    v1, v2, b1, b2 = batch(6)
+    c1, c2 = crops_batch(1) if with_crops else (None, None)
+    out = model(v1, v2, b1, b2, crops1=c1, crops2=c2)
+    p1, o1, y1, p2, o2, y2, z1, t1, z2, t2 = branches(model, v1, v2, b1, b2, c1, c2)
+    f_o, f_t = torch.stack([p1, p2], 1), torch.stack([z1, z2], 1)
+    eps, iters = model.cfg.ot_eps, model.cfg.ot_iters
+    right = instance_ot_loss(o1, t2, f_o, f_t, eps, iters) + instance_ot_loss(o2, t1, f_o, f_t, eps, iters)
+    swapped = instance_ot_loss(o1, t1, f_o, f_t, eps, iters) + instance_ot_loss(o2, t2, f_o, f_t, eps, iters)
+    f_y = torch.stack([y1, y2], 1)  # projections instead of predictions
+    projections = instance_ot_loss(o1, t2, f_y, f_t, eps, iters) + instance_ot_loss(o2, t1, f_y, f_t, eps, iters)
+    assert out["instance"].item() == pytest.approx(right.item(), abs=1e-6)
+    assert abs(right.item() - swapped.item()) > 1e-3
+    assert abs(right.item() - projections.item()) > 1e-6
+    scene = byol_loss(p1, z2) + byol_loss(p2, z1)
+    assert out["scene"].item() == pytest.approx(scene.item(), abs=1e-6)
+    assert abs(scene.item() - (byol_loss(p1, z1) + byol_loss(p2, z2)).item()) > 1e-3
+
+
+def test_crops_from_the_pipeline_replace_the_view_cut():
+    """Given crops, the instances are the crops' features (the boxes only matter without them)."""
+    model = make(seed=9)
+    v1, v2, b1, b2 = batch(7)
+    c1, c2 = crops_batch(2)
+    _, o_crops, _ = model.online_forward(v1, b1, c1)
+    _, o_other_boxes, _ = model.online_forward(v1, b2, c1)
+    _, o_view, _ = model.online_forward(v1, b1)
+    assert torch.allclose(o_crops, o_other_boxes) and not torch.allclose(o_crops, o_view, atol=1e-3)
+
+
+def test_gradients_reach_online_predictor_and_linear_never_the_target():
+    model = make(seed=10)
+    out = model(*batch(8), crops1=crops_batch(3)[0], crops2=crops_batch(3)[1])
+    out["total"].backward()
+    for name, module in (("online", model.online), ("predictor", model.predictor), ("linear", model.linear)):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(g.abs().sum().item() for g in grads) > 0, name
+    assert all(p.grad is None for p in model.target.parameters())
+    assert not out["z_std"].requires_grad
+
+
+def test_collapse_signal():
+    from train.model import embedding_std
+
+    d = 256
+    spread = embedding_std(torch.randn(4096, d))
+    assert spread.item() == pytest.approx(1 / d ** 0.5, rel=0.05)
+    assert embedding_std(torch.randn(1, d).expand(64, d) + 1e-7 * torch.randn(64, d)).item() < 1e-5
+    # a network whose projector outputs a constant (collapsed): the signal its forward reports is ~0
+    model = make(seed=11)
+    with torch.no_grad():
+        model.online.projector[-1].weight.zero_()
+        model.online.projector[-1].bias.normal_()
+    assert model(*batch(9))["z_std"].item() < 1e-6
+    assert make(seed=11)(*batch(9))["z_std"].item() > 0.1 / 16 ** 0.5  # D = 16 in these tiny models

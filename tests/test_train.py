@@ -80,6 +80,7 @@ def test_short_run_lowers_the_loss(reference_run):
     assert r["loss"] == pytest.approx(r["loss_scene"] + r["loss_scene_instance"] + r["loss_instance"], abs=1e-5)
     assert r["lr"] > 0 and 0.99 < r["momentum"] < 1 and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
     assert 0 <= r["fallback_rate"] <= 1 and r["shards_skipped"] == 0
+    assert 0 < r["z_std"] <= 1 and "knn_top1" not in r  # the collapse signal every row; no --eval-data here
     assert sorted(n for n in os.listdir(reference_run) if n.startswith("ckpt")) == \
         ["ckpt-00000008.pt", "ckpt-00000016.pt"]
     with open(os.path.join(reference_run, "config.json")) as f:
@@ -109,6 +110,23 @@ def test_resume_gives_the_uninterrupted_run(shards, reference_run, tmp_path):
     assert a["data"] == b["data"] == {"epoch": 1, "consumed": 16, "streams": 1}
     for k, v in b["model"].items():
         torch.testing.assert_close(a["model"][k], v, rtol=0, atol=1e-5, msg=k)
+
+
+def test_collapse_warning_once(tmp_path, capsys):
+    import dataclasses
+
+    from train.__main__ import Logger
+    from train.config import preset
+
+    log = Logger(dataclasses.replace(preset("tiny"), out=str(tmp_path)), start=0, end=10)
+    healthy = 1 / 128 ** 0.5  # tiny preset: proj_dim 128
+    log.check_collapse({"step": 1, "z_std": healthy})
+    assert "collapsing" not in capsys.readouterr().err
+    log.check_collapse({"step": 2, "z_std": 0.001})
+    log.check_collapse({"step": 3, "z_std": 0.0001})
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("collapsing") == 1 and "step 2" in err
 
 
 def test_resumed_log_drops_rows_after_the_checkpoint(tmp_path):
@@ -197,3 +215,11 @@ def test_plot_writes_a_png(tmp_path):
     assert plot.main([str(log), "-o", png]) == 0
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the collapse signal and the kNN accuracy get panels of their own
+    rows = [{"step": s, "loss": 1 / s, "z_std": 0.05, **({"knn_top1": 0.3} if s % 2 else {})} for s in range(1, 6)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png2 = str(tmp_path / "curve2.png")
+    assert plot.main([str(log), "-o", png2]) == 0
+    from PIL import Image
+
+    assert Image.open(png2).height > Image.open(png).height

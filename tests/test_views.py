@@ -267,7 +267,7 @@ def test_coloured_rectangles_with_reduced_scale_decode():
     sample = make_sample(arr, boxes)
     cfg = ViewConfig(size=96, scale=(0.9, 1.0), flip=0.5, **NO_COLOUR)
     c1, c2, _, _ = overlapping_crops(1600, 1200, boxes, np.random.default_rng(0), cfg)
-    img, d = views.decode_for_crops(sample["jpg"], 1600, 1200, [c1, c2], cfg.size)
+    img, d = views.decode_for_crops(sample["jpg"], 1600, 1200, [(c1, cfg.size), (c2, cfg.size)])
     assert d == 8 and img.size == (200, 150)
     assert check_views_follow_boxes(sample, cfg, range(10)) >= 30
 
@@ -385,3 +385,96 @@ def test_cpu_blur_and_solarize_limits():
     ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
     sol = views.solarize(ramp, 128)[0, :, 0].astype(int)
     assert (sol[:128] == np.arange(128)).all() and (sol[128:] == 255 - np.arange(128, 256)).all()
+
+
+# --- BYOL's views and the paper's instances ----------------------------------------------------------------------
+def test_byol_views_ignore_boxes(photo_sample):
+    """Plain BYOL: two independent random resized crops; the sample's boxes change nothing."""
+    cfg = ViewConfig(size=48, views="byol")
+    no_boxes = {"jpg": photo_sample["jpg"], "meta": dict(photo_sample["meta"], boxes=np.zeros((0, 4), np.int32))}
+    for seed in range(5):
+        a = UniVIPTransform(cfg)(photo_sample, np.random.default_rng(seed))
+        b = UniVIPTransform(cfg)(no_boxes, np.random.default_rng(seed))
+        assert torch.equal(a["view1"], b["view1"]) and torch.equal(a["view2"], b["view2"])
+        assert not a["fallback"] and a["boxes1"].shape == (0, 4)
+
+
+def test_byol_views_are_torchvision_crops_without_overlap_constraint(photo_sample):
+    """The crops are two draws of the random-resized-crop rule, and small ones often do not overlap at all
+    (Algorithm 1 never returns such a pair)."""
+    meta = photo_sample["meta"]
+    cfg = ViewConfig(size=32, views="byol", scale=(0.08, 0.1), gpu_decode=True)  # gpu_decode: crops in the output
+    disjoint = 0
+    for seed in range(100):
+        out = UniVIPTransform(cfg)(photo_sample, np.random.default_rng(seed))
+        want = views.random_resized_crops(meta["width"], meta["height"], 2, np.random.default_rng(seed), cfg.scale,
+                                          cfg.ratio)
+        assert np.array_equal(out["crop1"].numpy(), want[0]) and np.array_equal(out["crop2"].numpy(), want[1])
+        disjoint += views._area(views._intersect(want[:1], want[1:]))[0] == 0
+    assert disjoint > 30
+    with pytest.raises(ValueError, match="instance_crops"):
+        ViewConfig(views="byol", instance_crops=True)
+
+
+def _expected_instance(src: np.ndarray, box, size: int) -> np.ndarray:
+    """The instance a reader of the paper expects: the box cut from the full-resolution image, resized to size."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    t = torch.from_numpy(np.ascontiguousarray(src[y0:y1, x0:x1])).permute(2, 0, 1)[None].float()
+    out = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def test_instances_are_cut_from_the_source_image():
+    """inst1/inst2: box m cut out of the source image at its own resolution, resized to instance_size, flipped like
+    its view (full-size decode here; test_draft_factor_keeps_every_target_resolution covers reduced-scale ones).
+    The stripes every 7 rows would be blurred away in a 64 px view: an instance cut from it could not match."""
+    arr, boxes = rectangles_image(scale=4)  # 1280x960 image of coloured rectangles (80x90 px * 4)
+    arr = arr.copy()
+    arr[::7] = 255 - arr[::7]  # stripes: detail a reduced-scale decode would blur
+    sample = make_sample(arr, boxes)
+    cfg = ViewConfig(size=64, instance_size=96, k=2, scale=(0.5, 1.0), instance_crops=True, draft=False, **NO_COLOUR)
+    checked = 0
+    for seed in range(6):
+        out = UniVIPTransform(cfg)(sample, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        c1, c2, inst, fallback = overlapping_crops(arr.shape[1], arr.shape[0], boxes, rng, cfg)
+        flips = rng.random(2) < cfg.flip
+        decoded = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+        for v in (1, 2):
+            got = out[f"inst{v}"]
+            assert got.shape == (2, 3, 96, 96) and got.dtype == torch.uint8
+            for m, box in enumerate(inst):
+                want = _expected_instance(decoded, box, 96)
+                if flips[v - 1]:
+                    want = want[:, :, ::-1]
+                assert np.abs(got[m].numpy().astype(int) - want.astype(int)).mean() < 1.0
+                checked += 1
+    assert checked >= 12
+
+
+def test_instances_get_the_colour_of_their_view(photo_sample):
+    """Colour parameters are drawn once per view and applied to the view and its K instances: grey view, grey
+    instances; the view's own pixels are those of the path without instances (same random draws)."""
+    grey = ViewConfig(size=48, instance_size=32, instance_crops=True, gray_p=1.0, blur_p=(0.0, 0.0))
+    out = UniVIPTransform(grey)(photo_sample, np.random.default_rng(1))
+    for v in (1, 2):
+        inst = out[f"inst{v}"]
+        assert torch.equal(inst[:, 0], inst[:, 1]) and torch.equal(inst[:, 1], inst[:, 2])
+    # (full-size decodes: the instances' resolution may lower the reduced-scale factor, and with it the views' pixels)
+    plain = UniVIPTransform(ViewConfig(size=48, instance_size=32, draft=False))(photo_sample, np.random.default_rng(1))
+    with_inst = UniVIPTransform(ViewConfig(size=48, instance_size=32, instance_crops=True, draft=False))(
+        photo_sample, np.random.default_rng(1))
+    for key in ("view1", "view2", "boxes1", "boxes2"):
+        assert torch.equal(plain[key], with_inst[key])
+    # the two views' instances differ only by their augmentation: with colour off, equal up to the flips
+    off = UniVIPTransform(ViewConfig(size=48, instance_size=32, instance_crops=True, flip=0.0, **NO_COLOUR))(
+        photo_sample, np.random.default_rng(1))
+    assert torch.equal(off["inst1"], off["inst2"])
+
+
+def test_draft_factor_keeps_every_target_resolution():
+    big = np.array([0, 0, 1600, 1600])
+    assert views.draft_factor(1600, 1600, [(big, 96)]) == 8
+    assert views.draft_factor(1600, 1600, [(big, 96), (np.array([0, 0, 200, 150]), 96)]) == 1
+    assert views.draft_factor(1600, 1600, [(big, 96), (np.array([0, 0, 400, 400]), 96)]) == 4
+    assert views.draft_factor(6, 6, [(np.array([0, 0, 6, 6]), 1)]) == 4

@@ -6,7 +6,10 @@ The lr and EMA schedules span ``epochs * steps_per_epoch`` steps; ``--max-steps`
 
 ``OUT/log.jsonl``, one row per ``--log-every`` steps (rank 0): ``loss`` and ``loss_{scene,scene_instance,instance}``
 (unweighted terms; ``loss`` is the weighted sum), averaged over ranks and the steps since the previous row; ``lr``;
-``momentum`` (EMA); ``images_per_s`` (all ranks); ``data_wait`` (fraction of wall time spent waiting for batches);
+``z_std`` (collapse signal: per-dimension std of the l2-normalised online scene projections, about 1/sqrt(D) when
+healthy, 0 when collapsed; a warning is printed once below ``--collapse-warn``/sqrt(D)); ``knn_top1`` (rows of
+evaluation steps, with ``--eval-data``: kNN top-1 of the online encoder's features, ``train.eval``); ``momentum``
+(EMA); ``images_per_s`` (all ranks); ``data_wait`` (fraction of wall time spent waiting for batches);
 ``fallback_rate`` (Algorithm 1 fell back to random boxes), ``shards_skipped`` and ``samples_skipped``, summed over
 ranks since this process started.
 
@@ -35,9 +38,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from shards import reader, storage
-from train import augment, checkpoint, data, dist, gpu_decode, optim, schedule
+from train import checkpoint, data, dist, optim, schedule
 from train.config import TrainConfig, parse_args
-from train.model import TERMS, UniVIP, update_target
+from train.model import LOGGED, TERMS, UniVIP
+from train.step import model_inputs, step_generator, train_step
 from train.views import UniVIPTransform, ViewConfig
 
 
@@ -47,8 +51,8 @@ class TrainError(RuntimeError):
 
 def view_config(cfg: TrainConfig) -> ViewConfig:
     return ViewConfig(size=cfg.image_size, scale=(cfg.crop_min_scale, 1.0), k=cfg.k, iters=cfg.view_iters,
-                      instance_size=cfg.instance_size, gpu_aug=cfg.gpu_aug or cfg.gpu_decode,
-                      gpu_decode=cfg.gpu_decode)
+                      instance_size=cfg.instance_size, views=cfg.view_mode, instance_crops=cfg.instance_crops,
+                      gpu_aug=cfg.gpu_aug or cfg.gpu_decode, gpu_decode=cfg.gpu_decode)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
@@ -64,11 +68,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The GPU colour augmentation's randomness, a pure function of (seed, step, rank): resumed runs repeat it."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence((seed, step, rank)).generate_state(1)[0]))
 
 
 def open_run(cfg: TrainConfig, world: int) -> tuple[dict | None, str | None]:
@@ -112,6 +111,7 @@ class Logger:
         if self.main:
             drop_rows_after(path, start)
         self.file = open(path, "a") if self.main else None
+        self.proj_dim, self.collapse_warn, self.warned = cfg.proj_dim, cfg.collapse_warn, False
         self.reset()
 
     def reset(self) -> None:
@@ -119,23 +119,26 @@ class Logger:
         self.terms = None
 
     def step(self, losses: dict[str, torch.Tensor], wait: float) -> None:
-        vals = torch.stack([losses[t].detach().float() for t in ("total", *TERMS)])
+        vals = torch.stack([losses[t].detach().float() for t in LOGGED])
         self.terms = vals if self.terms is None else self.terms + vals  # stays on the device: no sync per step
         self.wait += wait
         self.steps += 1
         self.bar.update(1)
 
-    def write(self, step: int, lr: float, tau: float, images: int, counters: data.DataCounters) -> dict:
-        """A collective (every rank calls it at the same steps): losses averaged over ranks and the window."""
+    def write(self, step: int, lr: float, tau: float, images: int, counters: data.DataCounters,
+              extra: dict | None = None) -> dict:
+        """A collective (every rank calls it at the same steps): losses averaged over ranks and the window.
+        ``extra``: more fields for the row (the evaluation's)."""
         terms = dist.all_reduce_mean(self.terms / self.steps).tolist()
         elapsed = time.perf_counter() - self.t0
         c = counters.as_dict()
         wait, samples, fallbacks, shards_skipped, samples_skipped = dist.host_sum(
             [self.wait, c["samples"], c["fallbacks"], c["shards_skipped"], c["samples_skipped"]])
         row = {"step": step, "loss": terms[0], **{f"loss_{t}": v for t, v in zip(TERMS, terms[1:])},
-               "lr": lr, "momentum": tau, "images_per_s": images * self.steps / elapsed,
+               "z_std": terms[-1], "lr": lr, "momentum": tau, "images_per_s": images * self.steps / elapsed,
                "data_wait": wait / dist.world_size() / elapsed, "fallback_rate": fallbacks / max(samples, 1),
-               "shards_skipped": int(shards_skipped), "samples_skipped": int(samples_skipped)}
+               "shards_skipped": int(shards_skipped), "samples_skipped": int(samples_skipped), **(extra or {})}
+        self.check_collapse(row)
         if self.main:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -143,10 +146,55 @@ class Logger:
         self.reset()
         return row
 
+    def check_collapse(self, row: dict) -> None:
+        """Warn once per run when the online projections collapse (BYOL's loss falls for a collapsed network too)."""
+        level = row["z_std"] * self.proj_dim ** 0.5  # 1: spread over the sphere; 0: every input maps to one vector
+        if level < self.collapse_warn and not self.warned and self.main:
+            self.warned = True
+            tqdm.write(f"warning: step {row['step']}: the online projections are collapsing: z_std {row['z_std']:.4g} "
+                       f"= {level:.3f} / sqrt({self.proj_dim}) (healthy: about 1 / sqrt(D)); lower the lr or check "
+                       "the EMA and predictor settings", file=sys.stderr)
+
     def close(self) -> None:
         self.bar.close()
         if self.file:
             self.file.close()
+
+
+class KnnProbe:
+    """``--eval-data``: the kNN evaluation of ``train.eval`` on a labelled set loaded once, run on rank 0 while the
+    other ranks wait (the features of a small set take seconds; every rank sees the result)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from train import eval as evaluation  # torch-side module, imported only when asked for
+
+        self.evaluation, self.device = evaluation, device
+        self.train = self.val = None
+        error = None
+        if dist.is_main():
+            size = cfg.eval_size or cfg.image_size
+            try:
+                labelled = evaluation.load_labelled(cfg.eval_data, size=size)
+                if cfg.eval_val_data:
+                    self.train, self.val = labelled, evaluation.load_labelled(cfg.eval_val_data, size=size)
+                else:
+                    self.train, self.val = evaluation.split(labelled, cfg.eval_val_fraction)
+                dist.print0(f"kNN evaluation: {len(self.train.labels)} labelled images as memory, "
+                            f"{len(self.val.labels)} held out, {size} px")
+            except (ValueError, OSError) as e:
+                error = TrainError(f"--eval-data: {e}")
+        if dist.failed_ranks(error is not None):  # every rank stops, not only the one that read the data
+            raise error or TrainError("stopping: rank 0 could not load --eval-data (see its error)")
+
+    def knn(self, encoder: torch.nn.Module) -> float:
+        """A collective: kNN top-1 of ``encoder``'s features (train mode restored afterwards)."""
+        acc = 0.0
+        if dist.is_main():
+            ev = self.evaluation
+            f_train = ev.extract(encoder, self.train.images, device=self.device)
+            f_val = ev.extract(encoder, self.val.images, device=self.device)
+            acc = ev.knn_top1(f_train, self.train.labels, f_val, self.val.labels)
+        return float(dist.host_sum([acc])[0])  # rank 0's value on every rank
 
 
 def next_batch(loader_iter, loader):
@@ -224,7 +272,7 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
     unused = cfg.method == "univip" and min(cfg.loss_weights().values()) == 0
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
               find_unused_parameters=unused) if world > 1 else model
-    params = [p for p in model.parameters() if p.requires_grad]
+    probe = KnnProbe(cfg, device) if cfg.eval_data else None
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels once
     use_amp = cfg.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
@@ -250,28 +298,15 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
             wait = time.perf_counter() - t0
             counters.add(batch)
 
-            if cfg.gpu_decode:  # the workers sent JPEG bytes, crops and flips: the views are made on the device
-                v1, v2 = gpu_decode.decode_batch(batch, vcfg.size, device)  # uint8 [B,3,S,S]
-            else:
-                v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))  # uint8 [B,3,S,S]
-            b1, b2 = (batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2"))  # [B,K,4]
-            if vcfg.gpu_aug:
-                g = step_generator(cfg.seed, it, rank)
-                v1, v2 = augment.gpu_colour(v1, 0, g, vcfg), augment.gpu_colour(v2, 1, g, vcfg)
-            else:
-                v1, v2 = augment.normalize(v1), augment.normalize(v2)
-            with autocast():
-                losses = net(v1, v2, b1, b2)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            update_target(model, tau)  # EMA: target <- tau * target + (1 - tau) * online
+            g = step_generator(cfg.seed, it, rank) if vcfg.gpu_aug else None
+            losses = train_step(net, model, opt, model_inputs(batch, vcfg, device, g), tau=tau,
+                                grad_clip=cfg.grad_clip, autocast=autocast)
 
             log.step(losses, wait)
-            if step % cfg.log_every == 0 or step == end:
-                log.write(step, lr, tau, batch_size * world, counters)
+            evaluated = probe is not None and (step == end or (cfg.eval_every and step % cfg.eval_every == 0))
+            if step % cfg.log_every == 0 or step == end or evaluated:
+                extra = {"knn_top1": probe.knn(model.online.encoder)} if evaluated else None
+                log.write(step, lr, tau, batch_size * world, counters, extra)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
                 save(cfg, step, model, opt, steps_per_epoch, batch_size, streams)
     finally:

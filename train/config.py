@@ -43,8 +43,11 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the newest checkpoint in --out (same config required)")
     # --- model
     arch: str = _f("resnet50", "encoder (torchvision, random init)", ARCHS)
-    method: str = _f("univip", "univip = three losses; byol = scene-scene only (instance weights ignored)",
-                     ("univip", "byol"))
+    method: str = _f("univip", "univip = three losses; byol = plain BYOL: scene-scene only (instance weights "
+                               "ignored), on BYOL's own views unless --views overlap", ("univip", "byol"))
+    views: str = _f("", "how the two views are drawn: overlap = Algorithm 1 (overlapping crops holding K boxes), "
+                        "byol = two independent random resized crops, boxes unused; empty: overlap for univip, byol "
+                        "for byol (byol on overlap views is an ablation, not BYOL)", ("", "overlap", "byol"))
     w_scene: float = _f(1.0, "weight of the scene-scene (BYOL) loss; 0 disables it")
     w_scene_instance: float = _f(1.0, "weight of the scene-instance loss; 0 disables it")
     w_instance: float = _f(1.0, "weight of the instance-instance (optimal transport) loss; 0 disables it")
@@ -55,6 +58,10 @@ class TrainConfig:
     instance_size: int = _f(96, "instance crop side in pixels (instance_mode=crop)")
     instance_mode: str = _f("crop", "crop = K instance crops through the encoder (paper); roi = RoIAlign on the "
                             "encoder's last feature map (cheaper, not the paper's)", ("crop", "roi"))
+    instance_source: str = _f("image", "instance_mode=crop: image = each box cut from the decoded source image at "
+                              "its own resolution, resized to --instance-size, flipped and coloured like its view "
+                              "(paper); view = cut from the augmented view (cheaper, upsamples small boxes)",
+                              ("image", "view"))
     proj_hidden: int = _f(4096, "projector hidden width")
     proj_dim: int = _f(256, "projector / predictor output width")
     pred_hidden: int = _f(4096, "predictor hidden width")
@@ -89,6 +96,16 @@ class TrainConfig:
     s3_endpoint: str = _f("", "S3 API endpoint of an S3-compatible store for s3:// data (MinIO, Ceph...); empty: "
                               "$S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS. Credentials: the AWS environment "
                               "or profile")
+    # --- monitoring
+    collapse_warn: float = _f(0.1, "warn once when z_std * sqrt(proj_dim) falls below this (z_std: per-dimension std "
+                                   "of the l2-normalised online projections; 1 = spread over the sphere, 0 = collapse)")
+    eval_data: str = _f("", "labelled shards (prep imagenet) for a kNN evaluation during training; empty: none")
+    eval_val_data: str = _f("", "held-out labelled shards for that evaluation; empty: --eval-val-fraction of "
+                                "--eval-data")
+    eval_val_fraction: float = _f(0.2, "share of --eval-data held out (by key hash) when --eval-val-data is empty")
+    eval_every: int = _f(0, "run the kNN evaluation every N steps and at the end (0 = only at the end, when "
+                            "--eval-data is given); logged as knn_top1")
+    eval_size: int = _f(0, "image side for the evaluation (0 = --image-size)")
     # --- hardware
     device: str = _f("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
     sync_bn: bool = _f(False, "SyncBatchNorm across ranks in the online network")
@@ -144,7 +161,25 @@ class TrainConfig:
             raise ValueError(f"crop_min_scale must lie in (0, 1], got {self.crop_min_scale}")
         if sum(self.loss_weights().values()) == 0:
             raise ValueError("every loss weight is 0: nothing to train")
+        if self.method == "univip" and self.view_mode == "byol":
+            raise ValueError("--views byol draws independent crops that share no instances: UniVIP needs "
+                             "--views overlap")
+        if not 0 < self.eval_val_fraction < 1:
+            raise ValueError(f"eval_val_fraction must lie in (0, 1), got {self.eval_val_fraction}")
+        if self.eval_size < 0 or self.eval_every < 0:
+            raise ValueError("eval_size and eval_every must be >= 0")
         return self
+
+    @property
+    def view_mode(self) -> str:
+        """The views actually drawn: --views, or the method's own (overlap for univip, byol for byol)."""
+        return self.views or ("byol" if self.method == "byol" else "overlap")
+
+    @property
+    def instance_crops(self) -> bool:
+        """Whether the input pipeline cuts the instances out of the source image (and the model takes them)."""
+        needs_instances = self.method == "univip" and (self.w_scene_instance != 0 or self.w_instance != 0)
+        return needs_instances and self.instance_mode == "crop" and self.instance_source == "image"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,7 +200,8 @@ class TrainConfig:
 # loss weights that decide which heads exist), the optimizer state layout, or what the saved data position and
 # schedule mean (batch, seed, epochs). Everything else (workers, logging, device, max_steps...) may change.
 RESUME_MUST_MATCH = (
-    "arch", "method", "k", "image_size", "instance_size", "instance_mode", "proj_hidden", "proj_dim",
+    "arch", "method", "views", "k", "image_size", "instance_size", "instance_mode", "instance_source", "proj_hidden",
+    "proj_dim",
     "pred_hidden", "w_scene", "w_scene_instance", "w_instance", "optimizer", "batch_size", "epochs", "seed",
     "wd_exclude_bn_bias",
 )

@@ -59,6 +59,50 @@ def _resize(patch: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+def _check(crop: list[int], w: int, h: int, i: int) -> None:
+    x0, y0, x1, y1 = crop
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"decode_views: sample {i}: crop {crop} outside its {w}x{h} image")
+
+
+def _flip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """float ``[B, ...]`` images flipped horizontally where ``flips`` ``[B]`` holds, rounded to uint8 levels."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    x = torch.where(flips.to(x.device, non_blocking=True).view(shape), x.flip(-1), x)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def cut_views(images: Sequence[torch.Tensor], crops1: torch.Tensor, crops2: torch.Tensor, flips1: torch.Tensor,
+              flips2: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both views of each decoded image (uint8 ``[3, H, W]`` on the device) -> ``(view1, view2)`` uint8
+    ``[B, 3, S, S]``. crops: ``[B, 4]`` xyxy image pixels; flips: bool ``[B]``."""
+    views = []
+    for crops, flips in ((crops1, flips1), (crops2, flips2)):
+        boxes = crops.round().to(torch.int64).tolist()  # host ints: slicing needs them, and they are exact
+        out = []
+        for i, (img, box) in enumerate(zip(images, boxes)):
+            _check(box, img.shape[2], img.shape[1], i)
+            out.append(_resize(img[:, box[1]:box[3], box[0]:box[2]], size))
+        views.append(_flip(torch.stack(out), flips))  # float32 [B, 3, S, S] -> uint8
+    return views[0], views[1]
+
+
+def cut_instances(images: Sequence[torch.Tensor], boxes: torch.Tensor, flips1: torch.Tensor, flips2: torch.Tensor,
+                  size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K instance boxes of each decoded image cut at the image's own resolution and resized to ``size``, once;
+    each view's set flipped like its view -> ``(inst1, inst2)`` uint8 ``[B, K, 3, s, s]``. boxes: ``[B, K, 4]`` xyxy
+    image pixels (``views.UniVIPTransform``'s ``inst_boxes``). B * K resize launches: the instances' cost."""
+    ints = boxes.round().to(torch.int64).tolist()
+    crops = []
+    for i, (img, img_boxes) in enumerate(zip(images, ints)):
+        for box in img_boxes:
+            box = [box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1)]
+            _check(box, img.shape[2], img.shape[1], i)
+            crops.append(_resize(img[:, box[1]:box[3], box[0]:box[2]], size))
+    x = torch.stack(crops).view(len(ints), -1, 3, size, size)  # float32 [B, K, 3, s, s]
+    return _flip(x, flips1), _flip(x, flips2)
+
+
 def decode_views(jpegs: Sequence[torch.Tensor], crops1: torch.Tensor, crops2: torch.Tensor, flips1: torch.Tensor,
                  flips2: torch.Tensor, size: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode B JPEGs on ``device`` and cut both views from each -> ``(view1, view2)`` uint8 ``[B, 3, S, S]``.
@@ -66,29 +110,29 @@ def decode_views(jpegs: Sequence[torch.Tensor], crops1: torch.Tensor, crops2: to
     jpegs: B uint8 ``[nbytes]`` CPU tensors (pinned memory helps nvjpeg). crops1, crops2: ``[B, 4]`` xyxy in image
     pixels (Algorithm 1's integer crops; on the CPU: they are read on the host). flips1, flips2: bool ``[B]``
     (CPU or ``device``). size: view side S. Raises ValueError when a crop does not lie inside its image."""
-    device = torch.device(device)
     b = len(jpegs)
     if not (len(crops1) == len(crops2) == len(flips1) == len(flips2) == b) or b == 0:
         raise ValueError(f"decode_views: {b} JPEGs but {len(crops1)}, {len(crops2)} crops and {len(flips1)}, "
                          f"{len(flips2)} flips (need the same non-zero number)")
-    images = _decode(jpegs, device)
-    views = []
-    for crops, flips in ((crops1, flips1), (crops2, flips2)):
-        boxes = crops.round().to(torch.int64).tolist()  # host ints: slicing needs them, and they are exact
-        out = []
-        for i, (img, (x0, y0, x1, y1)) in enumerate(zip(images, boxes)):
-            h, w = img.shape[1:]
-            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-                raise ValueError(f"decode_views: sample {i}: crop {[x0, y0, x1, y1]} outside its {w}x{h} image")
-            out.append(_resize(img[:, y0:y1, x0:x1], size))
-        x = torch.stack(out)  # float32 [B, 3, S, S]
-        x = torch.where(flips.to(device, non_blocking=True).view(-1, 1, 1, 1), x.flip(-1), x)
-        views.append(x.round_().clamp_(0, 255).to(torch.uint8))
-    return views[0], views[1]
+    return cut_views(_decode(jpegs, torch.device(device)), crops1, crops2, flips1, flips2, size)
 
 
-def decode_batch(batch: Mapping[str, Any], size: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``decode_views`` on a collated batch of the ``gpu_decode`` transform (``train.data.collate`` packs the JPEG
-    bytes into ``jpeg`` + ``jpeg_sizes``) -> ``(view1, view2)`` uint8 ``[B, 3, S, S]`` on ``device``."""
-    return decode_views(unpack(batch["jpeg"], batch["jpeg_sizes"]), batch["crop1"], batch["crop2"], batch["flip1"],
-                        batch["flip2"], size, device)
+def decode_batch(batch: Mapping[str, Any], size: int, device: torch.device | str,
+                 instance_size: int | None = None) -> dict[str, torch.Tensor]:
+    """A collated batch of the ``gpu_decode`` transform (``train.data.collate`` packs the JPEG bytes into ``jpeg`` +
+    ``jpeg_sizes``) -> ``view1``, ``view2`` uint8 ``[B, 3, S, S]`` on ``device``, and, when the batch carries
+    ``inst_boxes`` (instances cut from the source image), ``inst1``, ``inst2`` uint8 ``[B, K, 3, s, s]``
+    (s = ``instance_size``), all from one decode of each JPEG."""
+    jpegs = unpack(batch["jpeg"], batch["jpeg_sizes"])
+    b = len(jpegs)
+    if not (len(batch["crop1"]) == len(batch["crop2"]) == b) or b == 0:
+        raise ValueError(f"decode_batch: {b} JPEGs but {len(batch['crop1'])}, {len(batch['crop2'])} crops")
+    images = _decode(jpegs, torch.device(device))
+    v1, v2 = cut_views(images, batch["crop1"], batch["crop2"], batch["flip1"], batch["flip2"], size)
+    out = {"view1": v1, "view2": v2}
+    if "inst_boxes" in batch:
+        if not instance_size:
+            raise ValueError("decode_batch: the batch carries instance boxes but no instance_size was given")
+        out["inst1"], out["inst2"] = cut_instances(images, batch["inst_boxes"], batch["flip1"], batch["flip2"],
+                                                   instance_size)
+    return out

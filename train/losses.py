@@ -1,4 +1,4 @@
-"""UniVIP losses as pure functions of tensors (METHOD.md, "Losses").
+"""UniVIP losses as pure functions of tensors (docs/method.md, "Losses").
 
 Every function here is free of module state and of distributed calls, so it runs the same in a unit test, in a
 single-process run and inside DDP. Shapes: B batch, K (= M = N) instances per view, D output dimension.
@@ -70,7 +70,7 @@ def sinkhorn(cost: Tensor, row_mass: Tensor, col_mass: Tensor, eps: float, iters
 
 
 def _normalise_mass(mass: Tensor) -> Tensor:
-    """[B, M] non-negative -> rows summing to 1; a row that is all zero becomes uniform (METHOD.md)."""
+    """[B, M] non-negative -> rows summing to 1; a row that is all zero becomes uniform (docs/method.md)."""
     total = mass.sum(dim=1, keepdim=True)
     uniform = torch.full_like(mass, 1.0 / mass.shape[1])
     # where() instead of a Python branch: no device sync, and each batch element falls back on its own.
@@ -79,7 +79,7 @@ def _normalise_mass(mass: Tensor) -> Tensor:
 
 @torch.no_grad()
 def ot_masses(o: Tensor, t: Tensor, f_o: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
-    """Marginals of the instance transport problem (METHOD.md): an instance that agrees with the scene gets more mass.
+    """Marginals of the instance transport problem (docs/method.md): an instance that agrees with the scene gets more mass.
 
     o [B, M, D] online instances, t [B, N, D] target instances, f_o [B, 2, D] online scene outputs,
     f_t [B, 2, D] target scene outputs. With x^ = x / |x|:
@@ -117,7 +117,7 @@ def scene_instance_loss(o: Tensor, z_scenes: Tensor, linear: nn.Module) -> Tenso
     """Scene-instance affinity loss: the K instances of a view, taken together, must agree with both scenes.
 
     o: online instance outputs [B, K, D]; z_scenes: target scene outputs of the two views [B, 2, D] (constant);
-    linear: maps K*D -> D (the learned layer of METHOD.md).
+    linear: maps K*D -> D (the learned layer of docs/method.md).
     I = linear(o.flatten(1)) [B, D]; returns sum over s in {1, 2} of the batch mean of -cos(I, z_s), a scalar.
     """
     with _float32(o.device):

@@ -1,11 +1,13 @@
-"""UniVIP networks (METHOD.md, "Networks"): ResNet encoder, BYOL MLPs, online and target branches, instance features.
+"""UniVIP networks (docs/method.md, "Networks"): ResNet encoder, BYOL MLPs, online and target branches, instance features.
 
 The training loop owns the EMA: it calls `model(view1, view2, boxes1, boxes2)` for the loss terms, steps the
 optimizer, then `update_target(model, momentum)`. Nothing here updates the target behind the loop's back.
 
-Instance features, two ways (`ModelConfig.instance_mode`):
-- "crop" (the paper's, default): each of the K boxes is cut out of the augmented view tensor with
-  `torchvision.ops.roi_align` (one batched call) at `instance_size` pixels and passed through the same encoder.
+Instance features, two ways (`ModelConfig.instance_mode`; docs/method.md, "Instances"):
+- "crop" (the paper's, default): K instance crops of `instance_size` pixels pass through the same encoder. The
+  paper's crops are cut from the source image by the input pipeline (`crops1`, `crops2` of `UniVIP.forward`:
+  `--instance-source image`); without them each box is cut out of the augmented view tensor with
+  `torchvision.ops.roi_align` (one batched call; `--instance-source view`, cheaper but it upsamples small boxes).
   With 96 px crops of 224 px views this costs ~1.7x the encoder FLOPs of BYOL.
 - "roi" (cheaper, not the paper's): RoIAlign of each box on the encoder's last feature map of the view, averaged
   over its `roi_output` x `roi_output` bins. One encoder pass per view, ~1.0x BYOL's FLOPs.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import roi_align
@@ -25,9 +28,11 @@ from torchvision.ops import roi_align
 from train.config import loss_weights
 from train.losses import byol_loss, instance_ot_loss, scene_instance_loss
 
-__all__ = ["ModelConfig", "ResNetEncoder", "MLP", "Branch", "UniVIP", "update_target", "boxes_to_rois", "TERMS"]
+__all__ = ["ModelConfig", "ResNetEncoder", "MLP", "Branch", "UniVIP", "update_target", "boxes_to_rois", "TERMS",
+           "LOGGED", "embedding_std"]
 
 TERMS = ("scene", "scene_instance", "instance")
+LOGGED = ("total", *TERMS, "z_std")  # what UniVIP.forward returns: the weighted total, the terms, the collapse signal
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 METHODS = ("univip", "byol")
 INSTANCE_MODES = ("crop", "roi")
@@ -140,10 +145,18 @@ class Branch(nn.Module):
         return roi_align(view, rois, output_size=self.instance_size, spatial_scale=1.0, sampling_ratio=-1,
                          aligned=True)
 
-    def forward(self, view: Tensor, boxes: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, view: Tensor, boxes: Tensor | None = None,
+                crops: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """crops: the K instance crops of each view made by the input pipeline, [B, K, 3, s, s] normalised, or None
+        (then "crop" mode cuts them out of the view with roi_align)."""
         view = _like_weights(view, self.encoder.net.conv1)
-        if boxes is None:
+        if boxes is None and crops is None:
             return self.projector(self.encoder(view)), None
+        if crops is not None:
+            b, k = crops.shape[:2]
+            scene_feat = self.encoder(view)  # [B, C]
+            inst_feat = self.encoder(_like_weights(crops.flatten(0, 1), self.encoder.net.conv1))  # [B*K, C]
+            return self.projector(scene_feat), self.projector(inst_feat).reshape(b, k, -1)
         b, k, _ = boxes.shape
         if self.instance_mode == "crop":
             scene_feat = self.encoder(view)  # [B, C]
@@ -177,26 +190,33 @@ class UniVIP(nn.Module):
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
 
-    def online_forward(self, view: Tensor, boxes: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Online predictions: view [B, 3, H, W], boxes [B, K, 4] or None -> (p [B, D], o [B, K, D] or None)."""
-        scene, inst = self.online(view, boxes)
+    def online_forward(self, view: Tensor, boxes: Tensor | None = None,
+                       crops: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Online branch: view [B, 3, H, W], boxes [B, K, 4] or None, crops [B, K, 3, s, s] or None ->
+        (p [B, D] scene prediction, o [B, K, D] instance predictions or None, y [B, D] scene projection)."""
+        scene, inst = self.online(view, boxes, crops)
         p = self.predictor(scene)
         o = None if inst is None else self.predictor(inst.flatten(0, 1)).reshape(inst.shape)
-        return p, o
+        return p, o, scene
 
     @torch.no_grad()
-    def target_forward(self, view: Tensor, boxes: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Target projections (no gradient): view [B, 3, H, W], boxes or None -> (z [B, D], t [B, K, D] or None)."""
-        return self.target(view, boxes)
+    def target_forward(self, view: Tensor, boxes: Tensor | None = None,
+                       crops: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Target projections (no gradient): view, boxes or None, crops or None -> (z [B, D], t [B, K, D] or None)."""
+        return self.target(view, boxes, crops)
 
     def forward(self, view1: Tensor, view2: Tensor, boxes1: Tensor, boxes2: Tensor,
-                weights: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+                weights: Mapping[str, float] | None = None, crops1: Tensor | None = None,
+                crops2: Tensor | None = None) -> dict[str, Tensor]:
         """All loss terms for one batch.
 
         view1, view2: [B, 3, H, W] augmented views; boxes1, boxes2: [B, K, 4] the same K objects in each view's pixels.
         weights: {"scene", "scene_instance", "instance"} -> float, default from the config; a zero weight skips the
         term's computation (its instance passes too, when no other term needs them).
-        Returns {"scene", "scene_instance", "instance", "total"} scalars; skipped terms are 0.
+        crops1, crops2: [B, K, 3, s, s] the instances of each view cut from the source image and augmented like the
+        view (`--instance-source image`), or None: "crop" mode then cuts them out of the views.
+        Returns {"scene", "scene_instance", "instance", "total"} scalars (skipped terms are 0) and "z_std", the
+        collapse signal of the online scene projections (`embedding_std`, no gradient).
           scene          = L(p1, z2) + L(p2, z1)                          (BYOL, symmetrised)
           scene_instance = mean over v in {1, 2} of sum over s of L(linear(o_v), z_s)
           instance       = OT(o1, t2) + OT(o2, t1)                        (symmetrised like the scene term)
@@ -206,10 +226,10 @@ class UniVIP(nn.Module):
             raise ValueError("scene_instance weight is non-zero but the model was built with method='byol'")
         need_o = w["scene_instance"] != 0 or w["instance"] != 0
         need_t = w["instance"] != 0
-        p1, o1 = self.online_forward(view1, boxes1 if need_o else None)
-        p2, o2 = self.online_forward(view2, boxes2 if need_o else None)
-        z1, t1 = self.target_forward(view1, boxes1 if need_t else None)
-        z2, t2 = self.target_forward(view2, boxes2 if need_t else None)
+        p1, o1, y1 = self.online_forward(view1, *((boxes1, crops1) if need_o else (None, None)))
+        p2, o2, y2 = self.online_forward(view2, *((boxes2, crops2) if need_o else (None, None)))
+        z1, t1 = self.target_forward(view1, *((boxes1, crops1) if need_t else (None, None)))
+        z2, t2 = self.target_forward(view2, *((boxes2, crops2) if need_t else (None, None)))
 
         zero = p1.new_zeros((), dtype=torch.float32)
         terms = dict.fromkeys(TERMS, zero)
@@ -225,7 +245,17 @@ class UniVIP(nn.Module):
             terms["instance"] = (instance_ot_loss(o1, t2, f_o, f_t, eps, iters)
                                  + instance_ot_loss(o2, t1, f_o, f_t, eps, iters))
         terms["total"] = sum(w[t] * terms[t] for t in TERMS)
+        terms["z_std"] = 0.5 * (embedding_std(y1) + embedding_std(y2))
         return terms
+
+
+@torch.no_grad()
+def embedding_std(y: Tensor) -> Tensor:
+    """Collapse signal (SimSiam, Chen & He 2021): the per-dimension standard deviation over the batch of the
+    l2-normalised vectors y [B, D], averaged over dimensions -> float32 scalar. About 1/sqrt(D) when the vectors
+    spread over the sphere; 0 when every input maps to one vector (collapse), which BYOL's loss cannot tell apart
+    from learning because a collapsed network lowers it too."""
+    return F.normalize(y.detach().float(), dim=-1).std(dim=0, correction=0).mean()
 
 
 @torch.no_grad()

@@ -1,4 +1,8 @@
-"""Loss curves from a training log: ``python -m train.plot OUT/log.jsonl -o curve.png``."""
+"""Curves from a training log: ``python -m train.plot OUT/log.jsonl -o curve.png``.
+
+Top: the loss terms. Below, when the log has them: the collapse signal ``z_std`` (about 1/sqrt(D) when healthy, 0 at
+collapse) and ``knn_top1`` of the evaluation during training (``--eval-data``). A falling loss alone does not show
+learning: a collapsed network lowers BYOL's loss too."""
 
 from __future__ import annotations
 
@@ -33,15 +37,22 @@ def plot(rows: list[dict], output: str, title: str = "") -> None:
     terms = sorted({k for r in rows for k, v in r.items() if k.startswith(LOSS_PREFIX) and isinstance(v, (int, float))})
     if not terms:
         raise ValueError("the log has no loss fields")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    extra = [k for k in ("z_std", "knn_top1") if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    fig, axes = plt.subplots(1 + len(extra), 1, figsize=(7, 4 + 2 * len(extra)), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     for term in terms:
         pts = [(r["step"], r[term]) for r in rows if term in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=term, lw=2 if term == "loss" else 1)
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    for sub, key in zip(axes[1:, 0], extra):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        sub.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key == "knn_top1" else None, ms=3)
+        sub.set_ylabel(key)
+        sub.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)

@@ -40,6 +40,9 @@ from PIL import Image
 from shards import schema
 
 
+VIEWS = ("overlap", "byol")
+
+
 @dataclass(frozen=True)
 class ViewConfig:
     """Settings of the two views. Pairs ``(a, b)`` named ``*_p`` are per view index (BYOL's asymmetric augmentation)."""
@@ -53,7 +56,14 @@ class ViewConfig:
     min_overlap: float = 0.0
     # Fallback boxes: each side a uniform fraction in this range of the overlap's side (paper: "K random boxes").
     fallback_scale: tuple[float, float] = (0.25, 1.0)
-    instance_size: int = 96  # side of the instance crops cut from each view (roi_align, done by the model side)
+    instance_size: int = 96  # side of the instance crops
+    # "overlap": Algorithm 1 (two crops whose overlap holds K boxes; UniVIP). "byol": two independent random resized
+    # crops, no overlap constraint and no boxes (plain BYOL's views, the honest baseline).
+    views: str = "overlap"
+    # True: the transform also cuts the K instance boxes out of the decoded source image at its own resolution,
+    # resized to instance_size, with the flip and colour augmentation of the view each set belongs to (the paper's
+    # instances; docs/method.md). False: the model cuts them from the views (instance_source "view", or RoIAlign).
+    instance_crops: bool = False
     flip: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
@@ -80,6 +90,10 @@ class ViewConfig:
             raise ValueError(f"fallback_scale must satisfy 0 < lo <= hi <= 1, got {self.fallback_scale}")
         if not 0 <= self.min_overlap <= 1:
             raise ValueError(f"min_overlap must be in [0, 1], got {self.min_overlap}")
+        if self.views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {self.views!r}")
+        if self.instance_crops and self.views != "overlap":
+            raise ValueError("instance_crops needs views='overlap': independent BYOL views share no instances")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError(f"blur_kernel must be odd and positive, got {self.blur_kernel}")
 
@@ -207,14 +221,17 @@ def boxes_to_view(boxes: np.ndarray, crop: np.ndarray, size: int, flip: bool) ->
 
 
 # --- decoding and the per-view pixels ----------------------------------------------------------------------------
-def draft_factor(width: int, height: int, crops: list[np.ndarray], size: int) -> int:
-    """Largest JPEG DCT reduction d in (8, 4, 2, 1) such that every crop keeps >= ``size`` source pixels per side
-    at 1/d scale (so the view is resampled down or 1:1, never up, exactly as from the full-size image)."""
-    shortest = min(min(float(c[2] - c[0]), float(c[3] - c[1])) for c in crops)
-    for d in (8, 4, 2):
-        if shortest / d >= size and width >= d and height >= d:
-            return d
-    return 1
+def draft_factor(width: int, height: int, targets: list[tuple[np.ndarray, int]]) -> int:
+    """Largest JPEG DCT reduction d in (8, 4, 2, 1) such that every ``(box, size)`` target keeps >= ``size`` source
+    pixels per side at 1/d scale (so it is resampled down or 1:1, never up, exactly as from the full-size image)."""
+    d = 8
+    for box, size in targets:
+        shortest = min(float(box[2] - box[0]), float(box[3] - box[1]))
+        while d > 1 and shortest / d < size:
+            d //= 2
+    while d > 1 and (width < d or height < d):
+        d //= 2
+    return d
 
 
 def open_image(jpeg: bytes, width: int, height: int, name: str = "sample") -> Image.Image:
@@ -229,12 +246,13 @@ def open_image(jpeg: bytes, width: int, height: int, name: str = "sample") -> Im
     return img
 
 
-def decode_for_crops(jpeg: bytes, width: int, height: int, crops: list[np.ndarray], size: int, draft: bool = True,
+def decode_for_crops(jpeg: bytes, width: int, height: int, targets: list[tuple[np.ndarray, int]], draft: bool = True,
                      name: str = "sample") -> tuple[Image.Image, int]:
-    """Decode ``jpeg`` as RGB, at 1/d scale when ``draft_factor`` allows it -> ``(image, d)``; image-pixel
-    coordinates divide by d. Raises ValueError naming ``name`` when the JPEG's size differs from the metadata's."""
+    """Decode ``jpeg`` as RGB, at 1/d scale when ``draft_factor`` allows it for every ``(box, output side)`` target
+    -> ``(image, d)``; image-pixel coordinates divide by d. Raises ValueError naming ``name`` when the JPEG's size
+    differs from the metadata's."""
     img = open_image(jpeg, width, height, name)
-    d = draft_factor(width, height, crops, size) if draft else 1
+    d = draft_factor(width, height, targets) if draft else 1
     if d > 1 and img.format == "JPEG":
         # PIL picks the largest s in (8, 4, 2, 1) <= min(W // w, H // h); with w = W // d, W // w lies in [d, 2d)
         res = img.draft("RGB", (width // d, height // d))
@@ -334,29 +352,42 @@ def solarize(x: np.ndarray, threshold: int = 128) -> np.ndarray:
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def cpu_colour(x: np.ndarray, view: int, rng: np.random.Generator, cfg: ViewConfig) -> np.ndarray:
-    """BYOL's colour augmentation of view ``view`` (0 or 1) on a uint8 ``[H, W, 3]`` RGB array -> same shape/dtype.
-
-    Colour jitter (p ``jitter_p``; factors b, c, s ~ U(1 -/+ strength), hue ~ U(-/+ strength); the four ops in a
-    random order, clipped after each), grayscale (p ``gray_p``), Gaussian blur (p ``blur_p[view]``, sigma ~
-    U(``blur_sigma``)), solarize (p ``solarize_p[view]``). Every draw is made whether or not the op runs, so the
-    generator advances the same way for every sample."""
+def colour_params(view: int, rng: np.random.Generator, cfg: ViewConfig) -> dict[str, Any]:
+    """BYOL's random colour choices for view ``view`` (0 or 1): which ops run, their factors, the jitter order and
+    the blur sigma. Every draw is made whether or not the op runs, so the generator advances the same way for every
+    sample. Drawn once per view and applied to the view and to its instances alike (``apply_colour``)."""
     u = rng.random(4)
     bj, cj, sj, hj = cfg.jitter
     factors = (rng.uniform(max(0.0, 1 - bj), 1 + bj), rng.uniform(max(0.0, 1 - cj), 1 + cj),
                rng.uniform(max(0.0, 1 - sj), 1 + sj), rng.uniform(-hj, hj))
     order = rng.permutation(4)
     sigma = rng.uniform(*cfg.blur_sigma)
-    if u[0] < cfg.jitter_p:
-        for i in order:
-            x = _JITTER_OPS[i](x, factors[i])
-    if u[1] < cfg.gray_p:
+    return {"jitter": u[0] < cfg.jitter_p, "gray": u[1] < cfg.gray_p, "blur": u[2] < cfg.blur_p[view],
+            "solarize": u[3] < cfg.solarize_p[view], "factors": factors, "order": order, "sigma": sigma}
+
+
+def apply_colour(x: np.ndarray, p: dict[str, Any], cfg: ViewConfig) -> np.ndarray:
+    """The colour ops chosen by ``colour_params`` on a uint8 ``[H, W, 3]`` RGB array -> same shape/dtype. Image
+    statistics (contrast's mean grey) are the image's own, as torchvision computes them per image."""
+    if p["jitter"]:
+        for i in p["order"]:
+            x = _JITTER_OPS[i](x, p["factors"][i])
+    if p["gray"]:
         x = grayscale(x)
-    if u[2] < cfg.blur_p[view]:
-        x = gaussian_blur(x, sigma, cfg.blur_kernel)
-    if u[3] < cfg.solarize_p[view]:
+    if p["blur"]:
+        x = gaussian_blur(x, p["sigma"], cfg.blur_kernel)
+    if p["solarize"]:
         x = solarize(x, cfg.solarize_threshold)
     return x
+
+
+def cpu_colour(x: np.ndarray, view: int, rng: np.random.Generator, cfg: ViewConfig) -> np.ndarray:
+    """BYOL's colour augmentation of view ``view`` (0 or 1) on a uint8 ``[H, W, 3]`` RGB array -> same shape/dtype.
+
+    Colour jitter (p ``jitter_p``; factors b, c, s ~ U(1 -/+ strength), hue ~ U(-/+ strength); the four ops in a
+    random order, clipped after each), grayscale (p ``gray_p``), Gaussian blur (p ``blur_p[view]``, sigma ~
+    U(``blur_sigma``)), solarize (p ``solarize_p[view]``)."""
+    return apply_colour(x, colour_params(view, rng, cfg), cfg)
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -415,30 +446,50 @@ class UniVIPTransform:
             meta = schema.decode_meta(sample["json"])
         name = f"sample {meta.get('key') or sample.get('__key__') or '?'}"
         width, height = int(meta["width"]), int(meta["height"])
-        crop1, crop2, inst, fallback = overlapping_crops(width, height, meta["boxes"], rng, cfg)
+        if cfg.views == "byol":  # BYOL: two independent crops, boxes unused
+            crop1, crop2 = random_resized_crops(width, height, 2, rng, cfg.scale, cfg.ratio).astype(np.float32)
+            inst, fallback = np.zeros((0, 4), np.float32), False
+        else:
+            crop1, crop2, inst, fallback = overlapping_crops(width, height, meta["boxes"], rng, cfg)
         flips = rng.random(2) < cfg.flip
         if cfg.gpu_decode:
             out = {"jpeg": device_jpeg(sample["jpg"], width, height, name), "fallback": bool(fallback)}
+            if cfg.instance_crops:
+                out["inst_boxes"] = torch.from_numpy(inst)  # image pixels: cut on the device
             for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1]))), start=1):
                 out[f"crop{v}"] = torch.from_numpy(crop)
                 out[f"flip{v}"] = flip
                 out[f"boxes{v}"] = torch.from_numpy(boxes_to_view(inst, crop, cfg.size, flip))
             return out
-        img, d = decode_for_crops(sample["jpg"], width, height, [crop1, crop2], cfg.size, cfg.draft, name)
+        targets = [(c, cfg.size) for c in (crop1, crop2)]
+        if cfg.instance_crops:  # the instances keep their own resolution too: no reduced-scale decode below it
+            targets += [(b, cfg.instance_size) for b in inst]
+        img, d = decode_for_crops(sample["jpg"], width, height, targets, cfg.draft, name)
         src = image_tensor(img)
+        shape = (src.shape[2], src.shape[3])
+        # the K instances cut once from the source image; each view's set is then flipped and coloured like the view
+        inst_px = [crop_view(src, source_crop(b, d, shape)[0], cfg.instance_size) for b in inst] \
+            if cfg.instance_crops else []
         out: dict[str, Any] = {"fallback": bool(fallback)}
         for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1])))):
-            box, covered = source_crop(crop, d, (src.shape[2], src.shape[3]))
-            view = crop_view(src, box, cfg.size)  # [3, S, S]
+            box, covered = source_crop(crop, d, shape)
+            images = [crop_view(src, box, cfg.size), *inst_px]  # [3, S, S], then K x [3, s, s]
             if cfg.gpu_aug:
-                view = (view.flip(-1) if flip else view).contiguous()
+                images = [(x.flip(-1) if flip else x).contiguous() for x in images]
             else:
-                hwc = view.permute(1, 2, 0).numpy()
-                arr = np.ascontiguousarray(hwc[:, ::-1] if flip else hwc)  # OpenCV wants contiguous HWC
-                view = to_tensor(cpu_colour(arr, v, rng, cfg))
-            out[f"view{v + 1}"] = view
+                params = colour_params(v, rng, cfg)
+                images = [to_tensor(apply_colour(_hwc(x, flip), params, cfg)) for x in images]
+            out[f"view{v + 1}"] = images[0]
+            if cfg.instance_crops:
+                out[f"inst{v + 1}"] = torch.stack(images[1:])  # [K, 3, s, s]
             boxes = boxes_to_view(inst, covered, cfg.size, flip)
             if d > 1:  # the rounded crop may cut a box by < 1/2 view px
                 np.clip(boxes, 0, cfg.size, out=boxes)
             out[f"boxes{v + 1}"] = torch.from_numpy(boxes)
         return out
+
+
+def _hwc(x: torch.Tensor, flip: bool) -> np.ndarray:
+    """uint8 ``[3, H, W]`` -> a contiguous ``[H, W, 3]`` array (OpenCV's layout), flipped horizontally if asked."""
+    hwc = x.permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(hwc[:, ::-1] if flip else hwc)

@@ -1,0 +1,77 @@
+"""One training step, shared by the loop (``train.__main__``) and the benchmarks: a collated batch -> model inputs on
+the device (``model_inputs``), then forward, backward, optimizer step and EMA update (``train_step``).
+
+Inputs. The loader delivers uint8 views (or, with ``--gpu-decode``, JPEG bytes and crops that ``train.gpu_decode``
+turns into views on the device), boxes in view pixels, and, with ``--instance-source image``, the K instance crops of
+each view cut from the source image. With ``--gpu-aug`` the colour augmentation runs here, on the device: one set of
+random parameters per view and sample, applied to the view and to its K instances alike (an instance gets the colour
+augmentation of the view it belongs to, as on the CPU path). Without it everything arrives coloured and is only
+normalised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from train import augment, gpu_decode
+from train.model import update_target
+from train.views import ViewConfig
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The GPU colour augmentation's randomness, a pure function of (seed, step, rank): resumed runs repeat it."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence((seed, step, rank)).generate_state(1)[0]))
+
+
+def _repeat(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Per-sample colour parameters -> the same parameters for each of a sample's k instances (sample-major)."""
+    return {name: v.repeat_interleave(k, dim=0) for name, v in params.items()}
+
+
+def model_inputs(batch: Mapping[str, Any], vcfg: ViewConfig, device: torch.device,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor | None]:
+    """A collated batch -> the keyword arguments of ``UniVIP.forward``: ``view1``, ``view2`` float ``[B, 3, S, S]``
+    normalised, ``boxes1``, ``boxes2`` ``[B, K, 4]``, ``crops1``, ``crops2`` float ``[B, K, 3, s, s]`` or None.
+    ``generator`` (``step_generator``) drives the colour augmentation when ``vcfg.gpu_aug``."""
+    if vcfg.gpu_decode:  # the workers sent JPEG bytes, crops and flips: views (and instances) made on the device
+        x = gpu_decode.decode_batch(batch, vcfg.size, device, vcfg.instance_size)
+    else:
+        x = {k: batch[k].to(device, non_blocking=True) for k in ("view1", "view2", "inst1", "inst2") if k in batch}
+    out: dict[str, torch.Tensor | None] = {k: batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2")}
+    for v in (1, 2):
+        view, inst = x[f"view{v}"], x.get(f"inst{v}")  # uint8 [B, 3, S, S], [B, K, 3, s, s] or None
+        if vcfg.gpu_aug:
+            if generator is None:
+                raise ValueError("model_inputs: gpu_aug needs the step's generator")
+            params = augment.sample_params(view.shape[0], v - 1, generator, vcfg)
+            out[f"view{v}"] = augment.gpu_colour(view, v - 1, cfg=vcfg, params=params)
+            if inst is not None:
+                b, k = inst.shape[:2]
+                crops = augment.gpu_colour(inst.flatten(0, 1), v - 1, cfg=vcfg, params=_repeat(params, k))
+                out[f"crops{v}"] = crops.view(b, k, *crops.shape[1:])
+        else:
+            out[f"view{v}"] = augment.normalize(view)
+            if inst is not None:
+                out[f"crops{v}"] = augment.normalize(inst.flatten(0, 1)).view(inst.shape)
+        out.setdefault(f"crops{v}", None)
+    return out
+
+
+def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, inputs: Mapping[str, Any], *,
+               tau: float, grad_clip: float = 0.0, autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """Forward (``net``: the model or its DDP wrapper), backward, optional clipping, optimizer step, then the EMA
+    update of ``model``'s target. Returns the forward's outputs (loss terms and ``z_std``), left on the device."""
+    with autocast():
+        out = net(**inputs)
+    opt.zero_grad(set_to_none=True)
+    out["total"].backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    opt.step()
+    update_target(model, tau)  # EMA: target <- tau * target + (1 - tau) * online
+    return out
