@@ -301,6 +301,28 @@ def stats(out, as_json, plot):
         click.echo(f"plot written to {plot}", err=True)
 
 
+@prep.command("eval-proposals")
+@_s3_endpoint_option
+@click.argument("out", callback=_check_summary_out)
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="COCO instances JSON with the ground-truth boxes (iscrowd annotations are ignored).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_proposals(out, annotations, as_json):
+    """Proposal quality against COCO ground truth, from the Parquet files: recall at IoU 0.5 and 0.7 and MABO of the
+    first 4 / 20 / all kept boxes, per object size (small / medium / large), and selective-search seconds per image.
+
+    Samples are matched to annotated images by image id, else by path; ground-truth boxes are scaled to the stored
+    image (--max-side)."""
+    from prep import evaluate, inspect
+
+    try:
+        gt = evaluate.load_annotations(annotations)
+        result = evaluate.evaluate(out, gt, inspect.output_listing(out))
+    except (inspect.InspectError, OSError, ValueError) as e:  # AnnotationError is a ValueError; all name the file
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else evaluate.format_evaluation(result))
+
+
 @prep.command()
 @_out_arg
 @click.option("-n", "count", type=click.IntRange(min=1), default=16, show_default=True, help="Samples to draw.")
