@@ -362,14 +362,15 @@ class _Summary:
 class PairCounts:
     """Exact counts of integer (w, h) pairs, w, h >= 1, added in batches of any size.
 
-    A dense [W, H] grid of counts while it has at most ``dense_cells`` cells (boxes of images up to ~4,000 px a
-    side), else sorted unique codes ``w << 32 | h`` with counts. Batches are pooled up to ``flush`` pairs before
-    they are counted, so the grid is swept a few times per million boxes, not once per shard."""
+    Pairs below ``dense_side`` on both sides (nearly every box) are counted in a fixed [side, side] grid; the rare
+    larger ones (boxes of images over ``dense_side`` px) as sorted unique codes ``w << 32 | h`` with counts, so one
+    huge image does not make every count sweep a huge grid. Batches are pooled up to ``flush`` pairs before they
+    are counted: the grid is swept a few times per million boxes, not once per shard."""
 
-    def __init__(self, dense_cells: int = 1 << 24, flush: int = 1 << 22):
-        self.dense_cells, self.flush = dense_cells, flush
-        self.grid: np.ndarray | None = np.zeros((0, 0), np.int64)
-        self.codes = self.code_counts = None  # the sparse form, once the grid would be too large
+    def __init__(self, dense_side: int = 1024, flush: int = 1 << 22):
+        self.side, self.flush = dense_side, flush
+        self.grid = np.zeros((dense_side, dense_side), np.int64)
+        self.codes, self.code_counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_n = 0
 
@@ -383,48 +384,39 @@ class PairCounts:
     def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(w, h, count) of every pair seen, as int64 arrays, in no particular order."""
         self._count()
-        if self.grid is not None:
-            w, h = np.nonzero(self.grid)
-            return w.astype(np.int64), h.astype(np.int64), self.grid[w, h]
-        return self.codes >> 32, self.codes & 0xFFFFFFFF, self.code_counts
+        w, h = np.nonzero(self.grid)
+        return (np.concatenate([w, self.codes >> 32]), np.concatenate([h, self.codes & 0xFFFFFFFF]),
+                np.concatenate([self.grid[w, h], self.code_counts]))
 
     def _count(self) -> None:
         if not self._pending:
             return
-        pending, self._pending, self._pending_n = self._pending, [], 0
-        if self.grid is not None:
-            # grow in steps of 256 so a slightly wider box does not reallocate the grid every time
-            rows = max(self.grid.shape[0], -(-(max(int(w.max()) for w, _ in pending) + 1) // 256) * 256)
-            cols = max(self.grid.shape[1], -(-(max(int(h.max()) for _, h in pending) + 1) // 256) * 256)
-            if rows * cols <= self.dense_cells:
-                if (rows, cols) != self.grid.shape:
-                    grid = np.zeros((rows, cols), np.int64)
-                    grid[: self.grid.shape[0], : self.grid.shape[1]] = self.grid
-                    self.grid = grid
-                self.grid += np.bincount(self._codes(pending, cols), minlength=rows * cols).reshape(rows, cols)
-                return
-            gw, gh = np.nonzero(self.grid)
-            self.codes, self.code_counts = (gw.astype(np.int64) << 32) | gh, self.grid[gw, gh]
-            self.grid = None
-        codes, counts = np.unique(self._codes(pending, 1 << 32), return_counts=True)
+        codes = np.empty(self._pending_n, np.int64)  # w * side + h, written in place (no concatenated copies)
+        large, big = [], []
+        at = 0
+        for w, h in self._pending:
+            part = codes[at : at + len(w)]
+            np.multiply(w, self.side, out=part, dtype=np.int64)
+            np.add(part, h, out=part)
+            outside = (w >= self.side) | (h >= self.side)
+            large.append(outside)
+            if outside.any():
+                big.append((w[outside].astype(np.int64) << 32) | h[outside])
+            at += len(w)
+        self._pending, self._pending_n = [], 0
+        if big:
+            self._add_codes(np.concatenate(big))
+            codes = codes[~np.concatenate(large)]
+        self.grid += np.bincount(codes, minlength=self.side**2).reshape(self.side, self.side)
+
+    def _add_codes(self, codes: np.ndarray) -> None:
+        codes, counts = np.unique(codes, return_counts=True)
         codes = np.concatenate([self.codes, codes])
         counts = np.concatenate([self.code_counts, counts])
         order = np.argsort(codes, kind="stable")
         codes, counts = codes[order], counts[order]
         first = np.flatnonzero(np.concatenate([[True], codes[1:] != codes[:-1]]))
         self.codes, self.code_counts = codes[first], np.add.reduceat(counts, first)
-
-    @staticmethod
-    def _codes(pending: list[tuple[np.ndarray, np.ndarray]], stride: int) -> np.ndarray:
-        """``w * stride + h`` of every pending pair as one int64 array, written in place (no concatenated copies)."""
-        out = np.empty(sum(len(w) for w, _ in pending), np.int64)
-        at = 0
-        for w, h in pending:
-            part = out[at : at + len(w)]
-            np.multiply(w, stride, out=part, dtype=np.int64)
-            np.add(part, h, out=part)
-            at += len(w)
-        return out
 
 
 def _distribution(x: np.ndarray, edges: np.ndarray, counts: np.ndarray | None = None) -> dict[str, Any]:
