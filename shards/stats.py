@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -38,6 +39,8 @@ PERCENTILE_METHOD = "exact: numpy.percentile (linear interpolation) over every v
 SUMMARY_COLUMNS = ["status", "raw_boxes", "kept_boxes", "boxes", "ss_seconds", "image_bytes"]
 # Shards read ahead in threads: Parquet decoding releases the GIL, and remote reads wait on the network.
 LOCAL_THREADS = min(8, os.cpu_count() or 1)
+# Box (width, height) pairs below this on both sides are counted in a dense grid (PairCounts).
+PAIR_GRID_SIDE = 1024
 REMOTE_THREADS = 16
 
 
@@ -88,9 +91,12 @@ def read_table(out: str) -> pa.Table:
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
     """``map(fn, items)`` run ahead in ``threads`` threads, results in order, at most ``2 * threads`` held at once
     (so memory stays that of a few shards, whatever the output's size)."""
+    if threads <= 1:  # nothing to overlap
+        yield from map(fn, items)
+        return
     items = iter(items)
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        window = collections.deque(pool.submit(fn, x) for x in itertools.islice(items, 2 * max(1, threads)))
+    with ThreadPoolExecutor(threads) as pool:
+        window = collections.deque(pool.submit(fn, x) for x in itertools.islice(items, 2 * threads))
         while window:
             result = window.popleft().result()
             for x in itertools.islice(items, 1):
@@ -109,7 +115,7 @@ def summarize_output(
     summary needs) and the ``NAME.stats.json`` beside it, which are cross-checked against the rows.
 
     ``listing``: the output's file names when the caller has them (required for ``http(s)://``, which cannot be
-    listed). ``threads``: files read ahead at once (default: cores, or ``REMOTE_THREADS`` for URLs). Raises
+    listed). ``threads``: files read and reduced at once (default: cores, or ``REMOTE_THREADS`` for URLs). Raises
     FileNotFoundError when there is no Parquet file, ValueError naming a file that cannot be read."""
     listing = set(storage.list_names(out) if listing is None else listing)
     names = parquet_names(listing)
@@ -117,21 +123,34 @@ def summarize_output(
         raise FileNotFoundError(f"{storage.redact(out)}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     if threads is None:
         threads = REMOTE_THREADS if storage.is_remote(out) else LOCAL_THREADS
-    shards = [n[: -len(schema.PARQUET_SUFFIX)] for n in names]
     # the stats file of every done shard (a parquet without one is reported by the check)
     stems = sorted(n[: -len(schema.STATS_SUFFIX)] for n in listing if n.endswith(schema.STATS_SUFFIX)
                    and not n.startswith(".") and _is_shard_name(n))
     stats = list(ordered_map(lambda n: _read_stats(storage.join(out, n + schema.STATS_SUFFIX)), stems, threads))
+    shards = [n[: -len(schema.PARQUET_SUFFIX)] for n in names]
+    return _summarize_shards(out, shards, threads).result(stats, min_boxes)
 
+
+def _summarize_shards(out: str, shards: list[str], threads: int) -> "_Summary":
+    """The running totals of ``shards`` of ``out``, read in ``threads`` threads."""
     acc = _Summary()
+    # one box counter per reading thread: the counting runs in those threads, merged once at the end (the counts
+    # are integers, so the result does not depend on which thread counted what)
+    local, counters = threading.local(), []
 
     def reduce(shard: str) -> _ShardPart:
-        return _reduce_shard(shard, read_parquet(storage.join(out, shard + schema.PARQUET_SUFFIX), SUMMARY_COLUMNS))
+        if not hasattr(local, "pairs"):
+            local.pairs = PairCounts(PAIR_GRID_SIDE)
+            counters.append(local.pairs)
+        table = read_parquet(storage.join(out, shard + schema.PARQUET_SUFFIX), SUMMARY_COLUMNS)
+        return _reduce_shard(shard, table, local.pairs)
 
     for part in ordered_map(reduce, shards, threads):
         url = storage.join(out, part.shard + schema.PARQUET_SUFFIX)
         acc.add(part, keys=lambda url=url: read_parquet(url, ["key"])["key"])
-    return acc.result(stats, min_boxes)
+    for counter in counters:
+        acc.pairs.merge(counter)
+    return acc
 
 
 def _is_shard_name(name: str) -> bool:
@@ -161,9 +180,9 @@ def summarize(
         shard = table["shard"]
         for name in pc.unique(shard).to_pylist():
             rows = table.filter(pc.equal(shard, name))
-            acc.add(_reduce_shard(name, rows), keys=lambda rows=rows: rows["key"])
+            acc.add(_reduce_shard(name, rows, acc.pairs), keys=lambda rows=rows: rows["key"])
     else:
-        acc.add(_reduce_shard("", table), keys=lambda: table["key"])
+        acc.add(_reduce_shard("", table, acc.pairs), keys=lambda: table["key"])
     return acc.result(None if stats is None else list(stats), min_boxes)
 
 
@@ -182,29 +201,31 @@ class _ShardPart:
     bad_rows: int  # ok rows whose kept_boxes differs from their box count
     first_bad: int | None  # row index of the first
     box_problem: str | None
-    w: np.ndarray  # int32 width and height of every valid box of the ok rows
-    h: np.ndarray
 
 
-def _reduce_shard(shard: str, table: pa.Table) -> _ShardPart:
-    """``table``'s rows (columns ``SUMMARY_COLUMNS`` at least) reduced to counts and small arrays, vectorised."""
+def _reduce_shard(shard: str, table: pa.Table, pairs: PairCounts) -> _ShardPart:
+    """``table``'s rows (columns ``SUMMARY_COLUMNS`` at least) reduced to counts and small arrays, vectorised; the
+    (width, height) of its valid boxes go to ``pairs``."""
     status = table["status"]
     counts = {d["values"]: d["counts"] for d in pc.value_counts(status).to_pylist()}
     samples = counts.pop(schema.STATUS_OK, 0)
     seconds = table["ss_seconds"].to_numpy().astype(np.float64)  # nulls become NaN
-    ok = pc.equal(status, schema.STATUS_OK).to_numpy(zero_copy_only=False)
-    kept = table["kept_boxes"]
+    # most shards hold only ok rows: then no mask, no filter and fewer calls (each costs more than its arithmetic)
+    all_ok = samples == table.num_rows
+    ok = np.ones(table.num_rows, bool) if all_ok else pc.equal(status, schema.STATUS_OK).to_numpy(zero_copy_only=False)
+    kept, boxes = table["kept_boxes"], table["boxes"]
 
-    # an ok row must hold as many boxes as kept_boxes says
-    n_boxes = pc.list_value_length(table["boxes"])
-    differs = (kept.is_null().to_numpy(zero_copy_only=False) | n_boxes.is_null().to_numpy(zero_copy_only=False)
-               | (kept.fill_null(-1).to_numpy() != n_boxes.fill_null(-1).to_numpy()))
+    # an ok row must hold as many boxes as kept_boxes says (a null on either side never matches)
+    n_boxes = pc.list_value_length(boxes)
+    if kept.null_count or n_boxes.null_count:
+        differs = (kept.is_null().to_numpy(zero_copy_only=False) | n_boxes.is_null().to_numpy(zero_copy_only=False)
+                   | (kept.fill_null(-1).to_numpy() != n_boxes.fill_null(-1).to_numpy()))
+    else:
+        differs = kept.to_numpy() != n_boxes.to_numpy()
     bad = np.flatnonzero(ok & differs)
 
-    boxes = table["boxes"]
-    if not ok.all() and n_boxes.fill_null(0).to_numpy()[~ok].any():  # failures hold no boxes (usually)
+    if not all_ok and n_boxes.fill_null(0).to_numpy()[~ok].any():  # failures hold no boxes (usually)
         boxes = boxes.filter(pa.array(ok))
-    w = h = np.zeros(0, np.int32)
     problem = None
     per_box = pc.list_flatten(boxes)  # list<int32>, one per box
     if len(per_box):
@@ -215,11 +236,12 @@ def _reduce_shard(shard: str, table: pa.Table) -> _ShardPart:
         else:
             xyxy = values.to_numpy().reshape(-1, 4)
             w, h = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
-            valid = (w > 0) & (h > 0)
-            if not valid.all():
+            if min(w.min(), h.min()) <= 0:  # two reductions, the mask only when needed
+                valid = (w > 0) & (h > 0)
                 problem = (f"{shard}: {int(valid.size - valid.sum())} boxes with x1 <= x0 or y1 <= y0 "
                            "(left out of box size and aspect)")
                 w, h = w[valid], h[valid]
+            pairs.add(w, h)
     return _ShardPart(
         shard=shard,
         inputs=table.num_rows,
@@ -227,14 +249,17 @@ def _reduce_shard(shard: str, table: pa.Table) -> _ShardPart:
         failed=counts,
         image_bytes=int(pc.sum(table["image_bytes"]).as_py() or 0),
         seconds=seconds[np.isfinite(seconds)],
-        kept=kept.fill_null(0).to_numpy().astype(np.int32)[ok],
-        raw=table["raw_boxes"].fill_null(0).to_numpy().astype(np.int32)[ok],
+        kept=_int32(kept)[ok],
+        raw=_int32(table["raw_boxes"])[ok],
         bad_rows=len(bad),
         first_bad=int(bad[0]) if len(bad) else None,
         box_problem=problem,
-        w=w,
-        h=h,
     )
+
+
+def _int32(column: pa.ChunkedArray) -> np.ndarray:
+    """An integer column as int32, nulls as 0."""
+    return (column.fill_null(0) if column.null_count else column).to_numpy().astype(np.int32, copy=False)
 
 
 class _Summary:
@@ -245,7 +270,7 @@ class _Summary:
         self.kept: list[np.ndarray] = []  # per ok row: small enough to keep whole (4 B a row)
         self.raw: list[np.ndarray] = []
         self.seconds: list[np.ndarray] = []
-        self.pairs = PairCounts()
+        self.pairs = PairCounts(PAIR_GRID_SIDE)
         self.unknown: set[str] = set()
         self.bad_rows, self.first_bad = 0, None
         self.box_problems: list[str] = []
@@ -269,7 +294,6 @@ class _Summary:
             self.bad_rows += part.bad_rows
         if part.box_problem:
             self.box_problems.append(part.box_problem)
-        self.pairs.add(part.w, part.h)
 
     def result(self, stats: list[Mapping[str, Any]] | None, min_boxes: int | None) -> dict[str, Any]:
         if min_boxes is None:
@@ -294,6 +318,7 @@ class _Summary:
         side, side_n = side[by_side], n[by_side]
         aspect, aspect_n = aspect[by_aspect], n[by_aspect]
 
+        p50, p95 = np.percentile(ss, [50, 95]) if ss.size else (None, None)  # one partition of 1.28 M values, not two
         bytes_by_shard = {name: c["bytes"] for name, c in sorted(self.per_shard.items())}
         total_bytes = sum(bytes_by_shard.values())
         return {
@@ -324,8 +349,7 @@ class _Summary:
                 "count": int(ss.size),
                 "total": round(float(ss.sum()), 3),
                 "mean": _round(ss.mean()) if ss.size else None,
-                "p50": _round(np.percentile(ss, 50)) if ss.size else None,
-                "p95": _round(np.percentile(ss, 95)) if ss.size else None,
+                **({"p50": _round(p50), "p95": _round(p95)} if ss.size else {"p50": None, "p95": None}),
             },
         }
 
@@ -365,21 +389,49 @@ class PairCounts:
     Pairs below ``dense_side`` on both sides (nearly every box) are counted in a fixed [side, side] grid; the rare
     larger ones (boxes of images over ``dense_side`` px) as sorted unique codes ``w << 32 | h`` with counts, so one
     huge image does not make every count sweep a huge grid. Batches are pooled up to ``flush`` pairs before they
-    are counted: the grid is swept a few times per million boxes, not once per shard."""
+    are counted: the grid is swept a few times per million boxes, not once per shard. ``encode`` is separate so the
+    reading threads can do that part."""
 
     def __init__(self, dense_side: int = 1024, flush: int = 1 << 22):
         self.side, self.flush = dense_side, flush
         self.grid = np.zeros((dense_side, dense_side), np.int64)
         self.codes, self.code_counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending: list[np.ndarray] = []  # grid codes not counted yet
         self._pending_n = 0
+        self._outside: list[np.ndarray] = []  # codes of pairs outside the grid, merged with the grid's sweeps
+
+    @staticmethod
+    def encode(w: np.ndarray, h: np.ndarray, side: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(grid codes ``w * side + h``, codes ``w << 32 | h`` of the pairs outside the grid). A pair outside the
+        grid has grid code 0, the cell of (0, 0), which no box has: ``add_codes`` clears it."""
+        grid = w.astype(np.int64)
+        grid *= side
+        grid += h
+        if max(w.max(), h.max()) < side:  # two reductions, the mask only when needed
+            return grid, np.zeros(0, np.int64)
+        outside = (w >= side) | (h >= side)
+        grid[outside] = 0
+        return grid, (w[outside].astype(np.int64) << 32) | h[outside]
 
     def add(self, w: np.ndarray, h: np.ndarray) -> None:
-        if len(w):
-            self._pending.append((w, h))
-            self._pending_n += len(w)
+        self.add_codes(*self.encode(w, h, self.side))
+
+    def add_codes(self, grid: np.ndarray, outside: np.ndarray) -> None:
+        """Count pairs given as ``encode`` returns them (made with this counter's ``side``)."""
+        if len(outside):
+            self._outside.append(outside)
+        if len(grid):
+            self._pending.append(grid)
+            self._pending_n += len(grid)
             if self._pending_n >= self.flush:
                 self._count()
+
+    def merge(self, other: "PairCounts") -> None:
+        """Add the counts of ``other`` (same ``dense_side``) to these."""
+        other._count()
+        self.grid += other.grid
+        self._count()
+        self._merge(other.codes, other.code_counts)
 
     def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(w, h, count) of every pair seen, as int64 arrays, in no particular order."""
@@ -389,28 +441,18 @@ class PairCounts:
                 np.concatenate([self.grid[w, h], self.code_counts]))
 
     def _count(self) -> None:
-        if not self._pending:
-            return
-        codes = np.empty(self._pending_n, np.int64)  # w * side + h, written in place (no concatenated copies)
-        large, big = [], []
-        at = 0
-        for w, h in self._pending:
-            part = codes[at : at + len(w)]
-            np.multiply(w, self.side, out=part, dtype=np.int64)
-            np.add(part, h, out=part)
-            outside = (w >= self.side) | (h >= self.side)
-            large.append(outside)
-            if outside.any():
-                big.append((w[outside].astype(np.int64) << 32) | h[outside])
-            at += len(w)
-        self._pending, self._pending_n = [], 0
-        if big:
-            self._add_codes(np.concatenate(big))
-            codes = codes[~np.concatenate(large)]
-        self.grid += np.bincount(codes, minlength=self.side**2).reshape(self.side, self.side)
+        if self._pending:
+            self.grid += np.bincount(np.concatenate(self._pending), minlength=self.side**2).reshape(self.grid.shape)
+            self.grid[0, 0] = 0  # where encode put the pairs outside the grid
+            self._pending, self._pending_n = [], 0
+        if self._outside:
+            self._merge(*np.unique(np.concatenate(self._outside), return_counts=True))
+            self._outside = []
 
-    def _add_codes(self, codes: np.ndarray) -> None:
-        codes, counts = np.unique(codes, return_counts=True)
+    def _merge(self, codes: np.ndarray, counts: np.ndarray) -> None:
+        """Fold (unique codes, counts) into the sorted codes."""
+        if not len(codes):
+            return
         codes = np.concatenate([self.codes, codes])
         counts = np.concatenate([self.code_counts, counts])
         order = np.argsort(codes, kind="stable")

@@ -175,6 +175,12 @@ def test_pair_counts_grid_and_codes_agree():
         got_w, got_h, got_n = counter.items()
         assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist())) == want
         assert counter.codes.size > 0
+    halves = stats_mod.PairCounts(flush=900), stats_mod.PairCounts(flush=900)  # as two reading threads count
+    for i, (bw, bh) in enumerate(batches):
+        halves[i % 2].add(bw, bh)
+    halves[0].merge(halves[1])
+    got_w, got_h, got_n = halves[0].items()
+    assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist())) == want
 
 
 def write_output(directory, shards):
