@@ -49,6 +49,8 @@ bench: $(VENV)/.dev
 	PYTHONPATH=. $(BIN)/python bench/step_bench.py
 	PYTHONPATH=. $(BIN)/python bench/stream_bench.py
 	PYTHONPATH=. $(BIN)/python bench/ray_bench.py
+	PYTHONPATH=. $(BIN)/python bench/stats_bench.py
+	PYTHONPATH=. $(BIN)/python bench/proposals_bench.py
 
 clean-demo:
 	rm -rf $(DEMO)

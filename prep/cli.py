@@ -262,6 +262,15 @@ def _out_arg(f):
     return _s3_endpoint_option(click.argument("out", callback=_check_out)(f))
 
 
+def _check_summary_out(ctx, param, value):
+    from shards import storage
+
+    # http(s) cannot be listed, but a summary needs no listing: the manifest names the shards (prep.inspect)
+    if storage.scheme(value) in ("http", "https"):
+        return value
+    return _check_out(ctx, param, value)
+
+
 @prep.command()
 @_out_arg
 def finalize(out):
@@ -279,11 +288,13 @@ def finalize(out):
 
 
 @prep.command()
-@_out_arg
+@_s3_endpoint_option
+@click.argument("out", callback=_check_summary_out)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw the distributions into this PNG.")
 def stats(out, as_json, plot):
-    """Summary of an output from its Parquet files: ok / failed by reason, boxes, sizes, bytes, timing."""
+    """Summary of an output from its Parquet and stats files (never the tars): ok / failed by reason, boxes, sizes,
+    bytes, timing. OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
     from prep import inspect
 
     try:
@@ -296,6 +307,28 @@ def stats(out, as_json, plot):
         click.echo(inspect.format_stats(summary))
     if plot:
         click.echo(f"plot written to {plot}", err=True)
+
+
+@prep.command("eval-proposals")
+@_s3_endpoint_option
+@click.argument("out", callback=_check_summary_out)
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="COCO instances JSON with the ground-truth boxes (iscrowd annotations are ignored).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_proposals(out, annotations, as_json):
+    """Proposal quality against COCO ground truth, from the Parquet files: recall at IoU 0.5 and 0.7 and MABO of the
+    first 4 / 20 / all kept boxes, per object size (small / medium / large), and selective-search seconds per image.
+
+    Samples are matched to annotated images by image id, else by path; ground-truth boxes are scaled to the stored
+    image (--max-side)."""
+    from prep import evaluate, inspect
+
+    try:
+        gt = evaluate.load_annotations(annotations)
+        result = evaluate.evaluate(out, gt, inspect.output_listing(out))
+    except (inspect.InspectError, OSError, ValueError) as e:  # AnnotationError is a ValueError; all name the file
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else evaluate.format_evaluation(result))
 
 
 @prep.command()

@@ -11,12 +11,14 @@ pyarrow's filesystem layer, tars are streamed, and the output is listed once per
 from __future__ import annotations
 
 import colorsys
+import importlib
 import io
 import json
 import math
 import os
 import random
 import tarfile
+import threading
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -71,31 +73,51 @@ def _run_config(out: str) -> Optional[dict]:
 
 
 # --- stats -----------------------------------------------------------------------------------------------------------
+def output_listing(out: str) -> set[str]:
+    """The file names of output ``out``: a listing where the storage has one; for ``http(s)://``, which has none, the
+    names the manifest (else the run config's plan) promises, minus the tars (no summary reads them)."""
+    if storage.scheme(out) not in ("http", "https"):
+        return set(storage.list_names(out))
+    manifest_url = storage.join(out, schema.MANIFEST_NAME)
+    if storage.exists(manifest_url):
+        # a manifest is written only when every shard is done: each has its parquet and stats file
+        names = [s["name"] for s in _read_json(manifest_url)["shards"]]
+        return {schema.MANIFEST_NAME} | {n + s for n in names for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
+    run_cfg = _run_config(out)
+    if run_cfg is None:
+        raise InspectError(f"{storage.redact(out)}: neither {schema.MANIFEST_NAME} nor {schema.RUN_CONFIG_NAME} found "
+                           "(an http(s) output cannot be listed: its shards are found through those files)")
+    # an unfinished run: ask for each planned shard's files (one HEAD each)
+    wanted = [n + s for n in run_cfg.get("shards", []) for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)]
+    return {schema.RUN_CONFIG_NAME} | {n for n in wanted if storage.exists(storage.join(out, n))}
+
+
 def stats(out: str, plot: Optional[str] = None) -> dict:
-    """``shards.stats.summarize`` of every Parquet file in ``out``, plus ``accounting``: planned inputs (run config)
-    against Parquet rows = ok + failed, so a reader sees that every input ended up somewhere."""
+    """``shards.stats.summarize_output`` of ``out`` (Parquet and stats files, streamed; never the tars), plus
+    ``accounting``: planned inputs (run config) against Parquet rows = ok + failed, so a reader sees that every
+    input ended up somewhere."""
     from shards import stats as shard_stats
 
+    if plot:  # matplotlib takes ~0.7 s to import: load it while the shards are read (decoding runs without the GIL)
+        loader = threading.Thread(target=importlib.import_module, args=("matplotlib.backends.backend_agg",),
+                                  daemon=True)
+        loader.start()
     try:
-        table = shard_stats.read_table(out)
+        summary = shard_stats.summarize_output(out, output_listing(out))
     except (OSError, ValueError) as e:
         raise InspectError(str(e)) from None
-    # the stats files are small; with them summarize also checks each shard's counts against its rows
-    listing = set(storage.list_names(out))
-    done = [n for n in shard_names(out, listing) if n + schema.STATS_SUFFIX in listing]
-    summary = shard_stats.summarize(table, [_read_json(storage.join(out, n + schema.STATS_SUFFIX)) for n in done])
-    status = table.column("status").to_pylist()
-    ok = sum(s == schema.STATUS_OK for s in status)
+    im = summary["images"]
     run_cfg = _run_config(out)
     planned = run_cfg["source"]["inputs"] if run_cfg and "source" in run_cfg else None
     summary["accounting"] = {
         "planned_inputs": planned,
-        "rows": len(status),
-        "ok": ok,
-        "failed": len(status) - ok,
-        "adds_up": planned == len(status) if planned is not None else None,
+        "rows": im["inputs"],
+        "ok": im["ok"],
+        "failed": im["failed_total"],
+        "adds_up": planned == im["inputs"] if planned is not None else None,
     }
     if plot:
+        loader.join()
         shard_stats.plot_summary(summary, plot)
     return summary
 

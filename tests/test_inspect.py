@@ -224,3 +224,31 @@ def test_show_and_stats_on_empty_output(tmp_path):
         inspect.show(str(tmp_path), str(tmp_path / "g.png"))
     with pytest.raises(inspect.InspectError, match="parquet"):
         inspect.stats(str(tmp_path))
+
+
+def test_stats_over_http_reads_no_tar(output, copy, http_server):
+    from click.testing import CliRunner
+
+    from prep.cli import prep
+
+    local = inspect.stats(output)
+    server = http_server(output)
+    assert inspect.stats(server.url) == local
+    r = CliRunner().invoke(prep, ["stats", server.url, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output) == json.loads(json.dumps(local)), r.output
+    paths = [path for _, path, _ in server.log]
+    assert paths and not any(p.endswith(schema.TAR_SUFFIX) for p in paths), paths
+
+    # no manifest (an unfinished run): the run config's plan names the shards, the stats files say which are done
+    os.remove(os.path.join(copy, schema.MANIFEST_NAME))
+    os.remove(os.path.join(copy, "folder-000001.stats.json"))
+    os.remove(os.path.join(copy, "folder-000002.parquet"))
+    server = http_server(copy)
+    summary = inspect.stats(server.url)
+    assert summary["accounting"] == {"planned_inputs": 7, "rows": 6, "ok": 6, "failed": 0, "adds_up": False}
+    assert summary["count_problems"] == ["folder-000002: has a stats file but no parquet rows",
+                                         "folder-000001: parquet rows but no stats file (shard not done)"]
+    assert not any(p.endswith(schema.TAR_SUFFIX) for _, p, _ in server.log)
+    os.remove(os.path.join(copy, schema.RUN_CONFIG_NAME))
+    with pytest.raises(inspect.InspectError, match="neither manifest.json nor prep_config.json"):
+        inspect.stats(server.url)

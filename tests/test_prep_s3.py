@@ -216,3 +216,13 @@ def test_wrong_credentials_and_bad_outputs_fail_before_any_work(s3_server, image
     assert r.exit_code == 1 and "bucket does not exist" in r.output
     r = invoke("stats", url, "--s3-endpoint", "127.0.0.1:9")
     assert r.exit_code == 2 and "http(s)://host[:port]" in r.output
+
+
+def test_stats_reads_parquet_and_stats_objects_only(s3_server, local_run):
+    # the output without its tars: stats needs none of them
+    for name in os.listdir(local_run):
+        if not name.endswith(schema.TAR_SUFFIX):
+            s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"meta/{name}", Body=local_bytes(local_run, name))
+    r = invoke("stats", s3_server.url("meta"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == json.loads(invoke("stats", local_run, "--json").output)

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from shards import schema
-from shards.stats import format_summary, plot_summary, read_table, summarize
+from shards import stats as stats_mod
+from shards.stats import format_summary, ordered_map, plot_summary, read_table, summarize, summarize_output
 
 
 def hand_table(shard_names=("s-000000",)):
@@ -126,3 +127,126 @@ def test_read_table_errors(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "coco-000000.parquet")
     with pytest.raises(ValueError, match="coco-000000.parquet: columns differ"):
         read_table(str(tmp_path))
+
+
+# --- streaming: the same numbers from pair counts and per-shard parts -------------------------------------------------
+def random_rows(rng, n, prefix, *, max_side=400):
+    """``n`` rows: mostly ok with 0..30 random valid boxes in a random image size, some failures."""
+    rows = []
+    for i in range(n):
+        key = f"{prefix}{i:04d}"
+        if rng.random() < 0.1:
+            rows.append(schema.make_row(key, key + ".jpg", "corrupt", error="truncated"))
+            continue
+        w, h = (int(v) for v in rng.integers(8, max_side, 2))
+        k = int(rng.integers(0, 31))
+        x0, y0 = rng.integers(0, w - 1, k), rng.integers(0, h - 1, k)
+        x1, y1 = x0 + 1 + rng.integers(0, w - x0 - 1 + 1, k), y0 + 1 + rng.integers(0, h - y0 - 1 + 1, k)
+        boxes = np.stack([x0, y0, np.minimum(x1, w), np.minimum(y1, h)], 1)
+        rows.append(schema.make_row(key, key + ".jpg", width=w, height=h, raw_boxes=k + 5, kept_boxes=k,
+                                    boxes=boxes, ss_seconds=float(rng.random()), image_bytes=int(rng.integers(1, 99))))
+    return rows
+
+
+def naive_box_stats(rows):
+    """The box size and aspect distributions as computed before streaming: one float per box, numpy throughout."""
+    boxes = np.concatenate([np.asarray(r["boxes"]).reshape(-1, 4) for r in rows if r["status"] == "ok"])
+    w = (boxes[:, 2] - boxes[:, 0]).astype(np.float64)
+    h = (boxes[:, 3] - boxes[:, 1]).astype(np.float64)
+    side, aspect = np.sqrt(w * h), w / h
+    return (stats_mod._distribution(side, stats_mod._linear_edges(side)),
+            stats_mod._distribution(aspect, stats_mod._log_edges(aspect)))
+
+
+def test_percentiles_from_counts_are_numpys_floats():
+    rng = np.random.default_rng(1)
+    cases = [rng.integers(1, 50, 1000).astype(np.float64), np.sqrt(rng.integers(1, 10**6, 5000).astype(np.float64)),
+             np.array([3.0]), np.array([2.0, 2.0, 7.0]), rng.random(17)]
+    for x in cases:
+        values, counts = np.unique(x, return_counts=True)
+        assert np.array_equal(stats_mod._percentiles(values, counts, stats_mod.PERCENTILES),
+                              np.percentile(x, stats_mod.PERCENTILES))
+        edges = stats_mod._linear_edges(x)
+        assert stats_mod._distribution(values, edges, counts) == stats_mod._distribution(x, edges)
+
+
+def test_pair_counts_grid_and_codes_agree():
+    rng = np.random.default_rng(2)
+    batches = [(rng.integers(1, 300, n).astype(np.int32), rng.integers(1, 200, n).astype(np.int32))
+               for n in rng.integers(0, 500, 40)]
+    batches.append((np.array([70_000, 3], np.int32), np.array([5, 2**31 - 1], np.int32)))  # huge boxes
+    w = np.concatenate([b[0] for b in batches]).astype(np.int64)
+    h = np.concatenate([b[1] for b in batches]).astype(np.int64)
+    want = dict(zip(*np.unique(w << 32 | h, return_counts=True)))
+    # the default grid (nearly all in it), a tiny one (most pairs as codes), and counts made in one sweep or many
+    for counter in (stats_mod.PairCounts(), stats_mod.PairCounts(dense_side=64, flush=700),
+                    stats_mod.PairCounts(dense_side=256, flush=10**9)):
+        for bw, bh in batches:
+            counter.add(bw, bh)
+        got_w, got_h, got_n = counter.items()
+        assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist())) == want
+        assert counter.codes.size > 0
+    halves = stats_mod.PairCounts(flush=900), stats_mod.PairCounts(flush=900)  # as two reading threads count
+    for i, (bw, bh) in enumerate(batches):
+        halves[i % 2].add(bw, bh)
+    halves[0].merge(halves[1])
+    got_w, got_h, got_n = halves[0].items()
+    assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist())) == want
+
+
+def write_output(directory, shards):
+    """Shard parquet + stats files under ``directory`` from {name: rows}."""
+    for name, rows in shards.items():
+        pq.write_table(schema.rows_to_table(rows), directory / (name + schema.PARQUET_SUFFIX))
+        st = schema.make_stats(shard=name, config_fingerprint="f", rows=rows, tar_bytes=0, parquet_bytes=0,
+                               seconds=0, min_boxes=4)
+        (directory / (name + schema.STATS_SUFFIX)).write_bytes(schema.dumps(st))
+
+
+def test_summarize_output_equals_the_whole_table_and_the_naive_numbers(tmp_path):
+    rng = np.random.default_rng(3)
+    shards = {schema.shard_name("coco", i): random_rows(rng, int(n), f"s{i}", max_side=side)
+              for i, (n, side) in enumerate([(40, 400), (1, 400), (25, 3000), (60, 400)])}  # some boxes over 1,024 px
+    write_output(tmp_path, shards)
+    (tmp_path / "coco-000001.tar").write_bytes(b"never read")
+    streamed = summarize_output(str(tmp_path), threads=3)
+    stats = [json.loads((tmp_path / (n + schema.STATS_SUFFIX)).read_text()) for n in shards]
+    whole = summarize(read_table(str(tmp_path)), stats)
+    assert streamed == whole
+    assert streamed["counts_add_up"] and streamed["shards"] == 4 and streamed["percentiles"].startswith("exact")
+    rows = [r for rs in shards.values() for r in rs]
+    size, aspect = naive_box_stats(rows)
+    assert streamed["box_size"] == size and streamed["box_aspect"] == aspect
+    assert streamed["boxes_per_image"]["total"] == sum(r["kept_boxes"] or 0 for r in rows if r["status"] == "ok")
+    assert streamed["images"]["failed"] == {"corrupt": sum(r["status"] == "corrupt" for r in rows)}
+
+
+def test_ordered_map_keeps_order_and_every_item():
+    import time
+
+    def slow(x):
+        time.sleep(0.002 * (x % 3))
+        return x * x
+
+    for threads in (1, 2, 5):
+        assert list(ordered_map(slow, iter(range(23)), threads)) == [x * x for x in range(23)]
+    assert list(ordered_map(slow, [], 2)) == []
+
+
+def test_invalid_boxes_and_rows_are_reported():
+    rows = [schema.make_row(f"k{i}", f"{i}.jpg", width=50, height=50, raw_boxes=3, kept_boxes=2,
+                            boxes=[[0, 0, 10, 10], [5, 5, 20, 40]]) for i in range(4)]
+    rows[1]["boxes"] = [[0, 0, 10, 10], [30, 5, 30, 40]]  # zero width
+    rows[2]["kept_boxes"] = 5
+    s = summarize(schema.rows_to_table(rows))
+    assert s["box_problems"] == [": 1 boxes with x1 <= x0 or y1 <= y0 (left out of box size and aspect)"]
+    assert s["box_size"]["count"] == 7 and s["box_aspect"]["count"] == 7
+    assert s["count_problems"] == ["1 ok rows whose kept_boxes differs from their boxes (first: k2)"]
+    assert "problem: : 1 boxes with x1 <= x0" in format_summary(s)
+
+    t = schema.rows_to_table(rows[:1])
+    three = pa.array([[[0, 0, 10]]], pa.list_(pa.list_(pa.int32())))
+    t = t.set_column(t.schema.get_field_index("boxes"), "boxes", three)
+    s = summarize(t.set_column(t.schema.get_field_index("kept_boxes"), "kept_boxes", pa.array([1], pa.int32())))
+    assert s["box_problems"] == [": boxes that are not 4 integers (its boxes are left out)"]
+    assert s["box_size"]["count"] == 0
