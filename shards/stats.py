@@ -64,14 +64,22 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
             # ParquetFile.read, not pq.read_table: the dataset layer behind read_table costs ~1 ms a file; one
             # thread per file, as the caller reads several files at once
             f = stack.enter_context(pq.ParquetFile(source))
-            if not f.schema_arrow.equals(schema.PARQUET_SCHEMA, check_metadata=False):
-                raise ValueError(f"{storage.redact(url)}: columns differ from the shard schema "
-                                 f"(format_version {schema.FORMAT_VERSION})")
-            return f.read(columns=columns, use_threads=False)
+            if schema.parquet_version(f.schema_arrow) is None:
+                raise ValueError(f"{storage.redact(url)}: columns differ from the shard schema of every format "
+                                 f"version {schema.READABLE_VERSIONS}")
+            present = set(f.schema_arrow.names)
+            t = f.read(columns=None if columns is None else [c for c in columns if c in present], use_threads=False)
     except FileNotFoundError:
         raise
     except (OSError, pa.ArrowException) as e:
         raise ValueError(f"{storage.redact(url)}: cannot read parquet: {e}") from None
+    if columns is None:
+        return schema.conform_table(t, storage.redact(url))  # an older version: nulls for the columns it lacked
+    for c in columns:  # a column an older version lacked: nulls
+        if c not in present:
+            field = schema.PARQUET_SCHEMA.field(c)
+            t = t.append_column(field, pa.nulls(t.num_rows, field.type))
+    return t.select(columns)
 
 
 def read_table(out: str) -> pa.Table:
@@ -82,17 +90,7 @@ def read_table(out: str) -> pa.Table:
         raise FileNotFoundError(f"{out}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     tables = []
     for n in names:
-<<<<<<< HEAD
-        url = storage.join(out, n)
-        path = f"{base.rstrip('/')}/{n}" if storage.is_remote(out) else os.path.join(base, n)
-        try:
-            t = pq.read_table(path, filesystem=fs)
-        except (OSError, pa.ArrowException) as e:
-            raise ValueError(f"{url}: cannot read parquet: {e}") from None
-        t = schema.conform_table(t, url)  # a version 1 file gets null columns for what version 2 added
-=======
         t = read_parquet(storage.join(out, n))
->>>>>>> wt-stats
         shard = n[: -len(schema.PARQUET_SUFFIX)]
         tables.append(t.append_column("shard", pa.array([shard] * t.num_rows, pa.string())))
     return pa.concat_tables(tables)
