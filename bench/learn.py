@@ -106,12 +106,7 @@ def prepare(work: str, m: dict, workers: int) -> None:
 
 def _tiers(min_side: int, fallback: int) -> list[str]:
     """Proposal size tiers: boxes >= min_side, filled up to K with boxes >= fallback where fewer survive."""
-    from prep.config import PrepConfig
-
-    flags = ["--min-side", str(min_side)]
-    if "fallback_min_side" in PrepConfig.__dataclass_fields__:
-        flags += ["--fallback-min-side", str(fallback)]
-    return flags
+    return ["--min-side", str(min_side), "--fallback-min-side", str(fallback)]
 
 
 def train_cmd(work: str, m: dict, method_flags: list[str], seed: int, steps: int, out: str, workers: int,
