@@ -61,6 +61,7 @@ def _guard_cv2() -> str | None:
     path still imports. Returns the OpenCV version, or None when the placeholder was installed."""
     try:
         import cv2
+
         return cv2.__version__
     except ImportError:
         pass
@@ -69,8 +70,9 @@ def _guard_cv2() -> str | None:
         def __getattr__(self, name):
             if name.startswith("__"):
                 raise AttributeError(name)
-            raise ImportError(f"cv2.{name}: OpenCV is not installed here; bench/gpu_bench.py only supports gpu_aug "
-                              "views without it")
+            raise ImportError(
+                f"cv2.{name}: OpenCV is not installed here; bench/gpu_bench.py only supports gpu_aug views without it"
+            )
 
     sys.modules["cv2"] = _Missing("cv2")
     return None
@@ -138,8 +140,11 @@ def sync(device: torch.device) -> None:
 def device_info(device: torch.device) -> dict:
     info = {
         "device": str(device),
-        "name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                 else f"CPU ({platform.processor() or platform.machine()})"),
+        "name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()})"
+        ),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -150,9 +155,13 @@ def device_info(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                    capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
-                    sms=props.multi_processor_count)
+        info.update(
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            sms=props.multi_processor_count,
+        )
     return info
 
 
@@ -160,8 +169,9 @@ def synthetic_batch(batch: int, size: int, k: int, device: torch.device, seed: i
     """Random uint8 views [B, 3, S, S] on ``device`` and K valid boxes per view [B, K, 4] (xyxy view pixels, sides
     1/7 to 5/7 of the view, like bench.step_bench.make_inputs)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    views = [torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device, dtype=torch.uint8)
-             for _ in range(2)]
+    views = [
+        torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device, dtype=torch.uint8) for _ in range(2)
+    ]
     boxes = []
     for _ in range(2):
         wh = size * (1 + 4 * torch.rand(batch, k, 2, generator=g, device=device)) / 7
@@ -176,8 +186,14 @@ class Setup:
     def __init__(self, name: str, args: argparse.Namespace, device: torch.device, vcfg: ViewConfig):
         self.name, self.device, self.vcfg = name, device, vcfg
         torch.manual_seed(args.seed)  # the same initial encoder for every variant
-        cfg = ModelConfig(arch=args.arch, proj_hidden=args.proj_hidden, pred_hidden=args.proj_hidden, k=args.k,
-                          instance_size=args.instance_size, **VARIANTS[name])
+        cfg = ModelConfig(
+            arch=args.arch,
+            proj_hidden=args.proj_hidden,
+            pred_hidden=args.proj_hidden,
+            k=args.k,
+            instance_size=args.instance_size,
+            **VARIANTS[name],
+        )
         model = UniVIP(cfg).to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -286,9 +302,17 @@ def bench_synthetic(name: str, args, device, vcfg, deadline: float) -> dict:
             augment.gpu_colour(v1, 0, setup.gen, vcfg)
             augment.gpu_colour(v2, 1, setup.gen, vcfg)
         aug_s = clock.stop() / n_aug
-        row = dict(variant=name + ("+compile" if args.compile else ""), input="synthetic", steps=steps,
-                   warmup_s=round(warm_s, 2), step_s=step_s, aug_ms=1000 * aug_s, flops=flops,
-                   peak_mem_gib=peak_memory_gib(device), data_wait=None)
+        row = dict(
+            variant=name + ("+compile" if args.compile else ""),
+            input="synthetic",
+            steps=steps,
+            warmup_s=round(warm_s, 2),
+            step_s=step_s,
+            aug_ms=1000 * aug_s,
+            flops=flops,
+            peak_mem_gib=peak_memory_gib(device),
+            data_wait=None,
+        )
         return derived(row, args, device)
     finally:
         setup.close()
@@ -350,8 +374,10 @@ def shm_workers(workers: int, batch_bytes: int) -> tuple[int, str | None]:
     if fit >= workers:
         return workers, None
     fit = max(1, fit)
-    return fit, (f"/dev/shm has {free / 2**30:.2f} GiB free, too little for {workers} workers x {PREFETCH} batches of "
-                 f"{batch_bytes / 2**20:.0f} MiB: using {fit} worker(s)")
+    return fit, (
+        f"/dev/shm has {free / 2**30:.2f} GiB free, too little for {workers} workers x {PREFETCH} batches of "
+        f"{batch_bytes / 2**20:.0f} MiB: using {fit} worker(s)"
+    )
 
 
 def decode_check(urls: list[str], args, device, n: int = 32) -> float:
@@ -368,21 +394,25 @@ def decode_check(urls: list[str], args, device, n: int = 32) -> float:
     cpu = UniVIPTransform(ViewConfig(gpu_aug=True, draft=False, **geo))
     dev = UniVIPTransform(ViewConfig(gpu_decode=True, **geo))
     ref = [cpu(s, np.random.default_rng([args.seed, i])) for i, s in enumerate(samples)]
-    batch = data.collate([dict(dev(s, np.random.default_rng([args.seed, i])), __key__=str(i), stats={})
-                          for i, s in enumerate(samples)])
+    batch = data.collate(
+        [dict(dev(s, np.random.default_rng([args.seed, i])), __key__=str(i), stats={}) for i, s in enumerate(samples)]
+    )
     d = decode_batch(batch, args.image_size, device)
     views = (d["view1"], d["view2"])
-    diffs = [(v.cpu().int() - torch.stack([r[f"view{j + 1}"] for r in ref]).int()).abs().float().mean()
-             for j, v in enumerate(views)]
+    diffs = [
+        (v.cpu().int() - torch.stack([r[f"view{j + 1}"] for r in ref]).int()).abs().float().mean()
+        for j, v in enumerate(views)
+    ]
     return float(sum(diffs) / 2)
 
 
-def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, flops: int | None,
-                 notes: list[str]) -> dict:
+def bench_loader(
+    name: str, args, device, vcfg, urls, sizes, deadline: float, flops: int | None, notes: list[str]
+) -> dict:
     if vcfg.gpu_decode:  # imported here: a failure of this optional path must not stop the other phases
         from train.gpu_decode import decode_batch
     # two uint8 views + two float boxes (with gpu_decode the JPEG bytes instead, usually fewer: an upper bound)
-    batch_bytes = args.batch * 2 * (3 * args.image_size ** 2 + 4 * 4 * args.k)
+    batch_bytes = args.batch * 2 * (3 * args.image_size**2 + 4 * 4 * args.k)
     workers, note = shm_workers(args.workers, batch_bytes)
     if note:
         notes.append(note)
@@ -393,8 +423,14 @@ def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, fl
         manifest = repeated_manifest(urls, sizes, need_batches * args.batch, 4 * max(1, workers), tmp)
         transform = UniVIPTransform(vcfg)
         loader, steps_per_epoch = data.make_loader(
-            manifest, transform, batch_size=args.batch, workers=workers, seed=args.seed,
-            shuffle_buffer=args.shuffle_buffer, pin_memory=device.type == "cuda")
+            manifest,
+            transform,
+            batch_size=args.batch,
+            workers=workers,
+            seed=args.seed,
+            shuffle_buffer=args.shuffle_buffer,
+            pin_memory=device.type == "cuda",
+        )
         setup = Setup(name, args, device, vcfg)
         it = iter(loader)
         counters = data.DataCounters()
@@ -452,12 +488,20 @@ def bench_loader(name: str, args, device, vcfg, urls, sizes, deadline: float, fl
             wall = time.perf_counter() - w0
             measuring[0] = False
             idle = sum(a.elapsed_time(b) for a, b in gaps) / 1000 if cuda else cpu_wait[0]
-            row = dict(variant=name + ("+compile" if args.compile else ""),
-                       input=f"loader{' + GPU decode' if vcfg.gpu_decode else ''}, {workers} workers",
-                       workers=workers,
-                       steps=steps, warmup_s=round(warm_s, 2), step_s=total / steps, flops=flops,
-                       peak_mem_gib=peak_memory_gib(device), data_wait=idle / total, cpu_wait=cpu_wait[0] / wall,
-                       fallback_rate=counters.as_dict()["fallback_rate"], steps_per_epoch=steps_per_epoch)
+            row = dict(
+                variant=name + ("+compile" if args.compile else ""),
+                input=f"loader{' + GPU decode' if vcfg.gpu_decode else ''}, {workers} workers",
+                workers=workers,
+                steps=steps,
+                warmup_s=round(warm_s, 2),
+                step_s=total / steps,
+                flops=flops,
+                peak_mem_gib=peak_memory_gib(device),
+                data_wait=idle / total,
+                cpu_wait=cpu_wait[0] / wall,
+                fallback_rate=counters.as_dict()["fallback_rate"],
+                steps_per_epoch=steps_per_epoch,
+            )
             setup.close()
             # the loader alone: drop what the workers queued up while the model ran, then time fresh batches
             loader_only = None
@@ -504,7 +548,8 @@ def format_report(result: dict) -> str:
         f"{a['image_size']} px views, K={a['k']}, {a['instance_size']} px instance crops, projector/predictor "
         f"{a['proj_hidden']}->256; step = GPU colour aug + fwd/bwd + SGD + EMA; {a['steps']} steps after "
         f"{a['warmup']} warm-up; MFU against {a['peak_tflops']:g} TFLOP/s"
-        + ("" if gpu else " (not computed on CPU)") + ("; torch.compile on the encoders" if a["compile"] else ""),
+        + ("" if gpu else " (not computed on CPU)")
+        + ("; torch.compile on the encoders" if a["compile"] else ""),
         "",
         "| variant | input | images/s | step ms | data wait | GFLOP/step (fwd+bwd) | TFLOP/s | MFU | aug ms "
         "| peak mem GiB |",
@@ -515,23 +560,32 @@ def format_report(result: dict) -> str:
             f"| {r['variant']} | {r['input']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
             f"{_fmt(r.get('data_wait'), '.1%')} | {_fmt(r.get('gflop_per_step'), '.1f')} | "
             f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('aug_ms'), '.1f')} | "
-            f"{_fmt(r.get('peak_mem_gib'), '.1f')} |")
+            f"{_fmt(r.get('peak_mem_gib'), '.1f')} |"
+        )
     lo = result.get("loader")
     if lo:
-        lines += ["", f"Loader: {lo['spec']}: {lo['unique_samples']} unique samples ({lo['source_megapixels']:.2f} MP "
-                      f"mean) repeated by symlinked shard copies (page-cache reads), {d['cpu_cores']} CPU cores, "
-                      f"shuffle buffer {a['shuffle_buffer']}."]
+        lines += [
+            "",
+            f"Loader: {lo['spec']}: {lo['unique_samples']} unique samples ({lo['source_megapixels']:.2f} MP "
+            f"mean) repeated by symlinked shard copies (page-cache reads), {d['cpu_cores']} CPU cores, "
+            f"shuffle buffer {a['shuffle_buffer']}.",
+        ]
         for r in result["rows"]:
             if r["input"].startswith("loader"):
-                lines.append(f"- {r['variant']}: loader alone {_fmt(r.get('loader_only_images_per_s'), '.0f')} "
-                             f"images/s; data wait = "
-                             f"{'GPU idle between steps (CUDA events)' if gpu else 'time in next()'}, "
-                             f"CPU blocked in next() "
-                             f"{_fmt(r.get('cpu_wait'), '.1%')}; Algorithm 1 fallback rate "
-                             f"{_fmt(r.get('fallback_rate'), '.1%')}"
-                             + (f"; decode_views alone {_fmt(r.get('decode_ms'), '.1f')} ms/batch, views vs the CPU "
-                                f"path: mean |diff| {_fmt(r.get('decode_diff'), '.2f')} levels"
-                                if "GPU decode" in r["input"] else ""))
+                lines.append(
+                    f"- {r['variant']}: loader alone {_fmt(r.get('loader_only_images_per_s'), '.0f')} "
+                    f"images/s; data wait = "
+                    f"{'GPU idle between steps (CUDA events)' if gpu else 'time in next()'}, "
+                    f"CPU blocked in next() "
+                    f"{_fmt(r.get('cpu_wait'), '.1%')}; Algorithm 1 fallback rate "
+                    f"{_fmt(r.get('fallback_rate'), '.1%')}"
+                    + (
+                        f"; decode_views alone {_fmt(r.get('decode_ms'), '.1f')} ms/batch, views vs the CPU "
+                        f"path: mean |diff| {_fmt(r.get('decode_diff'), '.2f')} levels"
+                        if "GPU decode" in r["input"]
+                        else ""
+                    )
+                )
     for note in result["notes"]:
         lines.append(f"- note: {note}")
     for err in result["errors"]:
@@ -555,19 +609,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=50, help="measured steps per measurement")
     ap.add_argument("--warmup", type=int, default=10, help="warm-up steps (the loader adds 2 per worker)")
     ap.add_argument("--data", default=None, help="shard spec for the real loader; without shards: synthetic only")
-    ap.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time the real loader with the views decoded on the GPU (train --gpu-decode), last")
+    ap.add_argument(
+        "--gpu-decode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the real loader with the views decoded on the GPU (train --gpu-decode), last",
+    )
     ap.add_argument("--workers", type=int, default=min(12, max(1, cores - 2)), help="DataLoader workers")
-    ap.add_argument("--shuffle-buffer", type=int, default=64,
-                    help="samples per slot before the first leaves (only delays start-up)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0,
-                    help="peak dense bf16 TFLOP/s for MFU (H100 SXM / H200: 989; H100 PCIe: 756)")
+    ap.add_argument(
+        "--shuffle-buffer", type=int, default=64, help="samples per slot before the first leaves (only delays start-up)"
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="peak dense bf16 TFLOP/s for MFU (H100 SXM / H200: 989; H100 PCIe: 756)",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoders (adds minutes of warm-up)")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    ap.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                    help="bf16 autocast (auto: on for cuda, off on CPU)")
-    ap.add_argument("--aug-generator", choices=("cpu", "device"), default="cpu",
-                    help="where gpu_colour draws its per-sample parameters (cpu: as train/__main__.py does)")
+    ap.add_argument(
+        "--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on for cuda, off on CPU)"
+    )
+    ap.add_argument(
+        "--aug-generator",
+        choices=("cpu", "device"),
+        default="cpu",
+        help="where gpu_colour draws its per-sample parameters (cpu: as train/__main__.py does)",
+    )
     ap.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
     ap.add_argument("--budget-s", type=float, default=320, help="wall-clock budget of this script, seconds")
     ap.add_argument("--seed", type=int, default=0)
@@ -623,8 +691,12 @@ def main(argv: list[str] | None = None) -> int:
                 result["notes"].append(f"{e}: real-loader measurement skipped (synthetic only)")
     if shards:
         urls, sizes = shards
-        result["loader"] = dict(spec=args.data, shards=len(urls), unique_samples=sum(sizes.values()),
-                                source_megapixels=source_megapixels(urls))
+        result["loader"] = dict(
+            spec=args.data,
+            shards=len(urls),
+            unique_samples=sum(sizes.values()),
+            source_megapixels=source_megapixels(urls),
+        )
     floor = 20.0 if device.type == "cuda" else 1.0
     flops: dict[str, int] = {}
     for i, (kind, name) in enumerate(phases):
@@ -644,8 +716,10 @@ def main(argv: list[str] | None = None) -> int:
             if row["steps"] < args.steps:
                 result["notes"].append(f"{kind} {name}: only {row['steps']} of {args.steps} steps fit its time share")
             result["rows"].append(row)
-            print(f"[{budget.elapsed():5.0f} s]   {row['images_per_s']:.1f} images/s, {row['step_ms']:.1f} ms/step",
-                  flush=True)
+            print(
+                f"[{budget.elapsed():5.0f} s]   {row['images_per_s']:.1f} images/s, {row['step_ms']:.1f} ms/step",
+                flush=True,
+            )
         except Exception as e:  # keep the other measurements; the error goes into the report and the exit code
             result["errors"].append(f"{kind} {name}: {type(e).__name__}: {e}")
             print(f"  failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

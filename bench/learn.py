@@ -53,12 +53,48 @@ METHODS = [
 # Settings per mode. Scene and object sizes are ~1/4 of COCO's (640 px images, objects of 32-200 px), so the paper's
 # 224 px views / 96 px instances / 96-64 px proposal tiers scale to 96 / 48 / 24-16 here (gpu); quick is smaller still.
 MODES = {
-    "quick": dict(scenes=48, size=128, probe_train=24, probe_val=16, crop=48, image=64, instance=32, batch=16,
-                  steps=12, arch="resnet18", proj=(512, 128, 512), min_side=16, fallback_min_side=12,
-                  ss_max_side=128, device="cpu", workers=1, eval_every=6, gpu_aug=False, calibration_steps=6),
-    "gpu": dict(scenes=3000, size=160, probe_train=500, probe_val=400, crop=64, image=96, instance=48, batch=256,
-                steps=0, arch="resnet18", proj=(4096, 256, 4096), min_side=24, fallback_min_side=16,
-                ss_max_side=160, device="cuda", workers=0, eval_every=250, gpu_aug=True, calibration_steps=60),
+    "quick": dict(
+        scenes=48,
+        size=128,
+        probe_train=24,
+        probe_val=16,
+        crop=48,
+        image=64,
+        instance=32,
+        batch=16,
+        steps=12,
+        arch="resnet18",
+        proj=(512, 128, 512),
+        min_side=16,
+        fallback_min_side=12,
+        ss_max_side=128,
+        device="cpu",
+        workers=1,
+        eval_every=6,
+        gpu_aug=False,
+        calibration_steps=6,
+    ),
+    "gpu": dict(
+        scenes=3000,
+        size=160,
+        probe_train=500,
+        probe_val=400,
+        crop=64,
+        image=96,
+        instance=48,
+        batch=256,
+        steps=0,
+        arch="resnet18",
+        proj=(4096, 256, 4096),
+        min_side=24,
+        fallback_min_side=16,
+        ss_max_side=160,
+        device="cuda",
+        workers=0,
+        eval_every=250,
+        gpu_aug=True,
+        calibration_steps=60,
+    ),
 }
 # Optimiser: the small-scale recipe of the literature for ResNet-18 with the -cos loss used here (lightly's BYOL /
 # SimSiam benchmarks on CIFAR-10 and STL-10: SGD momentum 0.9, lr 0.06 per 256 images, weight decay 5e-4, EMA 0.99 -> 1),
@@ -87,19 +123,52 @@ def run(cmd: list[str], log: str | None = None, **kw) -> subprocess.CompletedPro
 def prepare(work: str, m: dict, workers: int) -> None:
     """Scenes -> prep coco shards; object crops of other scenes -> prep imagenet probe shards (train, val)."""
     prep = [sys.executable, "-m", "prep"]
-    common = ["--workers", str(workers), "--no-progress", "--jpeg-quality", "85", "--ss-max-side", str(m["ss_max_side"])]
+    common = [
+        "--workers",
+        str(workers),
+        "--no-progress",
+        "--jpeg-quality",
+        "85",
+        "--ss-max-side",
+        str(m["ss_max_side"]),
+    ]
     raw = os.path.join(work, "raw")
     t0 = time.perf_counter()
     ann = scenes.make_scenes(os.path.join(raw, "scenes"), m["scenes"], size=m["size"], seed=0, workers=workers)
     # train and val probe crops come from two more scene sets (seeds 1, 2): no object is seen twice
     for name, n, seed in (("probe_train", m["probe_train"], 1), ("probe_val", m["probe_val"], 2)):
         scenes.make_crops(os.path.join(raw, name), n, size=m["size"], crop_size=m["crop"], seed=seed, workers=workers)
-    run(prep + ["coco", os.path.join(raw, "scenes", "images"), "--annotations", ann, "--out",
-                os.path.join(work, "scenes"), "--shard-size", str(max(8, m["scenes"] // 16)),
-                *_tiers(m["min_side"], m["fallback_min_side"]), *common])
+    run(
+        prep
+        + [
+            "coco",
+            os.path.join(raw, "scenes", "images"),
+            "--annotations",
+            ann,
+            "--out",
+            os.path.join(work, "scenes"),
+            "--shard-size",
+            str(max(8, m["scenes"] // 16)),
+            *_tiers(m["min_side"], m["fallback_min_side"]),
+            *common,
+        ]
+    )
     for name in ("probe_train", "probe_val"):  # whole crops are the probe's items; their few boxes go unused
-        run(prep + ["imagenet", os.path.join(raw, name), "--out", os.path.join(work, name), "--shard-size", "500",
-                    "--max-boxes", "4", *_tiers(8, 8), *common])
+        run(
+            prep
+            + [
+                "imagenet",
+                os.path.join(raw, name),
+                "--out",
+                os.path.join(work, name),
+                "--shard-size",
+                "500",
+                "--max-boxes",
+                "4",
+                *_tiers(8, 8),
+                *common,
+            ]
+        )
     shutil.rmtree(raw)
     print(f"data prepared in {time.perf_counter() - t0:.0f} s: {work}", flush=True)
 
@@ -109,24 +178,73 @@ def _tiers(min_side: int, fallback: int) -> list[str]:
     return ["--min-side", str(min_side), "--fallback-min-side", str(fallback)]
 
 
-def train_cmd(work: str, m: dict, method_flags: list[str], seed: int, steps: int, out: str, workers: int,
-              eval_every: int) -> list[str]:
+def train_cmd(
+    work: str, m: dict, method_flags: list[str], seed: int, steps: int, out: str, workers: int, eval_every: int
+) -> list[str]:
     n = _samples(os.path.join(work, "scenes"))
     steps_per_epoch = n // m["batch"]
     epochs = max(1, math.ceil(steps / steps_per_epoch))  # the cosine schedule ends at (about) the last step
     hidden, dim, pred = m["proj"]
-    cmd = [sys.executable, "-m", "train", "--preset", "coco", "--data", os.path.join(work, "scenes"), "--out", out,
-           "--arch", m["arch"], "--image-size", str(m["image"]), "--instance-size", str(m["instance"]),
-           "--proj-hidden", str(hidden), "--proj-dim", str(dim), "--pred-hidden", str(pred),
-           "--batch-size", str(m["batch"]), "--epochs", str(epochs), "--max-steps", str(steps),
-           "--warmup-epochs", f"{WARMUP_FRACTION * steps / steps_per_epoch:.4f}", "--seed", str(seed),
-           "--workers", str(workers), "--shuffle-buffer", "1000", "--device", m["device"], "--log-every", "10",
-           "--ckpt-every", "0", "--keep-ckpts", "1", *OPTIM, *method_flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "--preset",
+        "coco",
+        "--data",
+        os.path.join(work, "scenes"),
+        "--out",
+        out,
+        "--arch",
+        m["arch"],
+        "--image-size",
+        str(m["image"]),
+        "--instance-size",
+        str(m["instance"]),
+        "--proj-hidden",
+        str(hidden),
+        "--proj-dim",
+        str(dim),
+        "--pred-hidden",
+        str(pred),
+        "--batch-size",
+        str(m["batch"]),
+        "--epochs",
+        str(epochs),
+        "--max-steps",
+        str(steps),
+        "--warmup-epochs",
+        f"{WARMUP_FRACTION * steps / steps_per_epoch:.4f}",
+        "--seed",
+        str(seed),
+        "--workers",
+        str(workers),
+        "--shuffle-buffer",
+        "1000",
+        "--device",
+        m["device"],
+        "--log-every",
+        "10",
+        "--ckpt-every",
+        "0",
+        "--keep-ckpts",
+        "1",
+        *OPTIM,
+        *method_flags,
+    ]
     if m["gpu_aug"]:
         cmd.append("--gpu-aug")
     if eval_every:
-        cmd += ["--eval-data", os.path.join(work, "probe_train"), "--eval-val-data", os.path.join(work, "probe_val"),
-                "--eval-every", str(eval_every), "--eval-size", str(m["crop"])]
+        cmd += [
+            "--eval-data",
+            os.path.join(work, "probe_train"),
+            "--eval-val-data",
+            os.path.join(work, "probe_val"),
+            "--eval-every",
+            str(eval_every),
+            "--eval-size",
+            str(m["crop"]),
+        ]
     return cmd
 
 
@@ -135,8 +253,9 @@ def _samples(spec: str) -> int:
         return sum(s["samples"] for s in json.load(f)["shards"])
 
 
-def train_all(work: str, m: dict, seeds: list[int], steps: int, out: str, eval_every: int,
-              tag: str = "") -> dict[tuple[str, int], str]:
+def train_all(
+    work: str, m: dict, seeds: list[int], steps: int, out: str, eval_every: int, tag: str = ""
+) -> dict[tuple[str, int], str]:
     """All methods x seeds as concurrent processes (one GPU or the CPU); returns each run's output directory."""
     runs = [(name, flags, seed) for seed in seeds for name, flags in METHODS]
     cores = os.cpu_count() or 2
@@ -156,8 +275,15 @@ def train_all(work: str, m: dict, seeds: list[int], steps: int, out: str, eval_e
     while pending or active:
         while pending and len(active) < parallel:
             cmd, d = pending.pop(0)
-            active.append((subprocess.Popen(cmd, env=env, stdout=open(os.path.join(d, "train.out"), "w"),
-                                            stderr=subprocess.STDOUT), d, cmd))
+            active.append(
+                (
+                    subprocess.Popen(
+                        cmd, env=env, stdout=open(os.path.join(d, "train.out"), "w"), stderr=subprocess.STDOUT
+                    ),
+                    d,
+                    cmd,
+                )
+            )
         for proc, d, cmd in list(active):
             if proc.poll() is not None:
                 active.remove((proc, d, cmd))
@@ -189,31 +315,60 @@ def calibrate(work: str, m: dict, seeds: list[int], out: str) -> dict:
         rates[f"{key[0]}-s{key[1]}"] = sum(r["images_per_s"] for r in rows) / len(rows) / m["batch"]
         shutil.rmtree(d)
     slowest = min(rates.values())
-    return {"steps_per_s": rates, "slowest": slowest, "startup_s": max(0.0, wall - probe_steps / slowest),
-            "calibration_wall_s": wall}
+    return {
+        "steps_per_s": rates,
+        "slowest": slowest,
+        "startup_s": max(0.0, wall - probe_steps / slowest),
+        "calibration_wall_s": wall,
+    }
 
 
 def evaluate(work: str, m: dict, target: list[str], out_json: str) -> dict:
-    cmd = [sys.executable, "-m", "train.eval", *target, "--train-data", os.path.join(work, "probe_train"),
-           "--val-data", os.path.join(work, "probe_val"), "--size", str(m["crop"]),
-           "--device", "cuda" if m["device"] == "cuda" else "cpu", "--json", out_json]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.eval",
+        *target,
+        "--train-data",
+        os.path.join(work, "probe_train"),
+        "--val-data",
+        os.path.join(work, "probe_val"),
+        "--size",
+        str(m["crop"]),
+        "--device",
+        "cuda" if m["device"] == "cuda" else "cpu",
+        "--json",
+        out_json,
+    ]
     run(cmd)
     with open(out_json) as f:
         return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--mode", choices=sorted(MODES), default="quick")
     p.add_argument("--quick", action="store_const", const="quick", dest="mode", help="same as --mode quick")
     p.add_argument("--work", default=None, help="data and runs (default: /tmp/univip-learn-MODE)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     names = [n for n, _ in METHODS]
-    p.add_argument("--methods", nargs="+", choices=names, default=names,
-                   help="methods to train (default: all); random-init is always evaluated")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the mode's; gpu: calibrated "
-                                                           "to --budget-s; 0 calibrates in any mode)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=names,
+        default=names,
+        help="methods to train (default: all); random-init is always evaluated",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: the mode's; gpu: calibrated to --budget-s; 0 calibrates in any mode)",
+    )
     p.add_argument("--budget-s", type=float, default=480, help="gpu: the whole command's time budget")
     p.add_argument("--prepare-only", action="store_true", help="make the data and stop")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for data preparation")
@@ -230,8 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs_dir = os.path.join(work, "runs")
     os.makedirs(runs_dir, exist_ok=True)
-    info: dict = {"mode": a.mode, "settings": m, "optim": OPTIM, "seeds": a.seeds,
-                  "samples": {k: _samples(os.path.join(work, k)) for k in ("scenes", "probe_train", "probe_val")}}
+    info: dict = {
+        "mode": a.mode,
+        "settings": m,
+        "optim": OPTIM,
+        "seeds": a.seeds,
+        "samples": {k: _samples(os.path.join(work, k)) for k in ("scenes", "probe_train", "probe_val")},
+    }
     steps = m["steps"] if a.steps is None else a.steps
     if not steps:  # gpu: the steps that fit the budget, after the evaluations' share and some slack
         cal = info["calibration"] = calibrate(work, m, a.seeds, runs_dir)
@@ -246,12 +406,19 @@ def main(argv: list[str] | None = None) -> int:
     # every evaluation at once on a GPU (each is a few seconds of device work after start-up), one by one on a CPU
     jobs = []
     for seed in a.seeds:
-        jobs.append(("random-init", seed, ["--random-init", "--arch", m["arch"], "--seed", str(seed)],
-                     os.path.join(runs_dir, f"random-init-s{seed}.json")))
+        jobs.append(
+            (
+                "random-init",
+                seed,
+                ["--random-init", "--arch", m["arch"], "--seed", str(seed)],
+                os.path.join(runs_dir, f"random-init-s{seed}.json"),
+            )
+        )
         for name, _ in METHODS:
             d = dirs[(name, seed)]
             ckpt = sorted(f for f in os.listdir(d) if f.startswith("ckpt-"))[-1]
             jobs.append((name, seed, [os.path.join(d, ckpt)], os.path.join(d, "eval.json")))
+
     def one(job) -> dict:
         try:
             return evaluate(work, m, job[2], job[3])
@@ -266,48 +433,79 @@ def main(argv: list[str] | None = None) -> int:
         row = {"method": name, "seed": seed, **_acc(ev)}
         if name != "random-init":
             log = read_log(dirs[(name, seed)])
-            row.update(loss=log[-1]["loss"], z_std=log[-1]["z_std"], images_per_s=log[-1]["images_per_s"],
-                       knn_curve=[(r["step"], r["knn_top1"]) for r in log if "knn_top1" in r])
+            row.update(
+                loss=log[-1]["loss"],
+                z_std=log[-1]["z_std"],
+                images_per_s=log[-1]["images_per_s"],
+                knn_curve=[(r["step"], r["knn_top1"]) for r in log if "knn_top1" in r],
+            )
         results.append(row)
     info["results"] = results
     info["wall_s"] = time.perf_counter() - t_start
     table = markdown(results, a.seeds)
     info["table"] = table
     print(table)
-    for path in filter(None, (os.path.join(work, "results.json"), a.json or (
-            os.path.join(os.environ["OUT"], "learn.json") if os.environ.get("OUT") else None))):
+    for path in filter(
+        None,
+        (
+            os.path.join(work, "results.json"),
+            a.json or (os.path.join(os.environ["OUT"], "learn.json") if os.environ.get("OUT") else None),
+        ),
+    ):
         with open(path, "w") as f:
             json.dump(info, f, indent=1)
-    print(f"learn: {a.mode} mode, {steps} steps x batch {m['batch']}, {len(a.seeds)} seed(s), "
-          f"{info['wall_s']:.0f} s in all", flush=True)
+    print(
+        f"learn: {a.mode} mode, {steps} steps x batch {m['batch']}, {len(a.seeds)} seed(s), "
+        f"{info['wall_s']:.0f} s in all",
+        flush=True,
+    )
     return 0
 
 
 def _acc(ev: dict) -> dict:
-    return {"knn_top1": ev.get("knn_top1"), "linear_top1": ev.get("linear_top1"), **({"error": ev["error"]}
-                                                                                      if "error" in ev else {})}
+    return {
+        "knn_top1": ev.get("knn_top1"),
+        "linear_top1": ev.get("linear_top1"),
+        **({"error": ev["error"]} if "error" in ev else {}),
+    }
 
 
 def markdown(results: list[dict], seeds: list[int]) -> str:
     """Per method: each seed's kNN / linear top-1 and their mean; the spread is max - min over seeds."""
-    lines = ["| method | " + " | ".join(f"kNN s{s}" for s in seeds) + " | kNN mean | "
-             + " | ".join(f"linear s{s}" for s in seeds) + " | linear mean | final loss | z_std |",
-             "|---" * (5 + 2 * len(seeds)) + "|"]
+    lines = [
+        "| method | "
+        + " | ".join(f"kNN s{s}" for s in seeds)
+        + " | kNN mean | "
+        + " | ".join(f"linear s{s}" for s in seeds)
+        + " | linear mean | final loss | z_std |",
+        "|---" * (5 + 2 * len(seeds)) + "|",
+    ]
     for name in ("random-init", *(n for n, _ in METHODS)):
         rows = [r for r in results if r["method"] == name]
         knn = [r["knn_top1"] for r in rows if r["knn_top1"] is not None]
         lin = [r["linear_top1"] for r in rows if r["linear_top1"] is not None]
 
         def cell(vals):
-            return f"{100 * statistics.mean(vals):.1f}" + (f" (±{50 * (max(vals) - min(vals)):.1f})"
-                                                           if len(vals) > 1 else "") if vals else "–"
+            return (
+                f"{100 * statistics.mean(vals):.1f}"
+                + (f" (±{50 * (max(vals) - min(vals)):.1f})" if len(vals) > 1 else "")
+                if vals
+                else "–"
+            )
 
         loss = statistics.mean(r["loss"] for r in rows) if "loss" in rows[0] else None
         zs = statistics.mean(r["z_std"] for r in rows) if "z_std" in rows[0] else None
-        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in knn) + f" | {cell(knn)} | "
-                     + " | ".join(f"{100 * v:.1f}" for v in lin) + f" | {cell(lin)} | "
-                     + (f"{loss:.3f}" if loss is not None else "–") + " | "
-                     + (f"{zs:.4f}" if zs is not None else "–") + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * v:.1f}" for v in knn)
+            + f" | {cell(knn)} | "
+            + " | ".join(f"{100 * v:.1f}" for v in lin)
+            + f" | {cell(lin)} | "
+            + (f"{loss:.3f}" if loss is not None else "–")
+            + " | "
+            + (f"{zs:.4f}" if zs is not None else "–")
+            + " |"
+        )
     return "\n".join(lines)
 
 

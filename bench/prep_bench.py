@@ -66,8 +66,9 @@ def bare(source, cfg: PrepConfig) -> float:
     for rec in source.records:
         with Image.open(rec.path) as im:
             rgb = np.asarray(im.convert("RGB"))
-        proposals.selective_search(rgb, mode=cfg.mode, ss_max_side=cfg.ss_max_side,
-                                   seed=proposals.image_seed(cfg.seed, rec.key))
+        proposals.selective_search(
+            rgb, mode=cfg.mode, ss_max_side=cfg.ss_max_side, seed=proposals.image_seed(cfg.seed, rec.key)
+        )
     return time.perf_counter() - t0
 
 
@@ -102,7 +103,7 @@ class RssSampler:
             except psutil.Error:  # a process exited between listing and reading
                 pass
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -138,14 +139,23 @@ def modes_table(source, sides: list[int], modes: list[str], n: int, base: PrepCo
             secs, raw, kept = [], [], []
             for rec, rgb in zip(records, rgbs):
                 t0 = time.perf_counter()
-                boxes = proposals.selective_search(rgb, mode=mode, ss_max_side=side,
-                                                   seed=proposals.image_seed(base.seed, rec.key))
+                boxes = proposals.selective_search(
+                    rgb, mode=mode, ss_max_side=side, seed=proposals.image_seed(base.seed, rec.key)
+                )
                 secs.append(time.perf_counter() - t0)
                 raw.append(len(boxes))
                 kept.append(len(proposals.filter_with(boxes, base)[0]))
-            rows.append({"mode": mode, "ss_max_side": side, "images": len(records),
-                         "seconds_per_image": float(np.mean(secs)), "raw_boxes": float(np.mean(raw)),
-                         "kept_boxes": float(np.mean(kept)), "few_boxes": int(sum(k < base.min_boxes for k in kept))})
+            rows.append(
+                {
+                    "mode": mode,
+                    "ss_max_side": side,
+                    "images": len(records),
+                    "seconds_per_image": float(np.mean(secs)),
+                    "raw_boxes": float(np.mean(raw)),
+                    "kept_boxes": float(np.mean(kept)),
+                    "few_boxes": int(sum(k < base.min_boxes for k in kept)),
+                }
+            )
     return rows
 
 
@@ -153,9 +163,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=32, help="images for (a), (b), (c)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (a), (b); the best of each counts")
-    ap.add_argument("--shard-size", type=int, default=1,
-                    help="images per shard in (a), (b); small so 2 workers share the work evenly (the last shard "
-                         "of a run leaves one worker idle: with few images that tail, not prep, would set (b))")
+    ap.add_argument(
+        "--shard-size",
+        type=int,
+        default=1,
+        help="images per shard in (a), (b); small so 2 workers share the work evenly (the last shard "
+        "of a run leaves one worker idle: with few images that tail, not prep, would set (b))",
+    )
     ap.add_argument("--long-side", type=int, default=640, help="longer side of the benchmark images (px)")
     ap.add_argument("--mode", default="fast")
     ap.add_argument("--ss-max-side", type=int, default=500)
@@ -167,8 +181,13 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="prep-bench-")
     make_images(os.path.join(work, "images"), args.images, args.long_side)
-    cfg = PrepConfig(kind="folder", root=os.path.join(work, "images"), mode=args.mode, ss_max_side=args.ss_max_side,
-                     shard_size=args.shard_size)
+    cfg = PrepConfig(
+        kind="folder",
+        root=os.path.join(work, "images"),
+        mode=args.mode,
+        ss_max_side=args.ss_max_side,
+        shard_size=args.shard_size,
+    )
     source = load_source("folder", cfg.root)
     n = len(source.records)
     shards = len(prep_run.plan(source.records, cfg))
@@ -203,24 +222,51 @@ def main() -> None:
     t_bare, t_one, t_two = min(t_bare), min(t_one), min(t_two)
     same = all(
         open(os.path.join(work, "w1-0", f), "rb").read() == open(os.path.join(work, f"w{w}-{r}", f), "rb").read()
-        for w in (1, 2) for r in range(args.rounds)
-        for f in os.listdir(os.path.join(work, "w1-0")) if f.endswith(".tar")
+        for w in (1, 2)
+        for r in range(args.rounds)
+        for f in os.listdir(os.path.join(work, "w1-0"))
+        if f.endswith(".tar")
     )
-    table = modes_table(source, [int(s) for s in args.table_sides.split(",")], args.table_modes.split(","),
-                        args.table_images, cfg)
+    table = modes_table(
+        source, [int(s) for s in args.table_sides.split(",")], args.table_modes.split(","), args.table_images, cfg
+    )
 
     results = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "opencv": prep_run.versions()["opencv"],
-                    "start_method": executors.START_METHOD},
-        "setup": {"images": n, "shards": shards, "shard_size": args.shard_size, "long_side": args.long_side,
-                  "mode": args.mode, "ss_max_side": args.ss_max_side},
-        "overhead": {"bare_s": t_bare, "prep_1_worker_s": t_one, "ratio": t_one / t_bare, "target": "<= 1.03",
-                     "ss_in_run_s": ss_in_run, "ratio_in_run": t_one / ss_in_run},
-        "scaling": {"img_per_s_1": n / t_one, "img_per_s_2": n / t_two, "ratio": t_one / t_two, "target": ">= 1.9",
-                    "pool_startup_s": startup, "tars_identical": same},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "opencv": prep_run.versions()["opencv"],
+            "start_method": executors.START_METHOD,
+        },
+        "setup": {
+            "images": n,
+            "shards": shards,
+            "shard_size": args.shard_size,
+            "long_side": args.long_side,
+            "mode": args.mode,
+            "ss_max_side": args.ss_max_side,
+        },
+        "overhead": {
+            "bare_s": t_bare,
+            "prep_1_worker_s": t_one,
+            "ratio": t_one / t_bare,
+            "target": "<= 1.03",
+            "ss_in_run_s": ss_in_run,
+            "ratio_in_run": t_one / ss_in_run,
+        },
+        "scaling": {
+            "img_per_s_1": n / t_one,
+            "img_per_s_2": n / t_two,
+            "ratio": t_one / t_two,
+            "target": ">= 1.9",
+            "pool_startup_s": startup,
+            "tars_identical": same,
+        },
         "rounds": rounds,
-        "memory": {"worker_peak_rss_mb": sorted(rss_peak.values()),
-                   "main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+        "memory": {
+            "worker_peak_rss_mb": sorted(rss_peak.values()),
+            "main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        },
         "modes": table,
     }
     print(render(results))
@@ -255,8 +301,10 @@ def render(r: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for t in r["modes"]:
-        lines.append(f"| {t['mode']} | {t['ss_max_side']} | {t['seconds_per_image']:.3f} | {t['raw_boxes']:.0f} | "
-                     f"{t['kept_boxes']:.1f} | {t['few_boxes']}/{t['images']} |")
+        lines.append(
+            f"| {t['mode']} | {t['ss_max_side']} | {t['seconds_per_image']:.3f} | {t['raw_boxes']:.0f} | "
+            f"{t['kept_boxes']:.1f} | {t['few_boxes']}/{t['images']} |"
+        )
     return "\n".join(lines)
 
 

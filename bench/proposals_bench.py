@@ -52,15 +52,19 @@ def labelled_set(work: str, n: int, seed: int = 0) -> tuple[str, str]:
         categories = doc["categories"]
         new_id = {im["id"]: len(images) + i + 1 for i, im in enumerate(doc["images"])}
         images += [dict(im, id=new_id[im["id"]], file_name=f"s{size}/images/{im['file_name']}") for im in doc["images"]]
-        annotations += [dict(a, id=len(annotations) + i + 1, image_id=new_id[a["image_id"]])
-                        for i, a in enumerate(doc["annotations"])]
+        annotations += [
+            dict(a, id=len(annotations) + i + 1, image_id=new_id[a["image_id"]])
+            for i, a in enumerate(doc["annotations"])
+        ]
     with open(path + ".tmp", "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     os.replace(path + ".tmp", path)
     return root, path
 
 
-def run_setting(work: str, tag: str, root: str, annotations: str, mode: str, side: int, workers: int) -> tuple[str, float]:
+def run_setting(
+    work: str, tag: str, root: str, annotations: str, mode: str, side: int, workers: int
+) -> tuple[str, float]:
     """(output, wall s) of prep coco with ``mode`` and ``side``; an earlier complete output is reused (wall -1)."""
     out = os.path.join(work, "out", f"{tag}-{mode}-{side}")
     cfg = PrepConfig(kind="coco", root=root, annotations=annotations, mode=mode, ss_max_side=side, shard_size=16)
@@ -96,22 +100,32 @@ def main() -> None:
             load = round(os.getloadavg()[0], 2)
             out, wall = run_setting(args.work, "scenes", root, annotations, mode, side, args.workers)
             r = evaluate.evaluate(out, gt)
-            row = {"mode": mode, "ss_max_side": side_name, "load_before": load, "wall_s": round(wall, 1),
-                   "seconds_per_image": r["seconds_per_image"]["mean"], "kept_boxes": r["kept_boxes_per_image"],
-                   "recall": r["recall"], "mabo": r["mabo"]}
+            row = {
+                "mode": mode,
+                "ss_max_side": side_name,
+                "load_before": load,
+                "wall_s": round(wall, 1),
+                "seconds_per_image": r["seconds_per_image"]["mean"],
+                "kept_boxes": r["kept_boxes_per_image"],
+                "recall": r["recall"],
+                "mabo": r["mabo"],
+            }
             if not args.no_sample:
-                s_out, _ = run_setting(args.work, "sample", os.path.join(SAMPLE, "images"), sample_ann, mode, side,
-                                       args.workers)
+                s_out, _ = run_setting(
+                    args.work, "sample", os.path.join(SAMPLE, "images"), sample_ann, mode, side, args.workers
+                )
                 s = shard_stats.summarize_output(s_out)
                 row["sample_seconds_per_image"] = s["seconds_per_image"]["mean"]
                 row["sample_kept_boxes"] = s["boxes_per_image"]["mean"]
             rec = r["recall"]["0.5"]["all"]["all"]
             row["recall_per_core_second"] = round(rec / row["seconds_per_image"], 3)
             rows.append(row)
-            print(f"{mode:>7} {side_name:>4}: {row['seconds_per_image']:.3f} s/image, R@0.5 all boxes {rec:.3f}, "
-                  f"R@0.7 {r['recall']['0.7']['all']['all']:.3f}, MABO {r['mabo']['all']['all']:.3f}, "
-                  f"{row['kept_boxes']:.1f} boxes; photos {row.get('sample_seconds_per_image', float('nan')):.3f} "
-                  f"s/image (load {load})")
+            print(
+                f"{mode:>7} {side_name:>4}: {row['seconds_per_image']:.3f} s/image, R@0.5 all boxes {rec:.3f}, "
+                f"R@0.7 {r['recall']['0.7']['all']['all']:.3f}, MABO {r['mabo']['all']['all']:.3f}, "
+                f"{row['kept_boxes']:.1f} boxes; photos {row.get('sample_seconds_per_image', float('nan')):.3f} "
+                f"s/image (load {load})"
+            )
 
     print()
     print(markdown(rows))
@@ -124,8 +138,10 @@ def main() -> None:
 def markdown(rows: list[dict]) -> str:
     """The table for docs/benchmarks.md (prep's default setting marked, the best recall per core-second in bold)."""
     default = (PrepConfig.mode, str(PrepConfig.ss_max_side))
-    head = ("| mode | ss_max_side | s / image, scenes | s / image, photos | kept boxes | R@0.5 first 4 | R@0.5 first 20 "
-            "| R@0.5 all | R@0.5 small / medium / large (all boxes) | R@0.7 all | MABO all | R@0.5 all per core-second |")
+    head = (
+        "| mode | ss_max_side | s / image, scenes | s / image, photos | kept boxes | R@0.5 first 4 | R@0.5 first 20 "
+        "| R@0.5 all | R@0.5 small / medium / large (all boxes) | R@0.7 all | MABO all | R@0.5 all per core-second |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     best = max(r["recall_per_core_second"] for r in rows)
     for r in rows:
@@ -136,7 +152,8 @@ def markdown(rows: list[dict]) -> str:
             f"| {mode} | {r['ss_max_side']} | {r['seconds_per_image']:.3f} | {_f(r.get('sample_seconds_per_image'))} | "
             f"{r['kept_boxes']:.1f} | {rc['0.5']['4']['all']:.3f} | {rc['0.5']['20']['all']:.3f} | {a['all']:.3f} | "
             f"{_f(a['small'], 2)} / {_f(a['medium'])} / {_f(a['large'])} | {rc['0.7']['all']['all']:.3f} | "
-            f"{r['mabo']['all']['all']:.3f} | {f'**{per:.2f}**' if per == best else f'{per:.2f}'} |")
+            f"{r['mabo']['all']['all']:.3f} | {f'**{per:.2f}**' if per == best else f'{per:.2f}'} |"
+        )
     return "\n".join(lines)
 
 

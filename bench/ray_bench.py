@@ -33,11 +33,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from prep_bench import make_images  # noqa: E402  (bench/ is this script's directory)
+
 from prep import ray_executor  # noqa: E402
 from prep import run as prep_run  # noqa: E402
 from prep.config import PrepConfig  # noqa: E402
 from prep.sources import load_source  # noqa: E402
-from prep_bench import make_images  # noqa: E402  (bench/ is this script's directory)
 
 
 def prep_once(executor: str, source, cfg: PrepConfig, out: str) -> float:
@@ -81,8 +82,13 @@ def main() -> None:
 
 def bench(args, work: str, ray) -> dict:
     make_images(os.path.join(work, "images"), args.images, args.long_side)
-    cfg = PrepConfig(kind="folder", root=os.path.join(work, "images"), mode=args.mode, ss_max_side=args.ss_max_side,
-                     shard_size=args.shard_size)
+    cfg = PrepConfig(
+        kind="folder",
+        root=os.path.join(work, "images"),
+        mode=args.mode,
+        ss_max_side=args.ss_max_side,
+        shard_size=args.shard_size,
+    )
     source = load_source("folder", cfg.root)
     n = len(source.records)
 
@@ -105,12 +111,23 @@ def bench(args, work: str, ray) -> dict:
     rate = {e: n * len(t) / sum(t) for e, t in times.items()}
     return {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__},
-        "setup": {"images": n, "shards": len(prep_run.plan(source.records, cfg)), "shard_size": args.shard_size,
-                  "long_side": args.long_side, "mode": args.mode, "ss_max_side": args.ss_max_side,
-                  "repeats": args.repeats},
-        "local_s": times["local"], "ray_s": times["ray"],
-        "img_per_s": rate, "ratio": rate["ray"] / rate["local"], "target": ">= 0.9",
-        "ray_start_s": ray_start, "warm_up_s": warm, "tars_identical": identical,
+        "setup": {
+            "images": n,
+            "shards": len(prep_run.plan(source.records, cfg)),
+            "shard_size": args.shard_size,
+            "long_side": args.long_side,
+            "mode": args.mode,
+            "ss_max_side": args.ss_max_side,
+            "repeats": args.repeats,
+        },
+        "local_s": times["local"],
+        "ray_s": times["ray"],
+        "img_per_s": rate,
+        "ratio": rate["ray"] / rate["local"],
+        "target": ">= 0.9",
+        "ray_start_s": ray_start,
+        "warm_up_s": warm,
+        "tars_identical": identical,
     }
 
 
@@ -118,21 +135,23 @@ def render(r: dict) -> str:
     s = r["setup"]
     ok = lambda good: "yes" if good else "NO"  # noqa: E731
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
-    return "\n".join([
-        f"{s['images']} images (sample photos at {s['long_side']} px), {s['shards']} shards of {s['shard_size']}, "
-        f"mode {s['mode']}, ss_max_side {s['ss_max_side']}, {s['repeats']} timed runs per executor; "
-        f"{r['machine']['cpus']} CPUs, Python {r['machine']['python']}, Ray {r['machine']['ray']}",
-        "",
-        "| measure | value | target | met |",
-        "|---|---|---|---|",
-        f"| images/s Ray ÷ local, 2 CPUs | {r['img_per_s']['ray']:.2f} ÷ {r['img_per_s']['local']:.2f} = "
-        f"**{r['ratio']:.3f}** | ≥ 0.9 | {ok(r['ratio'] >= 0.9)} |",
-        f"| run wall times local / Ray (s) | {fmt(r['local_s'])} / {fmt(r['ray_s'])} | | |",
-        f"| Ray instance start (not timed) | {r['ray_start_s']:.2f} s | | |",
-        f"| warm-up run local / Ray (not timed) | {r['warm_up_s']['local']:.2f} s / "
-        f"{r['warm_up_s']['ray']:.2f} s | | |",
-        f"| tars identical, local vs Ray | {r['tars_identical']} | True | {ok(r['tars_identical'])} |",
-    ])
+    return "\n".join(
+        [
+            f"{s['images']} images (sample photos at {s['long_side']} px), {s['shards']} shards of {s['shard_size']}, "
+            f"mode {s['mode']}, ss_max_side {s['ss_max_side']}, {s['repeats']} timed runs per executor; "
+            f"{r['machine']['cpus']} CPUs, Python {r['machine']['python']}, Ray {r['machine']['ray']}",
+            "",
+            "| measure | value | target | met |",
+            "|---|---|---|---|",
+            f"| images/s Ray ÷ local, 2 CPUs | {r['img_per_s']['ray']:.2f} ÷ {r['img_per_s']['local']:.2f} = "
+            f"**{r['ratio']:.3f}** | ≥ 0.9 | {ok(r['ratio'] >= 0.9)} |",
+            f"| run wall times local / Ray (s) | {fmt(r['local_s'])} / {fmt(r['ray_s'])} | | |",
+            f"| Ray instance start (not timed) | {r['ray_start_s']:.2f} s | | |",
+            f"| warm-up run local / Ray (not timed) | {r['warm_up_s']['local']:.2f} s / "
+            f"{r['warm_up_s']['ray']:.2f} s | | |",
+            f"| tars identical, local vs Ray | {r['tars_identical']} | True | {ok(r['tars_identical'])} |",
+        ]
+    )
 
 
 if __name__ == "__main__":

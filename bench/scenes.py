@@ -64,7 +64,7 @@ def texture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     ph, pw = photo.shape[:2]
     side = int(rng.uniform(0.25, 0.8) * min(ph, pw))
     x0, y0 = rng.integers(0, pw - side + 1), rng.integers(0, ph - side + 1)
-    patch = cv2.resize(photo[y0:y0 + side, x0:x0 + side], (w, h), interpolation=cv2.INTER_AREA)
+    patch = cv2.resize(photo[y0 : y0 + side, x0 : x0 + side], (w, h), interpolation=cv2.INTER_AREA)
     patch = patch[:, :, rng.permutation(3)].astype(np.float32) * rng.uniform(0.6, 1.4, 3)
     return np.clip(patch, 0, 255).astype(np.uint8)
 
@@ -75,8 +75,15 @@ def shape_mask(cls: str, side: int, angle: float) -> np.ndarray:
     c = np.array([r, r])
     if cls == "disc":
         mask = np.zeros((side, side), np.uint8)
-        cv2.circle(mask, (int(round(r * 16)), int(round(r * 16))), int(round(0.48 * side * 16)), 1, -1,
-                   lineType=cv2.LINE_8, shift=4)
+        cv2.circle(
+            mask,
+            (int(round(r * 16)), int(round(r * 16))),
+            int(round(0.48 * side * 16)),
+            1,
+            -1,
+            lineType=cv2.LINE_8,
+            shift=4,
+        )
         return mask.astype(bool)
     if cls == "square":
         corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64) * 0.34 * side
@@ -84,8 +91,23 @@ def shape_mask(cls: str, side: int, angle: float) -> np.ndarray:
         corners = np.array([[math.cos(a), math.sin(a)] for a in np.deg2rad([-90, 30, 150])]) * 0.48 * side
     elif cls == "cross":
         a, b = 0.48 * side, 0.16 * side
-        corners = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b],
-                            [-a, b], [-a, -b], [-b, -b]], np.float64)
+        corners = np.array(
+            [
+                [-b, -a],
+                [b, -a],
+                [b, -b],
+                [a, -b],
+                [a, b],
+                [b, b],
+                [b, a],
+                [-b, a],
+                [-b, b],
+                [-a, b],
+                [-a, -b],
+                [-b, -b],
+            ],
+            np.float64,
+        )
     else:
         raise ValueError(f"unknown shape class {cls!r}; expected one of {CLASSES}")
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -134,7 +156,7 @@ def scene(seed: int, index: int, size: int) -> tuple[np.ndarray, list[SceneObjec
         width = int(rng.integers(1, max(2, side // 16) + 1))
         edge = mask & ~cv2.erode(mask.astype(np.uint8), np.ones((2 * width + 1,) * 2, np.uint8)).astype(bool)
         fill[edge] = rng.integers(0, 256, 3)
-        region = img[y0:y0 + side, x0:x0 + side]
+        region = img[y0 : y0 + side, x0 : x0 + side]
         region[mask] = fill[mask]
         objects.append(SceneObject(cls, box, int(mask.sum())))
     return img, objects
@@ -185,19 +207,31 @@ def make_scenes(out: str, n: int, *, size: int = 160, seed: int = 0, workers: in
         images.append({"id": i + 1, "file_name": f"{i:08d}.jpg", "width": size, "height": size})
         for o in objects:
             x0, y0, x1, y1 = o["box"]
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": o["cls"] + 1,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": o["area"], "iscrowd": 0})
-    doc = {"info": {"description": f"bench/scenes.py scenes: n={n} size={size} seed={seed}"},
-           "images": images, "annotations": annotations,
-           "categories": [{"id": c + 1, "name": name} for c, name in enumerate(CLASSES)]}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": o["cls"] + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": o["area"],
+                    "iscrowd": 0,
+                }
+            )
+    doc = {
+        "info": {"description": f"bench/scenes.py scenes: n={n} size={size} seed={seed}"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c + 1, "name": name} for c, name in enumerate(CLASSES)],
+    }
     path = os.path.join(out, "annotations", "instances.json")
     with open(path, "w") as f:
         json.dump(doc, f)
     return path
 
 
-def make_crops(out: str, n: int, *, size: int = 160, crop_size: int = 64, margin: float = 0.15, seed: int = 1,
-               workers: int = 1) -> dict[str, int]:
+def make_crops(
+    out: str, n: int, *, size: int = 160, crop_size: int = 64, margin: float = 0.15, seed: int = 1, workers: int = 1
+) -> dict[str, int]:
     """Write the objects of ``n`` scenes as ``out/<class>/*.jpg``; returns the count per class."""
     for name in CLASSES:
         os.makedirs(os.path.join(out, name), exist_ok=True)
@@ -216,16 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="number of scenes (crops: scenes the objects come from)")
     p.add_argument("--size", type=int, default=160, help="scene side in pixels")
     p.add_argument("--crop-size", type=int, default=64, help="crops: side of each object crop")
-    p.add_argument("--seed", type=int, default=None, help="set seed (default: 0 for scenes, 1 for crops, so the "
-                                                          "crops never come from the training scenes)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="set seed (default: 0 for scenes, 1 for crops, so the crops never come from the training scenes)",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     a = p.parse_args(argv)
     if a.what == "scenes":
         path = make_scenes(a.out, a.n, size=a.size, seed=0 if a.seed is None else a.seed, workers=a.workers)
         print(f"{a.n} scenes: {path}")
     else:
-        counts = make_crops(a.out, a.n, size=a.size, crop_size=a.crop_size, seed=1 if a.seed is None else a.seed,
-                            workers=a.workers)
+        counts = make_crops(
+            a.out, a.n, size=a.size, crop_size=a.crop_size, seed=1 if a.seed is None else a.seed, workers=a.workers
+        )
         print(f"{sum(counts.values())} object crops in {a.out}: {counts}")
     return 0
 

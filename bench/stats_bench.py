@@ -49,8 +49,22 @@ def real_output(work: str) -> str:
     out = os.path.join(work, "real")
     if os.path.exists(os.path.join(out, schema.MANIFEST_NAME)):
         return out
-    cmd = [sys.executable, "-m", "prep", "folder", os.path.join(REPO, "data", "sample"), "--out", out,
-           "--ss-max-side", "320", "--shard-size", "100", "--workers", "1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prep",
+        "folder",
+        os.path.join(REPO, "data", "sample"),
+        "--out",
+        out,
+        "--ss-max-side",
+        "320",
+        "--shard-size",
+        "100",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, env=_env(REPO))
     return out
 
@@ -58,8 +72,14 @@ def real_output(work: str) -> str:
 def synthesise(real: str, out: str, shards: int, rows: int, boxes_per_image: float, seed: int = 0) -> None:
     """``shards`` Parquet files of ``rows`` rows (+ stats files, run config, manifest) drawn from the rows of ``real``."""
     done = os.path.join(out, schema.MANIFEST_NAME)
-    want = {"shards": shards, "rows": rows, "boxes_per_image": boxes_per_image, "seed": seed, "scales": list(SCALES),
-            "shares": list(SCALE_SHARES)}
+    want = {
+        "shards": shards,
+        "rows": rows,
+        "boxes_per_image": boxes_per_image,
+        "seed": seed,
+        "scales": list(SCALES),
+        "shares": list(SCALE_SHARES),
+    }
     tag = os.path.join(out, "synth.json")
     if os.path.exists(done) and os.path.exists(tag) and json.load(open(tag)) == want:
         return
@@ -86,7 +106,10 @@ def synthesise(real: str, out: str, shards: int, rows: int, boxes_per_image: flo
         boxes = np.concatenate(flat) if flat else np.zeros((0, 4), np.int64)
         # image sizes as in ImageNet: most near 500 px, a few percent large, a few up to ~4,000 px
         scale = rng.choice(SCALES, rows, p=SCALE_SHARES)
-        width, height = np.round(widths[pick] * scale).astype(np.int64), np.round(heights[pick] * scale).astype(np.int64)
+        width, height = (
+            np.round(widths[pick] * scale).astype(np.int64),
+            np.round(heights[pick] * scale).astype(np.int64),
+        )
         boxes = np.round(boxes * np.repeat(scale, k)[:, None]).astype(np.int64)
         w = np.repeat(width, k)
         h = np.repeat(height, k)
@@ -96,8 +119,9 @@ def synthesise(real: str, out: str, shards: int, rows: int, boxes_per_image: flo
         x1 = np.clip(boxes[:, 2], x0 + 1, w)
         y1 = np.clip(boxes[:, 3], y0 + 1, h)
         boxes = np.stack([x0, y0, x1, y1], 1).astype(np.int32)
-        inner = pa.ListArray.from_arrays(pa.array(np.arange(0, 4 * len(boxes) + 1, 4, dtype=np.int32)),
-                                         pa.array(boxes.reshape(-1)))
+        inner = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, 4 * len(boxes) + 1, 4, dtype=np.int32)), pa.array(boxes.reshape(-1))
+        )
         offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
         outer = pa.ListArray.from_arrays(pa.array(offsets), inner, mask=pa.array(failed))
         status = np.where(failed, np.where(rng.random(rows) < 0.5, "corrupt", "too_small"), schema.STATUS_OK)
@@ -125,19 +149,34 @@ def synthesise(real: str, out: str, shards: int, rows: int, boxes_per_image: flo
         }
         table = pa.table(cols, schema=schema.PARQUET_SCHEMA)
         path = os.path.join(out, name + schema.PARQUET_SUFFIX)
-        pq.write_table(table, path, compression=shard_writer.PARQUET_COMPRESSION,
-                       compression_level=shard_writer.PARQUET_COMPRESSION_LEVEL)
-        light = [{"status": st, "kept_boxes": int(kk), "ss_seconds": None if f else float(t)}
-                 for st, kk, f, t in zip(status.tolist(), k, failed, ss)]
-        st = schema.make_stats(shard=name, config_fingerprint=run_cfg["fingerprint"], rows=light,
-                               tar_bytes=int(image_bytes.sum()) + 2048 * rows, parquet_bytes=os.path.getsize(path),
-                               seconds=float(np.nansum(ss)), min_boxes=run_cfg["config"]["min_boxes"])
+        pq.write_table(
+            table,
+            path,
+            compression=shard_writer.PARQUET_COMPRESSION,
+            compression_level=shard_writer.PARQUET_COMPRESSION_LEVEL,
+        )
+        light = [
+            {"status": st, "kept_boxes": int(kk), "ss_seconds": None if f else float(t)}
+            for st, kk, f, t in zip(status.tolist(), k, failed, ss)
+        ]
+        st = schema.make_stats(
+            shard=name,
+            config_fingerprint=run_cfg["fingerprint"],
+            rows=light,
+            tar_bytes=int(image_bytes.sum()) + 2048 * rows,
+            parquet_bytes=os.path.getsize(path),
+            seconds=float(np.nansum(ss)),
+            min_boxes=run_cfg["config"]["min_boxes"],
+        )
         st["config"] = run_cfg["config"]
         with open(os.path.join(out, name + schema.STATS_SUFFIX), "wb") as f:
             f.write(schema.dumps(st))
         stats.append(st)
-    run_cfg = dict(run_cfg, shards=[s["shard"] for s in stats],
-                   source={"kind": "imagenet", "inputs": shards * rows, "digest": "synthetic"})
+    run_cfg = dict(
+        run_cfg,
+        shards=[s["shard"] for s in stats],
+        source={"kind": "imagenet", "inputs": shards * rows, "digest": "synthetic"},
+    )
     with open(os.path.join(out, schema.RUN_CONFIG_NAME), "wb") as f:
         f.write(schema.dumps(run_cfg))
     manifest = schema.make_manifest(config=run_cfg["config"], versions=run_cfg["versions"], classes=None, stats=stats)
@@ -161,8 +200,9 @@ def _env(code_root: str) -> dict:
     return env
 
 
-def time_stats(code_root: str, out: str, extra: list[str] | None = None, text: bool = False
-               ) -> tuple[float, float, bytes]:
+def time_stats(
+    code_root: str, out: str, extra: list[str] | None = None, text: bool = False
+) -> tuple[float, float, bytes]:
     """(wall s, peak RSS MiB, stdout) of ``python -m prep stats OUT --json`` (or without ``--json``: ``text``) run
     with the code under ``code_root``."""
     import tempfile
@@ -170,8 +210,7 @@ def time_stats(code_root: str, out: str, extra: list[str] | None = None, text: b
     with tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "prep", "stats", out, *([] if text else ["--json"]), *(extra or [])]
-        p = subprocess.Popen(cmd, cwd=code_root,
-                             env=_env(code_root), stdout=fout, stderr=ferr)
+        p = subprocess.Popen(cmd, cwd=code_root, env=_env(code_root), stdout=fout, stderr=ferr)
         # wait4 on this pid: the peak RSS of this child alone (RUSAGE_CHILDREN would keep the largest child so far)
         _, status, usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
@@ -208,8 +247,12 @@ def differences(old: dict, new: dict, path: str = "") -> list[str]:
 
 
 def spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3), "runs": [round(v, 3) for v in values]}
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "runs": [round(v, 3) for v in values],
+    }
 
 
 def main() -> None:
@@ -219,8 +262,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1000, help="rows (inputs) per shard")
     ap.add_argument("--boxes-per-image", type=float, default=53.1, help="mean kept boxes (68 M / 1.28 M images)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs of each variant of the new implementation")
-    ap.add_argument("--baseline-reps", type=int, default=1,
-                    help="timed runs of the baseline (each ~1 min and ~11 GB on the full size; 0: none)")
+    ap.add_argument(
+        "--baseline-reps",
+        type=int,
+        default=1,
+        help="timed runs of the baseline (each ~1 min and ~11 GB on the full size; 0: none)",
+    )
     ap.add_argument("--baseline-rev", default=BASELINE_REV)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -230,24 +277,35 @@ def main() -> None:
     t0 = time.perf_counter()
     synthesise(real_output(args.work), out, args.shards, args.rows, args.boxes_per_image)
     totals = json.load(open(os.path.join(out, schema.MANIFEST_NAME)))["totals"]
-    print(f"output: {out}: {totals['shards']} shards, {totals['inputs']} inputs, {totals['boxes']} boxes "
-          f"(ready in {time.perf_counter() - t0:.0f} s)")
+    print(
+        f"output: {out}: {totals['shards']} shards, {totals['inputs']} inputs, {totals['boxes']} boxes "
+        f"(ready in {time.perf_counter() - t0:.0f} s)"
+    )
 
-    results = {"shards": totals["shards"], "inputs": totals["inputs"], "boxes": totals["boxes"],
-               "cpus": os.cpu_count(), "variants": {}}
+    results = {
+        "shards": totals["shards"],
+        "inputs": totals["inputs"],
+        "boxes": totals["boxes"],
+        "cpus": os.cpu_count(),
+        "variants": {},
+    }
     variants = {"--json": [], "text": ["--no-json"], "--json --plot": ["--plot", os.path.join(args.work, "stats.png")]}
     outputs = {}
     for name, extra in variants.items():
         walls, rss, loads = [], [], []
         for _ in range(args.reps):
             loads.append(round(os.getloadavg()[0], 2))
-            wall, peak, stdout = time_stats(REPO, out, [e for e in extra if e != "--no-json"], text="--no-json" in extra)
+            wall, peak, stdout = time_stats(
+                REPO, out, [e for e in extra if e != "--no-json"], text="--no-json" in extra
+            )
             walls.append(wall)
             rss.append(peak)
             outputs[name] = stdout
         results["variants"][name] = {"seconds": spread(walls), "peak_rss_mib": spread(rss), "load_before": loads}
-        print(f"new {name:>13}: {statistics.median(walls):6.2f} s (min {min(walls):.2f}, max {max(walls):.2f}), "
-              f"peak RSS {max(rss):6.0f} MiB, load average before each run {loads}")
+        print(
+            f"new {name:>13}: {statistics.median(walls):6.2f} s (min {min(walls):.2f}, max {max(walls):.2f}), "
+            f"peak RSS {max(rss):6.0f} MiB, load average before each run {loads}"
+        )
 
     base = baseline_tree(args.work, args.baseline_rev) if args.baseline_reps else None
     if base:
@@ -257,16 +315,24 @@ def main() -> None:
             wall, peak, stdout = time_stats(base, out)
             walls.append(wall)
             rss.append(peak)
-        results["baseline"] = {"rev": args.baseline_rev, "seconds": spread(walls), "peak_rss_mib": spread(rss),
-                               "load_before": loads}
+        results["baseline"] = {
+            "rev": args.baseline_rev,
+            "seconds": spread(walls),
+            "peak_rss_mib": spread(rss),
+            "load_before": loads,
+        }
         diff = differences(json.loads(stdout), json.loads(outputs["--json"]))
         results["same_numbers_as_baseline"] = not diff
-        print(f"baseline {args.baseline_rev} --json: {statistics.median(walls):6.2f} s "
-              f"(min {min(walls):.2f}, max {max(walls):.2f}), peak RSS {max(rss):6.0f} MiB, load average {loads}")
+        print(
+            f"baseline {args.baseline_rev} --json: {statistics.median(walls):6.2f} s "
+            f"(min {min(walls):.2f}, max {max(walls):.2f}), peak RSS {max(rss):6.0f} MiB, load average {loads}"
+        )
         print(f"same numbers as the baseline: {not diff}" + "".join(f"\n  {d}" for d in diff[:20]))
         new = results["variants"]["--json"]["seconds"]["median"]
-        print(f"baseline ÷ new: {statistics.median(walls) / new:.1f}× faster, "
-              f"{max(rss) / max(results['variants']['--json']['peak_rss_mib']['runs']):.1f}× less memory")
+        print(
+            f"baseline ÷ new: {statistics.median(walls) / new:.1f}× faster, "
+            f"{max(rss) / max(results['variants']['--json']['peak_rss_mib']['runs']):.1f}× less memory"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -70,8 +70,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     setups = {}
     for name in names:
         torch.manual_seed(0)  # same initial encoder for every method
-        cfg = ModelConfig(arch=args.arch, proj_hidden=args.proj_hidden, pred_hidden=args.proj_hidden, k=args.k,
-                          instance_size=args.instance_size, **VARIANTS[name])
+        cfg = ModelConfig(
+            arch=args.arch,
+            proj_hidden=args.proj_hidden,
+            pred_hidden=args.proj_hidden,
+            k=args.k,
+            instance_size=args.instance_size,
+            **VARIANTS[name],
+        )
         model = UniVIP(cfg)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -92,21 +98,34 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in names:
         t = statistics.median(times[name])
-        rows.append(dict(method=name, ms=1000 * t, gflops=flops[name] / 1e9, time_ratio=t / base_t,
-                         flop_ratio=flops[name] / base_f))
+        rows.append(
+            dict(
+                method=name,
+                ms=1000 * t,
+                gflops=flops[name] / 1e9,
+                time_ratio=t / base_t,
+                flop_ratio=flops[name] / base_f,
+            )
+        )
     return rows
 
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
-    head = (f"{args.arch}, batch {args.batch}, {args.size} px views, {args.instance_size} px crops, K={args.k}, "
-            f"{torch.get_num_threads()} threads, {args.clock} clock, "
-            f"median of {args.steps} steps after {args.warmup} warm-up\n\n")
-    lines = ["| method | step ms | GFLOP/step (fwd+bwd) | time ratio | FLOP ratio | time/FLOP ratio - 1 |",
-             "|---|---|---|---|---|---|"]
+    head = (
+        f"{args.arch}, batch {args.batch}, {args.size} px views, {args.instance_size} px crops, K={args.k}, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock, "
+        f"median of {args.steps} steps after {args.warmup} warm-up\n\n"
+    )
+    lines = [
+        "| method | step ms | GFLOP/step (fwd+bwd) | time ratio | FLOP ratio | time/FLOP ratio - 1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         dev = r["time_ratio"] / r["flop_ratio"] - 1
-        lines.append(f"| {r['method']} | {r['ms']:.0f} | {r['gflops']:.1f} | {r['time_ratio']:.2f} | "
-                     f"{r['flop_ratio']:.2f} | {100 * dev:+.1f} % |")
+        lines.append(
+            f"| {r['method']} | {r['ms']:.0f} | {r['gflops']:.1f} | {r['time_ratio']:.2f} | "
+            f"{r['flop_ratio']:.2f} | {100 * dev:+.1f} % |"
+        )
     return head + "\n".join(lines)
 
 
@@ -123,8 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall: elapsed time; cpu: this process's CPU time (use with --threads 1 on a busy machine)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (use with --threads 1 on a busy machine)",
+    )
     args = ap.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu needs --threads 1: with more threads CPU time includes idle threads spinning")

@@ -54,9 +54,14 @@ def make_shards(out: str, shards: int, per_shard: int, size: int, boxes: int, se
                 img.save(buf, format="JPEG", quality=90)
                 xy = rng.integers(0, size // 2, (boxes, 2))
                 wh = rng.integers(8, size // 2, (boxes, 2))
-                meta = schema.encode_meta(key=key, path=f"{key}.jpg", width=size, height=size,
-                                          boxes=np.concatenate([xy, xy + wh], 1),
-                                          image_sha256=schema.image_sha256(buf.getvalue()))
+                meta = schema.encode_meta(
+                    key=key,
+                    path=f"{key}.jpg",
+                    width=size,
+                    height=size,
+                    boxes=np.concatenate([xy, xy + wh], 1),
+                    image_sha256=schema.image_sha256(buf.getvalue()),
+                )
                 for member, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.json", meta)):
                     info = tarfile.TarInfo(member)
                     info.size, info.mode = len(data), 0o644
@@ -71,7 +76,8 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -152,14 +158,20 @@ def main() -> None:
         proc.wait()
 
     samples = args.shards * args.per_shard
-    print(f"{args.shards} shards, {samples} samples, {mb:.1f} MB, {args.size}px, {args.boxes} boxes/sample, "
-          f"median of {args.passes} passes, {os.cpu_count()} CPUs")
-    print(f"{'variant':<10} {'local/s':>8} {'s3/s':>8} {'s3÷local':>9}  (target >= 0.9)   CPU µs/sample: "
-          "loader local, loader s3, S3 server")
+    print(
+        f"{args.shards} shards, {samples} samples, {mb:.1f} MB, {args.size}px, {args.boxes} boxes/sample, "
+        f"median of {args.passes} passes, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'variant':<10} {'local/s':>8} {'s3/s':>8} {'s3÷local':>9}  (target >= 0.9)   CPU µs/sample: "
+        "loader local, loader s3, S3 server"
+    )
     for variant, r in results.items():
         c = r["cpu_us_per_sample"]
-        print(f"{variant:<10} {r['local_samples_s']:>8.0f} {r['s3_samples_s']:>8.0f} {r['ratio']:>9.3f}"
-              f"{'':20}{c['local']:>6.0f} {c['s3']:>6.0f} {c['server']:>6.0f}")
+        print(
+            f"{variant:<10} {r['local_samples_s']:>8.0f} {r['s3_samples_s']:>8.0f} {r['ratio']:>9.3f}"
+            f"{'':20}{c['local']:>6.0f} {c['s3']:>6.0f} {c['server']:>6.0f}"
+        )
     load = os.getloadavg()[0]
     print(f"load average {load:.1f} on {os.cpu_count()} CPUs" + (" (shared: ratios are noisy)" if load > 1 else ""))
     if args.json:

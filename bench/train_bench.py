@@ -48,8 +48,17 @@ from train.augment import IMAGENET_MEAN, IMAGENET_STD, gpu_colour  # noqa: E402
 from train.views import UniVIPTransform, ViewConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-                  "cat", "colorwheel")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "cat",
+    "colorwheel",
+)
 
 
 def coco_sized_images(tmp: str, long_side: int = 640) -> list[str]:
@@ -108,17 +117,19 @@ def naive_pipeline():
     from torchvision.transforms import v2
 
     def view(blur_p: float, sol_p: float):
-        return v2.Compose([
-            v2.RandomResizedCrop(224),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p),
-            v2.RandomSolarize(128, p=sol_p),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(224),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p),
+                v2.RandomSolarize(128, p=sol_p),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     t1, t2 = view(1.0, 0.0), view(0.1, 0.2)
 
@@ -193,8 +204,10 @@ def measure_decode(samples: list[dict], batch: int, reps: int, seed: int, device
     from train.gpu_decode import decode_batch
 
     t = UniVIPTransform(ViewConfig(gpu_decode=True))
-    items = [dict(t(samples[i % len(samples)], np.random.default_rng([seed, i])), __key__=str(i), stats={})
-             for i in range(batch)]
+    items = [
+        dict(t(samples[i % len(samples)], np.random.default_rng([seed, i])), __key__=str(i), stats={})
+        for i in range(batch)
+    ]
     b = collate(items)
     cuda = device.startswith("cuda")
     if cuda:
@@ -213,13 +226,20 @@ def measure_decode(samples: list[dict], batch: int, reps: int, seed: int, device
 def print_table(title: str, samples: list[dict], res: dict[str, float]) -> None:
     sizes = np.array([[s["meta"]["width"], s["meta"]["height"]] for s in samples])
     kib = np.mean([len(s["jpg"]) for s in samples]) / 1024
-    print(f"\n### {title}: {len(samples)} images, mean {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} px, "
-          f"{kib:.0f} KiB; {res['_n']} items (image x random draw); fallback rate {res['_fallback_rate']:.2f}\n")
+    print(
+        f"\n### {title}: {len(samples)} images, mean {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} px, "
+        f"{kib:.0f} KiB; {res['_n']} items (image x random draw); fallback rate {res['_fallback_rate']:.2f}\n"
+    )
     naive = res["naive torchvision BYOL"]
     print("| pipeline (2 views of 224 px) | CPU ms / sample | samples/s per core | naive / this |")
     print("|---|---:|---:|---:|")
-    for name in ("naive torchvision BYOL", "univip-cpu", "univip-gpu_aug (CPU part)", "univip-gpu_decode (CPU part)",
-                 "decode only (PIL, full size)"):
+    for name in (
+        "naive torchvision BYOL",
+        "univip-cpu",
+        "univip-gpu_aug (CPU part)",
+        "univip-gpu_decode (CPU part)",
+        "decode only (PIL, full size)",
+    ):
         ms = res[name]
         print(f"| {name} | {ms:.2f} | {1000 / ms:.0f} | {naive / ms:.1f}x |")
 
@@ -240,8 +260,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         coco = load_samples(coco_sized_images(tmp), args.seed)
-    local = load_samples(sorted(glob.glob(os.path.join(ROOT, "data", "sample", "**", "*.jpg"), recursive=True)),
-                         args.seed)
+    local = load_samples(
+        sorted(glob.glob(os.path.join(ROOT, "data", "sample", "**", "*.jpg"), recursive=True)), args.seed
+    )
     if args.quick:
         coco, local = coco[:4], local[:4]
     if not coco:
@@ -253,25 +274,33 @@ def main(argv=None) -> int:
     if local:
         print_table("data/sample (as stored)", local, measure(local, variants, rounds, args.seed))
     aug = measure_augment(args.batch, 2 if args.quick else 5, args.seed)
-    print(f"\n`train.augment.gpu_colour` on CPU, uint8 [{args.batch}, 3, 224, 224]: "
-          f"view 0 {aug[0]:.0f} ms/batch, view 1 {aug[1]:.0f} ms/batch (for the record; it is meant for the GPU)")
+    print(
+        f"\n`train.augment.gpu_colour` on CPU, uint8 [{args.batch}, 3, 224, 224]: "
+        f"view 0 {aug[0]:.0f} ms/batch, view 1 {aug[1]:.0f} ms/batch (for the record; it is meant for the GPU)"
+    )
     if torch.cuda.is_available():
         torch.set_num_threads(max(1, os.cpu_count() or 1))  # the GPU timing is not a per-core figure
         ga = measure_augment(args.gpu_batch, 20, args.seed, "cuda")
-        print(f"`train.augment.gpu_colour` on {torch.cuda.get_device_name()}, uint8 [{args.gpu_batch}, 3, 224, 224]: "
-              f"view 0 {ga[0]:.1f} ms/batch, view 1 {ga[1]:.1f} ms/batch "
-              f"({args.gpu_batch * 2000 / (ga[0] + ga[1]):.0f} samples/s for both views)")
+        print(
+            f"`train.augment.gpu_colour` on {torch.cuda.get_device_name()}, uint8 [{args.gpu_batch}, 3, 224, 224]: "
+            f"view 0 {ga[0]:.1f} ms/batch, view 1 {ga[1]:.1f} ms/batch "
+            f"({args.gpu_batch * 2000 / (ga[0] + ga[1]):.0f} samples/s for both views)"
+        )
         dec_ms, dec_host = measure_decode(coco, args.gpu_batch, 20, args.seed)
-        print(f"`train.gpu_decode.decode_views` on {torch.cuda.get_device_name()}, {args.gpu_batch} COCO-sized JPEGs "
-              f"-> 2 x [{args.gpu_batch}, 3, 224, 224]: {dec_ms:.1f} ms/batch ({args.gpu_batch * 1000 / dec_ms:.0f} "
-              f"samples/s), host CPU {dec_host:.1f} ms/batch (launches, nvjpeg's host part)")
+        print(
+            f"`train.gpu_decode.decode_views` on {torch.cuda.get_device_name()}, {args.gpu_batch} COCO-sized JPEGs "
+            f"-> 2 x [{args.gpu_batch}, 3, 224, 224]: {dec_ms:.1f} ms/batch ({args.gpu_batch * 1000 / dec_ms:.0f} "
+            f"samples/s), host CPU {dec_host:.1f} ms/batch (launches, nvjpeg's host part)"
+        )
     naive = res["naive torchvision BYOL"]
     cpu_ratio, gpu_ratio = naive / res["univip-cpu"], naive / res["univip-gpu_aug (CPU part)"]
     dec_ratio = naive / res["univip-gpu_decode (CPU part)"]
-    print(f"\ntargets (COCO-sized): univip-cpu {cpu_ratio:.1f}x the naive samples/s (>= 8x: "
-          f"{'met' if cpu_ratio >= 8 else 'NOT met'}); gpu_aug CPU time {gpu_ratio:.1f}x lower (>= 25x: "
-          f"{'met' if gpu_ratio >= 25 else 'NOT met'}); gpu_decode CPU time {dec_ratio:.1f}x lower (>= 25x: "
-          f"{'met' if dec_ratio >= 25 else 'NOT met'})")
+    print(
+        f"\ntargets (COCO-sized): univip-cpu {cpu_ratio:.1f}x the naive samples/s (>= 8x: "
+        f"{'met' if cpu_ratio >= 8 else 'NOT met'}); gpu_aug CPU time {gpu_ratio:.1f}x lower (>= 25x: "
+        f"{'met' if gpu_ratio >= 25 else 'NOT met'}); gpu_decode CPU time {dec_ratio:.1f}x lower (>= 25x: "
+        f"{'met' if dec_ratio >= 25 else 'NOT met'})"
+    )
     return 0
 
 

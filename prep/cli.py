@@ -42,9 +42,13 @@ def _set_s3_endpoint(ctx, param, value):
 
 def _s3_endpoint_option(f):
     return click.option(
-        "--s3-endpoint", metavar="URL", callback=_set_s3_endpoint, expose_value=False, is_eager=True,
+        "--s3-endpoint",
+        metavar="URL",
+        callback=_set_s3_endpoint,
+        expose_value=False,
+        is_eager=True,
         help="S3 API endpoint of an S3-compatible store (MinIO, Ceph, …) for s3:// URLs. Credentials come from the "
-             "AWS environment or profile.  [default: $S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS]",
+        "AWS environment or profile.  [default: $S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS]",
     )(f)
 
 
@@ -58,8 +62,10 @@ def _check_remote(out: str, *, write: bool) -> None:
     listable = ("s3",)  # the schemes shards.storage can list (and write)
     if storage.scheme(out) not in listable:
         what = "write to" if write else "list"
-        raise click.UsageError(f"{storage.redact(out)}: cannot {what} {storage.scheme(out)}:// URLs; use a local "
-                               "directory or s3://bucket/prefix")
+        raise click.UsageError(
+            f"{storage.redact(out)}: cannot {what} {storage.scheme(out)}:// URLs; use a local "
+            "directory or s3://bucket/prefix"
+        )
     import botocore.exceptions
 
     try:
@@ -70,7 +76,8 @@ def _check_remote(out: str, *, write: bool) -> None:
         endpoint = storage.redact(storage.endpoint_url() or "of AWS")
         raise click.ClickException(
             f"{storage.redact(out)}: cannot reach the S3 endpoint {endpoint} ({type(e).__name__}); check "
-            "--s3-endpoint / $AWS_ENDPOINT_URL") from None
+            "--s3-endpoint / $AWS_ENDPOINT_URL"
+        ) from None
 
 
 def _run_options(f):
@@ -79,53 +86,142 @@ def _run_options(f):
 
     d = _DEFAULTS
     options = [
-        click.option("--out", "-o", required=True,
-                     help="Output directory for the shards (created if missing), or s3://bucket/prefix."),
+        click.option(
+            "--out",
+            "-o",
+            required=True,
+            help="Output directory for the shards (created if missing), or s3://bucket/prefix.",
+        ),
         click.option("--prefix", default="", help="Shard name prefix  [default: the source kind, e.g. coco]"),
-        click.option("--shard-size", type=click.IntRange(min=1), default=d.shard_size, show_default=True,
-                     help="Images (inputs, failures included) per shard."),
-        click.option("--workers", "-j", type=click.IntRange(min=1), default=default_workers(), show_default=True,
-                     help="Worker processes (1 runs in this process)."),
-        click.option("--part", callback=_parse_part, metavar="I/N",
-                     help="Only shard tasks I, I+N, I+2N, … (e.g. $SLURM_ARRAY_TASK_ID/N); the part that completes the "
-                          "plan writes the manifest.  [default: 0/1, all]"),
-        click.option("--overwrite", is_flag=True,
-                     help="Delete the shards, manifest and run config of an earlier run in --out (nothing else) and "
-                          "start over (not with --part). Without it, rerunning resumes and other settings are refused."),
-        click.option("--executor", type=click.Choice(sorted(EXECUTORS)), default="local", show_default=True,
-                     help="Where shard tasks run: local processes, or Ray tasks (see --ray-address)."),
-        click.option("--ray-address", metavar="ADDR", default=None,
-                     help="With --executor ray: the cluster (host:port, or auto for the one `ray start` made on this "
-                          "node)  [default: $RAY_ADDRESS, else a local Ray instance with --workers CPUs]"),
-        click.option("--mode", type=click.Choice(SS_MODES), default=d.mode, show_default=True,
-                     help="OpenCV selective search: fast (switchToSelectiveSearchFast), quality (…Quality: slower, "
-                          "more boxes), single (switchToSingleStrategy: fastest)."),
-        click.option("--ss-max-side", type=click.IntRange(min=16), default=d.ss_max_side, show_default=True,
-                     help="Longer side (px) of the copy selective search runs on; boxes are mapped back."),
-        click.option("--seed", type=int, default=d.seed, show_default=True,
-                     help="Seed of the per-image generator (with the key): same boxes in the same order in any run."),
-        click.option("--min-side", type=click.IntRange(min=1), default=d.min_side, show_default=True,
-                     help="Drop boxes with a side shorter than this (stored-image px)."),
-        click.option("--fallback-min-side", type=click.IntRange(min=0), default=d.fallback_min_side,
-                     show_default=True,
-                     help="Second tier: for images with fewer than --min-boxes boxes of --min-side, add boxes down to "
-                          "this side (same rules, after the first tier's, up to --max-boxes). 0, or a value >= "
-                          "--min-side: no second tier."),
-        click.option("--max-aspect", type=click.FloatRange(min=1.0), default=d.max_aspect, show_default=True,
-                     help="Drop boxes with long/short side above this."),
-        click.option("--iou", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=d.iou, show_default=True,
-                     help="Greedy suppression in selective-search order: drop a box overlapping a kept one above this IoU."),
-        click.option("--max-boxes", type=click.IntRange(min=1), default=d.max_boxes, show_default=True,
-                     help="Keep the first N boxes after the filters."),
-        click.option("--min-boxes", type=click.IntRange(min=0), default=d.min_boxes, show_default=True,
-                     help="K of UniVIP: images with fewer boxes of --min-side get the second tier; images with fewer "
-                          "boxes in all are kept and counted as few_boxes."),
-        click.option("--max-side", type=click.IntRange(min=16), default=None,
-                     help="Downscale stored images so the longer side is at most this (px).  [default: keep size]"),
-        click.option("--jpeg-quality", type=click.IntRange(1, 100), default=d.jpeg_quality, show_default=True,
-                     help="Quality of re-encoded images (JPEGs needing no change are stored as they are)."),
-        click.option("--max-pixels", type=click.IntRange(min=1), default=d.max_pixels, show_default=True,
-                     help="Refuse images with more pixels (decompression-bomb guard, checked before decoding)."),
+        click.option(
+            "--shard-size",
+            type=click.IntRange(min=1),
+            default=d.shard_size,
+            show_default=True,
+            help="Images (inputs, failures included) per shard.",
+        ),
+        click.option(
+            "--workers",
+            "-j",
+            type=click.IntRange(min=1),
+            default=default_workers(),
+            show_default=True,
+            help="Worker processes (1 runs in this process).",
+        ),
+        click.option(
+            "--part",
+            callback=_parse_part,
+            metavar="I/N",
+            help="Only shard tasks I, I+N, I+2N, … (e.g. $SLURM_ARRAY_TASK_ID/N); the part that completes the "
+            "plan writes the manifest.  [default: 0/1, all]",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Delete the shards, manifest and run config of an earlier run in --out (nothing else) and "
+            "start over (not with --part). Without it, rerunning resumes and other settings are refused.",
+        ),
+        click.option(
+            "--executor",
+            type=click.Choice(sorted(EXECUTORS)),
+            default="local",
+            show_default=True,
+            help="Where shard tasks run: local processes, or Ray tasks (see --ray-address).",
+        ),
+        click.option(
+            "--ray-address",
+            metavar="ADDR",
+            default=None,
+            help="With --executor ray: the cluster (host:port, or auto for the one `ray start` made on this "
+            "node)  [default: $RAY_ADDRESS, else a local Ray instance with --workers CPUs]",
+        ),
+        click.option(
+            "--mode",
+            type=click.Choice(SS_MODES),
+            default=d.mode,
+            show_default=True,
+            help="OpenCV selective search: fast (switchToSelectiveSearchFast), quality (…Quality: slower, "
+            "more boxes), single (switchToSingleStrategy: fastest).",
+        ),
+        click.option(
+            "--ss-max-side",
+            type=click.IntRange(min=16),
+            default=d.ss_max_side,
+            show_default=True,
+            help="Longer side (px) of the copy selective search runs on; boxes are mapped back.",
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            default=d.seed,
+            show_default=True,
+            help="Seed of the per-image generator (with the key): same boxes in the same order in any run.",
+        ),
+        click.option(
+            "--min-side",
+            type=click.IntRange(min=1),
+            default=d.min_side,
+            show_default=True,
+            help="Drop boxes with a side shorter than this (stored-image px).",
+        ),
+        click.option(
+            "--fallback-min-side",
+            type=click.IntRange(min=0),
+            default=d.fallback_min_side,
+            show_default=True,
+            help="Second tier: for images with fewer than --min-boxes boxes of --min-side, add boxes down to "
+            "this side (same rules, after the first tier's, up to --max-boxes). 0, or a value >= "
+            "--min-side: no second tier.",
+        ),
+        click.option(
+            "--max-aspect",
+            type=click.FloatRange(min=1.0),
+            default=d.max_aspect,
+            show_default=True,
+            help="Drop boxes with long/short side above this.",
+        ),
+        click.option(
+            "--iou",
+            type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+            default=d.iou,
+            show_default=True,
+            help="Greedy suppression in selective-search order: drop a box overlapping a kept one above this IoU.",
+        ),
+        click.option(
+            "--max-boxes",
+            type=click.IntRange(min=1),
+            default=d.max_boxes,
+            show_default=True,
+            help="Keep the first N boxes after the filters.",
+        ),
+        click.option(
+            "--min-boxes",
+            type=click.IntRange(min=0),
+            default=d.min_boxes,
+            show_default=True,
+            help="K of UniVIP: images with fewer boxes of --min-side get the second tier; images with fewer "
+            "boxes in all are kept and counted as few_boxes.",
+        ),
+        click.option(
+            "--max-side",
+            type=click.IntRange(min=16),
+            default=None,
+            help="Downscale stored images so the longer side is at most this (px).  [default: keep size]",
+        ),
+        click.option(
+            "--jpeg-quality",
+            type=click.IntRange(1, 100),
+            default=d.jpeg_quality,
+            show_default=True,
+            help="Quality of re-encoded images (JPEGs needing no change are stored as they are).",
+        ),
+        click.option(
+            "--max-pixels",
+            type=click.IntRange(min=1),
+            default=d.max_pixels,
+            show_default=True,
+            help="Refuse images with more pixels (decompression-bomb guard, checked before decoding).",
+        ),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
     ]
     f = _s3_endpoint_option(f)  # applied first: listed last
@@ -140,10 +236,28 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
 
     try:
         cfg = PrepConfig(
-            kind=kind, root=root, annotations=annotations,
+            kind=kind,
+            root=root,
+            annotations=annotations,
             fallback_min_side=opts["fallback_min_side"] or None,
-            **{k: opts[k] for k in ("mode", "ss_max_side", "seed", "min_side", "max_aspect", "iou", "max_boxes",
-                                    "min_boxes", "max_side", "jpeg_quality", "max_pixels", "shard_size", "prefix")},
+            **{
+                k: opts[k]
+                for k in (
+                    "mode",
+                    "ss_max_side",
+                    "seed",
+                    "min_side",
+                    "max_aspect",
+                    "iou",
+                    "max_boxes",
+                    "min_boxes",
+                    "max_side",
+                    "jpeg_quality",
+                    "max_pixels",
+                    "shard_size",
+                    "prefix",
+                )
+            },
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -173,8 +287,15 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
 
     try:
         result = prep_run.run(
-            cfg, out, workers=opts["workers"], part=opts["part"], overwrite=opts["overwrite"],
-            executor=opts["executor"], progress=not opts["no_progress"], source=source, log=log,
+            cfg,
+            out,
+            workers=opts["workers"],
+            part=opts["part"],
+            overwrite=opts["overwrite"],
+            executor=opts["executor"],
+            progress=not opts["no_progress"],
+            source=source,
+            log=log,
         )
     except prep_run.RunConfigError as e:
         raise click.ClickException(str(e)) from None
@@ -199,8 +320,11 @@ def _run(kind: str, root: str, annotations: str | None, opts: dict) -> None:
             err=True,
         )
     elif opts["part"] != (0, 1):
-        click.echo("other parts still running or to run; the last one writes the manifest "
-                   f"(or run `prep finalize {opts['out']}`)", err=True)
+        click.echo(
+            "other parts still running or to run; the last one writes the manifest "
+            f"(or run `prep finalize {opts['out']}`)",
+            err=True,
+        )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -222,8 +346,11 @@ def _root_arg(f):
 
 @prep.command()
 @_root_arg
-@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
-              help="COCO instances_*.json: image list and ids (else every image under ROOT).")
+@click.option(
+    "--annotations",
+    type=click.Path(exists=True, dir_okay=False),
+    help="COCO instances_*.json: image list and ids (else every image under ROOT).",
+)
 @_run_options
 def coco(root, annotations, **opts):
     """COCO images (ROOT/...), listed by --annotations (key = 12-digit image id) or found under ROOT."""
@@ -276,7 +403,6 @@ def _check_summary_out(ctx, param, value):
 def finalize(out):
     """Write OUT/manifest.json once every planned shard is done (after `--part` jobs)."""
     from prep import run as prep_run
-
     from shards import storage
 
     try:
@@ -312,8 +438,12 @@ def stats(out, as_json, plot):
 @prep.command("eval-proposals")
 @_s3_endpoint_option
 @click.argument("out", callback=_check_summary_out)
-@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="COCO instances JSON with the ground-truth boxes (iscrowd annotations are ignored).")
+@click.option(
+    "--annotations",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="COCO instances JSON with the ground-truth boxes (iscrowd annotations are ignored).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_proposals(out, annotations, as_json):
     """Proposal quality against COCO ground truth, from the Parquet files: recall at IoU 0.5 and 0.7 and MABO of the
@@ -334,11 +464,18 @@ def eval_proposals(out, annotations, as_json):
 @prep.command()
 @_out_arg
 @click.option("-n", "count", type=click.IntRange(min=1), default=16, show_default=True, help="Samples to draw.")
-@click.option("-o", "--output", default="grid.png", show_default=True, type=click.Path(dir_okay=False),
-              help="PNG to write.")
+@click.option(
+    "-o", "--output", default="grid.png", show_default=True, type=click.Path(dir_okay=False), help="PNG to write."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Which samples (random choice with this seed).")
-@click.option("--boxes", "max_boxes", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Draw the first N boxes of each sample (rank colours: red = first, blue = last).")
+@click.option(
+    "--boxes",
+    "max_boxes",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Draw the first N boxes of each sample (rank colours: red = first, blue = last).",
+)
 @click.option("--cell", type=click.IntRange(min=64), default=256, show_default=True, help="Cell size (px).")
 def show(out, count, output, seed, max_boxes, cell):
     """Draw the proposal boxes of N random samples onto a grid PNG (key as caption)."""
@@ -374,4 +511,3 @@ def verify(out, quick):
 def main(argv=None) -> None:
     """Console script entry point (``prep = prep.cli:main``)."""
     prep.main(args=argv, prog_name="prep")
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 from shards import schema
 
@@ -18,7 +18,7 @@ class PrepConfig:
     # source
     kind: str  # one of SOURCE_KINDS
     root: str  # as given on the command line (kept for the record, not part of the fingerprint)
-    annotations: Optional[str] = None  # COCO instances JSON
+    annotations: str | None = None  # COCO instances JSON
     # selective search (defaults from ORL / UniVIP)
     mode: str = "fast"
     ss_max_side: int = 500  # image resized so its longer side is at most this before selective search
@@ -27,13 +27,13 @@ class PrepConfig:
     min_side: int = 96  # px, in stored-image pixels (ORL, UniVIP)
     # second tier, only for images where fewer than min_boxes boxes of min_side survive: boxes down to this side
     # (UniVIP's 64); None: no second tier. A value >= min_side could add nothing and is stored as None.
-    fallback_min_side: Optional[int] = 64
+    fallback_min_side: int | None = 64
     max_aspect: float = 3.0
     iou: float = 0.5  # greedy suppression threshold
     max_boxes: int = 100
     min_boxes: int = 4  # K of UniVIP: fewer first-tier boxes call the second tier; fewer in all are counted few_boxes
     # storage
-    max_side: Optional[int] = None  # downscale stored images so the longer side is at most this
+    max_side: int | None = None  # downscale stored images so the longer side is at most this
     jpeg_quality: int = 95
     max_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default), refused without decoding
     shard_size: int = 1000
@@ -69,7 +69,7 @@ class PrepConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PrepConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PrepConfig:
         """The settings of a recorded config (stats, manifest, run config). A setting added later is absent from
         older records and takes the value that reproduces them, not today's default (``_BEFORE_RECORDED``)."""
         names = {f.name for f in fields(cls)}

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -30,8 +31,19 @@ from shards import stats as shard_stats
 IOUS = (0.5, 0.7)
 TOPS = (4, 20, None)  # first K kept boxes; None: all of them
 SIZES = (("small", 32**2), ("medium", 96**2), ("large", math.inf))  # COCO: area < 32², < 96², the rest
-COLUMNS = ["key", "path", "status", "width", "height", "orig_width", "orig_height", "image_id", "kept_boxes",
-           "boxes", "ss_seconds"]
+COLUMNS = [
+    "key",
+    "path",
+    "status",
+    "width",
+    "height",
+    "orig_width",
+    "orig_height",
+    "image_id",
+    "kept_boxes",
+    "boxes",
+    "ss_seconds",
+]
 
 
 class AnnotationError(ValueError):
@@ -88,8 +100,9 @@ def load_annotations(path: str) -> GroundTruth:
     boxes = np.concatenate([bbox[:, :2], bbox[:, :2] + bbox[:, 2:]], axis=1)
     size = np.searchsorted([limit for _, limit in SIZES], area, side="right").astype(np.int8)
     start = np.searchsorted(image, np.arange(len(ids) + 1))
-    return GroundTruth(ids=ids, names=names, frame=frame, start=start, boxes=boxes, size=size, category=category,
-                       crowd=crowd)
+    return GroundTruth(
+        ids=ids, names=names, frame=frame, start=start, boxes=boxes, size=size, category=category, crowd=crowd
+    )
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -100,12 +113,19 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
     ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
     inter = iw * ih
-    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    union = (
+        (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    )
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def best_overlaps(gt: np.ndarray, gt_image: np.ndarray, props: np.ndarray, prop_start: np.ndarray,
-                  tops: Iterable[Optional[int]] = TOPS) -> np.ndarray:
+def best_overlaps(
+    gt: np.ndarray,
+    gt_image: np.ndarray,
+    props: np.ndarray,
+    prop_start: np.ndarray,
+    tops: Iterable[int | None] = TOPS,
+) -> np.ndarray:
     """Best IoU of each ground-truth box with the first K proposals of its image, for each K in ``tops``.
 
     gt: [G, 4]; gt_image: [G] image slot of each; props: [P, 4], the proposals of all images in rank order, image j's
@@ -126,8 +146,9 @@ def best_overlaps(gt: np.ndarray, gt_image: np.ndarray, props: np.ndarray, prop_
     return best
 
 
-def evaluate(out: str, gt: GroundTruth, listing: Optional[Iterable[str]] = None,
-             threads: Optional[int] = None) -> dict[str, Any]:
+def evaluate(
+    out: str, gt: GroundTruth, listing: Iterable[str] | None = None, threads: int | None = None
+) -> dict[str, Any]:
     """Recall, ABO / MABO and seconds per image of the proposals in output ``out`` (local, ``s3://``, or
     ``http(s)://`` with ``listing``) against ``gt``; a JSON-able dict (``format_evaluation`` renders it)."""
     listing = set(storage.list_names(out) if listing is None else listing)
@@ -136,8 +157,11 @@ def evaluate(out: str, gt: GroundTruth, listing: Optional[Iterable[str]] = None,
         raise FileNotFoundError(f"{storage.redact(out)}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     if threads is None:
         threads = shard_stats.REMOTE_THREADS if storage.is_remote(out) else shard_stats.LOCAL_THREADS
-    parts = list(shard_stats.ordered_map(
-        lambda n: _shard_overlaps(shard_stats.read_parquet(storage.join(out, n), COLUMNS), gt), names, threads))
+    parts = list(
+        shard_stats.ordered_map(
+            lambda n: _shard_overlaps(shard_stats.read_parquet(storage.join(out, n), COLUMNS), gt), names, threads
+        )
+    )
     counts = {k: sum(p.counts[k] for p in parts) for k in parts[0].counts}
     counts["annotated_absent"] = len(gt.ids) - len(np.unique(np.concatenate([p.images for p in parts])))
     best = np.concatenate([p.best for p in parts], axis=1)
@@ -149,17 +173,25 @@ def evaluate(out: str, gt: GroundTruth, listing: Optional[Iterable[str]] = None,
     groups = [("all", np.ones(len(size), bool))] + [(name, size == i) for i, (name, _) in enumerate(SIZES)]
     top_names = ["all" if k is None else str(k) for k in TOPS]
     return {
-        "annotations": {"objects": len(size), "crowd_ignored": gt.crowd,
-                        **{f"objects_{name}": int(m.sum()) for name, m in groups[1:]}},
+        "annotations": {
+            "objects": len(size),
+            "crowd_ignored": gt.crowd,
+            **{f"objects_{name}": int(m.sum()) for name, m in groups[1:]},
+        },
         "images": counts,
-        "recall": {f"{t:.1f}": {top: {name: _mean((best[i] >= t)[m]) for name, m in groups}
-                                for i, top in enumerate(top_names)} for t in IOUS},
+        "recall": {
+            f"{t:.1f}": {top: {name: _mean((best[i] >= t)[m]) for name, m in groups} for i, top in enumerate(top_names)}
+            for t in IOUS
+        },
         "abo": {top: {name: _mean(best[i][m]) for name, m in groups} for i, top in enumerate(top_names)},
         "mabo": {top: {name: _mabo(best[i][m], category[m]) for name, m in groups} for i, top in enumerate(top_names)},
         "kept_boxes_per_image": _mean(kept),
-        "seconds_per_image": {"count": int(seconds.size), "mean": _mean(seconds),
-                              "p50": round(float(np.median(seconds)), 4) if seconds.size else None,
-                              "total": round(float(seconds.sum()), 3)},
+        "seconds_per_image": {
+            "count": int(seconds.size),
+            "mean": _mean(seconds),
+            "p50": round(float(np.median(seconds)), 4) if seconds.size else None,
+            "total": round(float(seconds.sum()), 3),
+        },
     }
 
 
@@ -225,15 +257,16 @@ def _shard_overlaps(table, gt: GroundTruth) -> _ShardOverlaps:
         "size_mismatch": int((matched & ok & ~size_ok).sum()),
     }
     kept = table["kept_boxes"].fill_null(0).to_numpy()[use]
-    return _ShardOverlaps(counts, image[matched], best, gt.size[obj], gt.category[obj], seconds[np.isfinite(seconds)],
-                          kept)
+    return _ShardOverlaps(
+        counts, image[matched], best, gt.size[obj], gt.category[obj], seconds[np.isfinite(seconds)], kept
+    )
 
 
-def _mean(x: np.ndarray) -> Optional[float]:
+def _mean(x: np.ndarray) -> float | None:
     return round(float(np.mean(x)), 4) if len(x) else None
 
 
-def _mabo(best: np.ndarray, category: np.ndarray) -> Optional[float]:
+def _mabo(best: np.ndarray, category: np.ndarray) -> float | None:
     if not len(best):
         return None
     cats, inverse = np.unique(category, return_inverse=True)
@@ -252,8 +285,10 @@ def format_evaluation(r: dict[str, Any]) -> str:
         f"{a['objects_large']}); {a['crowd_ignored']} crowd annotations ignored",
     ]
     s = r["seconds_per_image"]
-    lines.append(f"selective search: {_f(s['mean'], 3)} s per image (p50 {_f(s['p50'], 3)}, total {_f(s['total'], 1)} "
-                 f"s); {_f(r['kept_boxes_per_image'], 1)} kept boxes per image")
+    lines.append(
+        f"selective search: {_f(s['mean'], 3)} s per image (p50 {_f(s['p50'], 3)}, total {_f(s['total'], 1)} "
+        f"s); {_f(r['kept_boxes_per_image'], 1)} kept boxes per image"
+    )
     groups = ["all"] + [name for name, _ in SIZES]
     labels = [f"recall@{t}" for t in r["recall"]] + ["MABO"]
     width = 8 * len(groups)
@@ -266,5 +301,5 @@ def format_evaluation(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _f(v: Optional[float], digits: int) -> str:
+def _f(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"

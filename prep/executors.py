@@ -15,8 +15,9 @@ import signal
 import sys
 import traceback
 from collections import deque
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -62,7 +63,7 @@ def run_local(
     *,
     workers: int = 1,
     progress: bool = True,
-    start_method: Optional[str] = None,
+    start_method: str | None = None,
 ) -> list[Any]:
     """Run ``fn`` over ``tasks`` on ``workers`` processes (``workers <= 1``: in this process, no pool)."""
     tasks = list(tasks)
@@ -123,7 +124,7 @@ class _Worker:
         self.proc = ctx.Process(target=_worker, args=(fn, child), daemon=True, name="prep-worker")
         self.proc.start()
         child.close()
-        self.task: Optional[int] = None
+        self.task: int | None = None
 
 
 def _run_pool(tasks: list, fn: Callable, workers: int, bar: tqdm, start_method: str) -> list[Any]:
@@ -185,8 +186,11 @@ def _run_pool(tasks: list, fn: Callable, workers: int, bar: tqdm, start_method: 
                 live.remove(w)
                 w.conn.close()
                 if w.task is not None:
-                    fail(w.task, f"worker process {w.proc.pid} died (exit code {w.proc.exitcode}) "
-                                 f"while writing {tasks[w.task].name}")
+                    fail(
+                        w.task,
+                        f"worker process {w.proc.pid} died (exit code {w.proc.exitcode}) "
+                        f"while writing {tasks[w.task].name}",
+                    )
                 if pending:
                     replacement = _Worker(ctx, fn)
                     live.append(replacement)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -240,4 +240,3 @@ def load_image(
         reencoded=not keep,
         note="; ".join(notes),
     )
-

@@ -19,7 +19,7 @@ import os
 import random
 import tarfile
 import threading
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class InspectError(RuntimeError):
 
 
 # --- listing ---------------------------------------------------------------------------------------------------------
-def shard_names(out: str, listing: Optional[Iterable[str]] = None) -> list[str]:
+def shard_names(out: str, listing: Iterable[str] | None = None) -> list[str]:
     """Stems of the shards present in ``out`` (any of tar, parquet, stats), sorted; temporary files ignored.
     ``listing``: ``storage.list_names(out)`` when the caller has it already."""
     names = set()
@@ -57,7 +57,7 @@ def _read_json(url: str) -> dict:
     return json.loads(storage.read_bytes(url))
 
 
-def _read_parquet(url: str, columns: Optional[list[str]] = None):
+def _read_parquet(url: str, columns: list[str] | None = None):
     """The shard Parquet at ``url``; all columns in this format version's schema (older versions conformed), or the
     ``columns`` named."""
     import pyarrow.parquet as pq
@@ -67,7 +67,7 @@ def _read_parquet(url: str, columns: Optional[list[str]] = None):
     return table if columns is not None else schema.conform_table(table, url)
 
 
-def _run_config(out: str) -> Optional[dict]:
+def _run_config(out: str) -> dict | None:
     url = storage.join(out, schema.RUN_CONFIG_NAME)
     return _read_json(url) if storage.exists(url) else None
 
@@ -85,22 +85,25 @@ def output_listing(out: str) -> set[str]:
         return {schema.MANIFEST_NAME} | {n + s for n in names for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
     run_cfg = _run_config(out)
     if run_cfg is None:
-        raise InspectError(f"{storage.redact(out)}: neither {schema.MANIFEST_NAME} nor {schema.RUN_CONFIG_NAME} found "
-                           "(an http(s) output cannot be listed: its shards are found through those files)")
+        raise InspectError(
+            f"{storage.redact(out)}: neither {schema.MANIFEST_NAME} nor {schema.RUN_CONFIG_NAME} found "
+            "(an http(s) output cannot be listed: its shards are found through those files)"
+        )
     # an unfinished run: ask for each planned shard's files (one HEAD each)
     wanted = [n + s for n in run_cfg.get("shards", []) for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)]
     return {schema.RUN_CONFIG_NAME} | {n for n in wanted if storage.exists(storage.join(out, n))}
 
 
-def stats(out: str, plot: Optional[str] = None) -> dict:
+def stats(out: str, plot: str | None = None) -> dict:
     """``shards.stats.summarize_output`` of ``out`` (Parquet and stats files, streamed; never the tars), plus
     ``accounting``: planned inputs (run config) against Parquet rows = ok + failed, so a reader sees that every
     input ended up somewhere."""
     from shards import stats as shard_stats
 
     if plot:  # matplotlib takes ~0.7 s to import: load it while the shards are read (decoding runs without the GIL)
-        loader = threading.Thread(target=importlib.import_module, args=("matplotlib.backends.backend_agg",),
-                                  daemon=True)
+        loader = threading.Thread(
+            target=importlib.import_module, args=("matplotlib.backends.backend_agg",), daemon=True
+        )
         loader.start()
     try:
         summary = shard_stats.summarize_output(out, output_listing(out))
@@ -129,10 +132,14 @@ def format_stats(summary: dict) -> str:
     if a["planned_inputs"] is None:
         line = f"inputs: {a['rows']} rows = {a['ok']} ok + {a['failed']} failed (no run config: plan unknown)"
     elif a["adds_up"]:
-        line = f"inputs: {a['planned_inputs']} planned = {a['ok']} ok + {a['failed']} failed (every input accounted for)"
+        line = (
+            f"inputs: {a['planned_inputs']} planned = {a['ok']} ok + {a['failed']} failed (every input accounted for)"
+        )
     else:
-        line = (f"inputs: {a['planned_inputs']} planned but {a['rows']} rows ({a['ok']} ok + {a['failed']} failed): "
-                "the run is not finished (rerun it) or shards are missing")
+        line = (
+            f"inputs: {a['planned_inputs']} planned but {a['rows']} rows ({a['ok']} ok + {a['failed']} failed): "
+            "the run is not finished (rerun it) or shards are missing"
+        )
     return shard_stats.format_summary(summary).rstrip() + "\n" + line
 
 
@@ -203,10 +210,14 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
             boxes = meta["boxes"][:max_boxes]
             for rank in reversed(range(len(boxes))):  # first-ranked drawn last, on top
                 bx0, by0, bx1, by1 = (boxes[rank] * scale).tolist()
-                draw.rectangle([ox + bx0, oy + by0, ox + bx1 - 1, oy + by1 - 1], outline=rank_colour(rank, len(boxes)),
-                               width=2 if rank < 5 else 1)
-            draw.text((x0 + 2, y0 + cell + 1), f"{key} ({len(meta['boxes'])})"[: cell // 6], fill=(230, 230, 230),
-                      font=font)
+                draw.rectangle(
+                    [ox + bx0, oy + by0, ox + bx1 - 1, oy + by1 - 1],
+                    outline=rank_colour(rank, len(boxes)),
+                    width=2 if rank < 5 else 1,
+                )
+            draw.text(
+                (x0 + 2, y0 + cell + 1), f"{key} ({len(meta['boxes'])})"[: cell // 6], fill=(230, 230, 230), font=font
+            )
             drawn.append(key)
     grid.save(output)
     return drawn
@@ -217,7 +228,7 @@ def _boxes_inside(boxes: np.ndarray, width: int, height: int) -> bool:
     if boxes.size == 0:
         return True
     x0, y0, x1, y1 = boxes.T
-    return bool(np.all((0 <= x0) & (x0 < x1) & (x1 <= width) & (0 <= y0) & (y0 < y1) & (y1 <= height)))
+    return bool(np.all((x0 >= 0) & (x0 < x1) & (x1 <= width) & (y0 >= 0) & (y0 < y1) & (y1 <= height)))
 
 
 def _decode_size(jpeg: bytes) -> tuple[tuple[int, int], str, str]:
@@ -229,8 +240,8 @@ def _decode_size(jpeg: bytes) -> tuple[tuple[int, int], str, str]:
 
 
 def verify_shard(
-    out: str, name: str, fingerprint: Optional[str] = None, listing: Optional[set[str]] = None, *, quick: bool = False
-) -> tuple[list[str], Optional[dict]]:
+    out: str, name: str, fingerprint: str | None = None, listing: set[str] | None = None, *, quick: bool = False
+) -> tuple[list[str], dict | None]:
     """Problems of one shard (each line starts with the shard name) and its stats (None if unreadable).
     ``listing``: the set of ``storage.list_names(out)`` when the caller has it already. ``quick``: do not hash the
     stored images (their SHA-256 is checked against ``KEY.json`` otherwise, in format version 2)."""
@@ -243,8 +254,10 @@ def verify_shard(
     present = set(storage.list_names(out)) if listing is None else listing
     missing = [s for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX) if name + s not in present]
     if missing:
-        problem(f"missing {', '.join(name + s for s in missing)}" + (
-            " (not done: rerun prep to redo it)" if schema.STATS_SUFFIX in missing else ""))
+        problem(
+            f"missing {', '.join(name + s for s in missing)}"
+            + (" (not done: rerun prep to redo it)" if schema.STATS_SUFFIX in missing else "")
+        )
         return problems, None
     try:
         st = _read_json(base + schema.STATS_SUFFIX)
@@ -310,8 +323,9 @@ def verify_shard(
     return problems, st
 
 
-def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callable[[str], None], *,
-                  quick: bool = False) -> None:
+def _check_sample(
+    key: str, group: dict[str, bytes], row: dict, problem: Callable[[str], None], *, quick: bool = False
+) -> None:
     extra = sorted(set(group) - {schema.IMAGE_EXT, schema.META_EXT})
     if extra:
         problem(f"{key}: unexpected members {', '.join(key + '.' + e for e in extra)}")
@@ -324,8 +338,15 @@ def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callabl
         problem(f"{key}.{schema.META_EXT}: {e}")
         return
     w, h = meta.get("width"), meta.get("height")
-    for field, value in (("key", key), ("path", row["path"]), ("width", row["width"]), ("height", row["height"]),
-                         ("label", row["label"]), ("image_id", row["image_id"]), ("image_sha256", row["image_sha256"])):
+    for field, value in (
+        ("key", key),
+        ("path", row["path"]),
+        ("width", row["width"]),
+        ("height", row["height"]),
+        ("label", row["label"]),
+        ("image_id", row["image_id"]),
+        ("image_sha256", row["image_sha256"]),
+    ):
         if meta.get(field) != value:
             problem(f"{key}.{schema.META_EXT}: {field} = {meta.get(field)!r}, parquet has {value!r}")
     boxes = meta["boxes"]
@@ -340,8 +361,10 @@ def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callabl
         problem(f"{key}.{schema.IMAGE_EXT}: {len(jpeg)} bytes, parquet image_bytes = {row['image_bytes']}")
     # a flipped byte can leave a JPEG that still decodes to the right size: only its hash tells (format version 2)
     if not quick and meta["image_sha256"] is not None and schema.image_sha256(jpeg) != meta["image_sha256"]:
-        problem(f"{key}.{schema.IMAGE_EXT}: SHA-256 of the stored bytes differs from {key}.{schema.META_EXT} "
-                "(the image was damaged after it was written)")
+        problem(
+            f"{key}.{schema.IMAGE_EXT}: SHA-256 of the stored bytes differs from {key}.{schema.META_EXT} "
+            "(the image was damaged after it was written)"
+        )
     try:
         size, fmt, mode = _decode_size(jpeg)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError … for damaged data
@@ -353,7 +376,7 @@ def _check_sample(key: str, group: dict[str, bytes], row: dict, problem: Callabl
         problem(f"{key}.{schema.IMAGE_EXT}: is {fmt} {mode}, expected an RGB JPEG")
 
 
-def _size(url: str) -> Optional[int]:
+def _size(url: str) -> int | None:
     """Bytes of a file or S3 object (pyarrow's filesystem layer, as for the Parquet); None where it cannot tell."""
     if not storage.is_remote(url):
         return os.path.getsize(storage.local_path(url))
@@ -411,7 +434,7 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
     return problems, totals
 
 
-def _check_manifest(manifest: dict, all_stats: list[dict], run_cfg: Optional[dict]) -> list[str]:
+def _check_manifest(manifest: dict, all_stats: list[dict], run_cfg: dict | None) -> list[str]:
     lines = []
     recomputed = schema.make_manifest(config={}, versions={}, classes=None, stats=all_stats)
     if [s["name"] for s in manifest.get("shards", [])] != [s["name"] for s in recomputed["shards"]]:
@@ -419,13 +442,19 @@ def _check_manifest(manifest: dict, all_stats: list[dict], run_cfg: Optional[dic
     else:
         for m, r in zip(manifest["shards"], recomputed["shards"]):
             if (m.get("samples"), m.get("inputs")) != (r["samples"], r["inputs"]):
-                lines.append(f"{schema.MANIFEST_NAME}: {m['name']} samples/inputs {m.get('samples')}/{m.get('inputs')}"
-                             f", stats say {r['samples']}/{r['inputs']}")
+                lines.append(
+                    f"{schema.MANIFEST_NAME}: {m['name']} samples/inputs {m.get('samples')}/{m.get('inputs')}"
+                    f", stats say {r['samples']}/{r['inputs']}"
+                )
     for k, v in recomputed["totals"].items():
         if manifest.get("totals", {}).get(k) != v:
-            lines.append(f"{schema.MANIFEST_NAME}: totals {k} = {manifest.get('totals', {}).get(k)!r}, "
-                         f"the shards' stats add up to {v!r}")
+            lines.append(
+                f"{schema.MANIFEST_NAME}: totals {k} = {manifest.get('totals', {}).get(k)!r}, "
+                f"the shards' stats add up to {v!r}"
+            )
     if run_cfg is not None and manifest.get("fingerprint") != run_cfg.get("fingerprint"):
-        lines.append(f"{schema.MANIFEST_NAME}: fingerprint {manifest.get('fingerprint')} differs from "
-                     f"{schema.RUN_CONFIG_NAME} ({run_cfg.get('fingerprint')})")
+        lines.append(
+            f"{schema.MANIFEST_NAME}: fingerprint {manifest.get('fingerprint')} differs from "
+            f"{schema.RUN_CONFIG_NAME} ({run_cfg.get('fingerprint')})"
+        )
     return lines

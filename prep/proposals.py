@@ -194,5 +194,12 @@ def propose(rgb: np.ndarray, key: str, cfg: PrepConfig) -> Proposals:
 
 def filter_with(raw: np.ndarray, cfg: PrepConfig) -> tuple[np.ndarray, int | None]:
     """``tiered_filter`` with the settings of ``cfg``."""
-    return tiered_filter(raw, min_side=cfg.min_side, fallback_min_side=cfg.fallback_min_side,
-                         min_boxes=cfg.min_boxes, max_aspect=cfg.max_aspect, iou=cfg.iou, max_boxes=cfg.max_boxes)
+    return tiered_filter(
+        raw,
+        min_side=cfg.min_side,
+        fallback_min_side=cfg.fallback_min_side,
+        min_boxes=cfg.min_boxes,
+        max_aspect=cfg.max_aspect,
+        iou=cfg.iou,
+        max_boxes=cfg.max_boxes,
+    )

@@ -31,7 +31,8 @@ import os
 import pickle
 import signal
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from prep.executors import _PRELOAD, START_METHOD, TasksFailed, _bar, _format, _report
 
@@ -41,7 +42,7 @@ POLL = 0.25  # s between polls of the progress actor by the driver
 LOOPBACK = "127.0.0.1"  # the only address a local instance started here listens on
 
 
-def configure(*, address: Optional[str] = None, max_retries: int = 3) -> None:
+def configure(*, address: str | None = None, max_retries: int = 3) -> None:
     """Process-wide settings from the command line (``--ray-address``); ``configure()`` restores the defaults."""
     _settings.update(address=address or None, max_retries=int(max_retries))
 
@@ -109,7 +110,7 @@ def _storage_env() -> dict:
     return {"env_vars": {"S3_ENDPOINT_URL": endpoint}} if endpoint else {}
 
 
-def _connect(address: Optional[str], workers: int) -> bool:
+def _connect(address: str | None, workers: int) -> bool:
     """Connect this process to Ray (unless it is already); True when this call connected it.
 
     The job's ``runtime_env`` (code upload, S3 endpoint) is set here: Ray takes uploads only per job. A process that
@@ -153,8 +154,10 @@ def init_local(**kwargs: Any) -> Any:
     ip = ray.util.get_node_ip_address()
     if ip != LOOPBACK:
         ray.shutdown()
-        raise RuntimeError(f"the local Ray instance took the address {ip}, not {LOOPBACK} (Ray {ray.__version__}): "
-                           "refusing to run it where the network can reach it")
+        raise RuntimeError(
+            f"the local Ray instance took the address {ip}, not {LOOPBACK} (Ray {ray.__version__}): "
+            "refusing to run it where the network can reach it"
+        )
     return context
 
 
@@ -164,8 +167,8 @@ def run_tasks(
     *,
     workers: int = 1,
     progress: bool = True,
-    address: Optional[str] = None,
-    max_retries: Optional[int] = None,
+    address: str | None = None,
+    max_retries: int | None = None,
 ) -> list[Any]:
     """Run ``fn(task, tick)`` over ``tasks`` as Ray tasks; results in task order; ``TasksFailed`` after all ran.
 

@@ -17,9 +17,10 @@ import json
 import os
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any
 
 from prep.config import PrepConfig
 from shards import schema, storage
@@ -116,7 +117,7 @@ def versions() -> dict[str, str]:
 
 
 # --- one record, one shard -------------------------------------------------------------------------------------------
-def process_record(rec, cfg: PrepConfig) -> tuple[dict, Optional[bytes], Optional[bytes]]:
+def process_record(rec, cfg: PrepConfig) -> tuple[dict, bytes | None, bytes | None]:
     """(parquet row, jpeg bytes, KEY.json bytes) for one input; jpeg and meta are None for a failure row.
 
     Never raises for a bad input: unreadable images become a row with the ImageError reason, and any error of selective
@@ -125,9 +126,7 @@ def process_record(rec, cfg: PrepConfig) -> tuple[dict, Optional[bytes], Optiona
 
     ids = dict(label=rec.label, image_id=rec.image_id)
     try:
-        img = images.load_image(
-            rec.path, max_side=cfg.max_side, max_pixels=cfg.max_pixels, quality=cfg.jpeg_quality
-        )
+        img = images.load_image(rec.path, max_side=cfg.max_side, max_pixels=cfg.max_pixels, quality=cfg.jpeg_quality)
     except images.ImageError as e:
         # the message names the file by its path relative to the root, like the `path` column: rows must not depend
         # on where the data set is mounted (root is not part of the fingerprint, so a moved data set resumes)
@@ -165,9 +164,7 @@ def process_record(rec, cfg: PrepConfig) -> tuple[dict, Optional[bytes], Optiona
     return row, img.jpeg, meta
 
 
-def run_shard(
-    out: str, name: str, records, cfg: PrepConfig, progress: Optional[Callable[[int], None]] = None
-) -> dict:
+def run_shard(out: str, name: str, records, cfg: PrepConfig, progress: Callable[[int], None] | None = None) -> dict:
     """Write shard ``name`` from ``records`` (tar, parquet, then stats); returns the stats. ``progress(1)`` per image."""
     from shards.writer import ShardWriter
 
@@ -184,9 +181,9 @@ def run_task(
     out: str,
     cfg: PrepConfig,
     task: ShardTask,
-    tick: Optional[Callable[[int], None]] = None,
+    tick: Callable[[int], None] | None = None,
     *,
-    endpoint_url: Optional[str] = None,
+    endpoint_url: str | None = None,
 ) -> dict:
     """The function executors call (module level so it pickles into worker processes and Ray tasks).
 
@@ -219,7 +216,7 @@ def make_run_config(cfg: PrepConfig, source, tasks: list[ShardTask]) -> dict[str
     }
 
 
-def read_run_config(out: str) -> Optional[dict]:
+def read_run_config(out: str) -> dict | None:
     path = storage.join(out, schema.RUN_CONFIG_NAME)
     if not storage.exists(path):
         return None
@@ -250,11 +247,15 @@ def check_resume(out: str, old: dict, new: dict) -> None:
             + "\nUse the same settings to resume, another --out, or --overwrite to delete those shards and start over."
         )
     old_v, new_v = old.get("versions") or {}, new["versions"]
-    changed = [f"{k}: {old_v.get(k, '<unset>')!r} in the output, {new_v.get(k)!r} now"
-               for k in _CONTENT_VERSIONS if old_v.get(k, "<unset>") != new_v.get(k)]
+    changed = [
+        f"{k}: {old_v.get(k, '<unset>')!r} in the output, {new_v.get(k)!r} now"
+        for k in _CONTENT_VERSIONS
+        if old_v.get(k, "<unset>") != new_v.get(k)
+    ]
     if changed:
         raise RunConfigError(
-            f"{out} holds shards made with other library versions ({path}):\n  " + "\n  ".join(changed)
+            f"{out} holds shards made with other library versions ({path}):\n  "
+            + "\n  ".join(changed)
             + "\nThey change the boxes or the stored images: resume with those versions, use another --out, or "
             "--overwrite to start over."
         )
@@ -271,7 +272,7 @@ def check_resume(out: str, old: dict, new: dict) -> None:
 _TEMP_RE = re.compile(r"^\.(?P<stem>.+-\d{%d})\..*\.tmp$" % schema.SHARD_DIGITS)
 
 
-def _shard_stem(name: str) -> Optional[str]:
+def _shard_stem(name: str) -> str | None:
     """The shard stem of a shard file or of a temporary file being written for one; None for anything else."""
     m = _TEMP_RE.match(name)
     if m:
@@ -299,6 +300,7 @@ def _is_run_file(name: str, prefixes: set[str]) -> bool:
 def _leftover_temp_files(out: str, names: set[str]) -> list[str]:
     """Temporary files of shards in ``names`` left by a killed run (a live writer removes its own on error): in
     ``out`` and, for a remote output, in its local staging directory (full paths there)."""
+
     def temp_of(n: str) -> bool:
         m = _TEMP_RE.match(n)
         return bool(m) and m.group("stem") in names
@@ -334,7 +336,7 @@ class RunResult:
     planned: int  # shards in the whole plan
     skipped: list[str]  # this part's shards already done before this run
     written: list[str]  # this part's shards written now
-    manifest: Optional[dict]  # set when this run finished the plan and finalized it
+    manifest: dict | None  # set when this run finished the plan and finalized it
 
 
 def load_source_for(cfg: PrepConfig):
@@ -409,8 +411,9 @@ def run(
     run_tasks = executors.get(executor)
     failures: list[tuple[str, str]] = []
     try:
-        run_tasks(todo, partial(run_task, out, cfg, endpoint_url=storage.endpoint_url()), workers=workers,
-                  progress=progress)
+        run_tasks(
+            todo, partial(run_task, out, cfg, endpoint_url=storage.endpoint_url()), workers=workers, progress=progress
+        )
     except executors.TasksFailed as e:
         failures = e.failures
     written = [t.name for t in todo if t.name not in {n for n, _ in failures}]

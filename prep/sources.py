@@ -164,7 +164,9 @@ def _walk_images(top: str, prefix: str) -> list[str]:
                 try:  # the path is stored as UTF-8 text in KEY.json and the parquet
                     rel.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise SourceError(f"{os.path.join(dirpath, name)!r}: file name is not valid UTF-8; rename it") from None
+                    raise SourceError(
+                        f"{os.path.join(dirpath, name)!r}: file name is not valid UTF-8; rename it"
+                    ) from None
                 found.append(rel)
     found.sort()
     return found

@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -85,7 +86,7 @@ def sanitize_key(text: str) -> str:
     if len(key) > KEY_MAX_LEN:
         # keep the (most specific) end of the path and make the cut unique with a digest of the whole path
         digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-        key = key[-(KEY_MAX_LEN - 11):] + "-" + digest
+        key = key[-(KEY_MAX_LEN - 11) :] + "-" + digest
     return key
 
 
@@ -218,8 +219,9 @@ def conform_table(table: pa.Table, where: str) -> pa.Table:
     none). ValueError naming ``where`` for columns of no known version."""
     if parquet_version(table.schema) is None:
         raise ValueError(f"{where}: columns differ from the shard schema of every format version {READABLE_VERSIONS}")
-    columns = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-               for f in PARQUET_SCHEMA]
+    columns = [
+        table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in PARQUET_SCHEMA
+    ]
     return pa.Table.from_arrays(columns, schema=PARQUET_SCHEMA)
 
 
@@ -286,8 +288,11 @@ def make_manifest(
     for s in stats:
         for reason, n in s["failed"].items():
             failed[reason] = failed.get(reason, 0) + n
-    fallback = {"fallback_images": sum(s["fallback_images"] for s in stats)} if all(
-        "fallback_images" in s for s in stats) else {}
+    fallback = (
+        {"fallback_images": sum(s["fallback_images"] for s in stats)}
+        if all("fallback_images" in s for s in stats)
+        else {}
+    )
     return {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint(config),

@@ -18,9 +18,10 @@ import itertools
 import json
 import os
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -65,8 +66,10 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
             # thread per file, as the caller reads several files at once
             f = stack.enter_context(pq.ParquetFile(source))
             if schema.parquet_version(f.schema_arrow) is None:
-                raise ValueError(f"{storage.redact(url)}: columns differ from the shard schema of every format "
-                                 f"version {schema.READABLE_VERSIONS}")
+                raise ValueError(
+                    f"{storage.redact(url)}: columns differ from the shard schema of every format "
+                    f"version {schema.READABLE_VERSIONS}"
+                )
             present = set(f.schema_arrow.names)
             t = f.read(columns=None if columns is None else [c for c in columns if c in present], use_threads=False)
     except FileNotFoundError:
@@ -132,14 +135,17 @@ def summarize_output(
     if threads is None:
         threads = REMOTE_THREADS if storage.is_remote(out) else LOCAL_THREADS
     # the stats file of every done shard (a parquet without one is reported by the check)
-    stems = sorted(n[: -len(schema.STATS_SUFFIX)] for n in listing if n.endswith(schema.STATS_SUFFIX)
-                   and not n.startswith(".") and _is_shard_name(n))
+    stems = sorted(
+        n[: -len(schema.STATS_SUFFIX)]
+        for n in listing
+        if n.endswith(schema.STATS_SUFFIX) and not n.startswith(".") and _is_shard_name(n)
+    )
     stats = list(ordered_map(lambda n: _read_stats(storage.join(out, n + schema.STATS_SUFFIX)), stems, threads))
     shards = [n[: -len(schema.PARQUET_SUFFIX)] for n in names]
     return _summarize_shards(out, shards, threads).result(stats, min_boxes)
 
 
-def _summarize_shards(out: str, shards: list[str], threads: int) -> "_Summary":
+def _summarize_shards(out: str, shards: list[str], threads: int) -> _Summary:
     """The running totals of ``shards`` of ``out``, read in ``threads`` threads."""
     acc = _Summary()
     # one box counter per reading thread: the counting runs in those threads, merged once at the end (the counts
@@ -226,8 +232,11 @@ def _reduce_shard(shard: str, table: pa.Table, pairs: PairCounts) -> _ShardPart:
     # an ok row must hold as many boxes as kept_boxes says (a null on either side never matches)
     n_boxes = pc.list_value_length(boxes)
     if kept.null_count or n_boxes.null_count:
-        differs = (kept.is_null().to_numpy(zero_copy_only=False) | n_boxes.is_null().to_numpy(zero_copy_only=False)
-                   | (kept.fill_null(-1).to_numpy() != n_boxes.fill_null(-1).to_numpy()))
+        differs = (
+            kept.is_null().to_numpy(zero_copy_only=False)
+            | n_boxes.is_null().to_numpy(zero_copy_only=False)
+            | (kept.fill_null(-1).to_numpy() != n_boxes.fill_null(-1).to_numpy())
+        )
     else:
         differs = kept.to_numpy() != n_boxes.to_numpy()
     bad = np.flatnonzero(ok & differs)
@@ -246,8 +255,10 @@ def _reduce_shard(shard: str, table: pa.Table, pairs: PairCounts) -> _ShardPart:
             w, h = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
             if min(w.min(), h.min()) <= 0:  # two reductions, the mask only when needed
                 valid = (w > 0) & (h > 0)
-                problem = (f"{shard}: {int(valid.size - valid.sum())} boxes with x1 <= x0 or y1 <= y0 "
-                           "(left out of box size and aspect)")
+                problem = (
+                    f"{shard}: {int(valid.size - valid.sum())} boxes with x1 <= x0 or y1 <= y0 "
+                    "(left out of box size and aspect)"
+                )
                 w, h = w[valid], h[valid]
             pairs.add(w, h)
     return _ShardPart(
@@ -344,8 +355,11 @@ class _Summary:
             "counts_add_up": not problems,
             "count_problems": problems,
             "box_problems": self.box_problems,
-            "boxes_per_image": {**_distribution(kept, _int_edges(kept)), "total": int(kept.sum(dtype=np.int64)),
-                                "raw_mean": _mean(raw)},
+            "boxes_per_image": {
+                **_distribution(kept, _int_edges(kept)),
+                "total": int(kept.sum(dtype=np.int64)),
+                "raw_mean": _mean(raw),
+            },
             "box_size": _distribution(side, _linear_edges(side), side_n),
             "box_aspect": _distribution(aspect, _log_edges(aspect), aspect_n),
             "bytes_per_shard": {
@@ -368,8 +382,9 @@ class _Summary:
         if self.unknown:
             problems.append(f"unknown statuses {sorted(self.unknown)}")
         if self.bad_rows:
-            problems.append(f"{self.bad_rows} ok rows whose kept_boxes differs from their boxes "
-                            f"(first: {self.first_bad})")
+            problems.append(
+                f"{self.bad_rows} ok rows whose kept_boxes differs from their boxes (first: {self.first_bad})"
+            )
         if stats is None:
             return problems
         seen = set()
@@ -384,8 +399,9 @@ class _Summary:
                 if s[field] != c[field]:
                     problems.append(f"{name}: stats say {field}={s[field]}, parquet has {c[field]}")
             if dict(s["failed"]) != dict(sorted(c["failed"].items())):
-                problems.append(f"{name}: stats say failed={dict(s['failed'])}, parquet has "
-                                f"{dict(sorted(c['failed'].items()))}")
+                problems.append(
+                    f"{name}: stats say failed={dict(s['failed'])}, parquet has {dict(sorted(c['failed'].items()))}"
+                )
         for name in sorted(set(self.per_shard) - seen):
             problems.append(f"{name}: parquet rows but no stats file (shard not done)")
         return problems
@@ -434,7 +450,7 @@ class PairCounts:
             if self._pending_n >= self.flush:
                 self._count()
 
-    def merge(self, other: "PairCounts") -> None:
+    def merge(self, other: PairCounts) -> None:
         """Add the counts of ``other`` (same ``dense_side``) to these."""
         other._count()
         self.grid += other.grid
@@ -445,8 +461,11 @@ class PairCounts:
         """(w, h, count) of every pair seen, as int64 arrays, in no particular order."""
         self._count()
         w, h = np.nonzero(self.grid)
-        return (np.concatenate([w, self.codes >> 32]), np.concatenate([h, self.codes & 0xFFFFFFFF]),
-                np.concatenate([self.grid[w, h], self.code_counts]))
+        return (
+            np.concatenate([w, self.codes >> 32]),
+            np.concatenate([h, self.codes & 0xFFFFFFFF]),
+            np.concatenate([self.grid[w, h], self.code_counts]),
+        )
 
     def _count(self) -> None:
         if self._pending:
@@ -477,8 +496,14 @@ def _distribution(x: np.ndarray, edges: np.ndarray, counts: np.ndarray | None = 
         keep = counts > 0
         x, counts = x[keep], np.asarray(counts, np.int64)[keep]
     if x.size == 0:
-        return {"count": 0, "mean": None, "min": None, "max": None, **{f"p{p}": None for p in PERCENTILES},
-                "histogram": {"edges": [], "counts": []}}
+        return {
+            "count": 0,
+            "mean": None,
+            "min": None,
+            "max": None,
+            **{f"p{p}": None for p in PERCENTILES},
+            "histogram": {"edges": [], "counts": []},
+        }
     if counts is None:
         n, mean, lo, hi = x.size, x.mean(), x.min(), x.max()
         ps = np.percentile(x, PERCENTILES)

@@ -25,7 +25,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 _config = {"endpoint_url": None, "allow_pipe": False}
@@ -584,8 +585,16 @@ _CREDENTIAL_ENV = (
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
 )
-_THROTTLING = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "RequestLimitExceeded",
-               "TooManyRequestsException", "ServiceUnavailable", "InternalError"}
+_THROTTLING = {
+    "Throttling",
+    "ThrottlingException",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "ServiceUnavailable",
+    "InternalError",
+}
 
 
 def _boto_session():

@@ -14,7 +14,8 @@ import io
 import os
 import tarfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -54,7 +55,7 @@ class ShardWriter:
         self._parquet_tmp: str | None = None
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -88,7 +89,9 @@ class ShardWriter:
             if row["image_bytes"] is None:
                 row["image_bytes"] = len(jpeg)
             elif row["image_bytes"] != len(jpeg):
-                raise ValueError(f"shard {self.name}: row {key!r} says image_bytes={row['image_bytes']}, jpeg has {len(jpeg)}")
+                raise ValueError(
+                    f"shard {self.name}: row {key!r} says image_bytes={row['image_bytes']}, jpeg has {len(jpeg)}"
+                )
             digest = schema.image_sha256(jpeg)
             if row["image_sha256"] is None:
                 row["image_sha256"] = digest

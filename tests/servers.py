@@ -385,8 +385,15 @@ def write_tiny_shard(path, n: int = 3, *, prefix: str = "img", size: int = 16) -
             buf = io.BytesIO()
             Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
             boxes = np.array([[0, 0, size // 2, size // 2], [1, 2, size, size]])
-            meta = schema.encode_meta(key=key, path=f"{key}.jpg", width=size, height=size, boxes=boxes, image_id=i,
-                                      image_sha256=schema.image_sha256(buf.getvalue()))
+            meta = schema.encode_meta(
+                key=key,
+                path=f"{key}.jpg",
+                width=size,
+                height=size,
+                boxes=boxes,
+                image_id=i,
+                image_sha256=schema.image_sha256(buf.getvalue()),
+            )
             for name, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.json", meta)):
                 info = tarfile.TarInfo(name)
                 info.size, info.mode = len(data), 0o644

@@ -22,7 +22,7 @@ def batch() -> torch.Tensor:
 
     photo = torch.from_numpy(np.asarray(Image.open(photo_path("astronaut.jpg")).convert("RGB")).copy())
     photo = photo.permute(2, 0, 1)
-    crops = [photo[:, y:y + 40, x:x + 48] for y, x in ((0, 0), (100, 120), (200, 60), (250, 250))]
+    crops = [photo[:, y : y + 40, x : x + 48] for y, x in ((0, 0), (100, 120), (200, 60), (250, 250))]
     ramp = torch.linspace(0, 255, 48).round().to(torch.uint8).expand(3, 40, 48)
     flat = torch.full((3, 40, 48), 90, dtype=torch.uint8)
     return torch.stack(crops + [ramp, flat]).contiguous()

@@ -49,8 +49,17 @@ def _trained(cfg):
 
 
 def _save(tmp_path, cfg, model, opt, step=7, **kw):
-    return checkpoint.save(str(tmp_path), step, model=model, optimizer=opt, config=cfg,
-                           data_position={"epoch": 1, "samples": 56}, rng=[checkpoint.rng_state()], world_size=1, **kw)
+    return checkpoint.save(
+        str(tmp_path),
+        step,
+        model=model,
+        optimizer=opt,
+        config=cfg,
+        data_position={"epoch": 1, "samples": 56},
+        rng=[checkpoint.rng_state()],
+        world_size=1,
+        **kw,
+    )
 
 
 def test_round_trip_is_exact_and_strict(tmp_path):

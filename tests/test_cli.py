@@ -13,8 +13,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
 from imagegen import jpeg_bytes, textured_image
+
 from prep.cli import prep
 from shards import schema
 
@@ -36,8 +36,9 @@ def invoke(*args: str):
 
 def python_m_prep(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "prep", *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "prep", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,12 @@ def tars(out) -> dict[str, bytes]:
 
 
 def rows(out) -> list[dict]:
-    return [r for n in sorted(os.listdir(out)) if n.endswith(".parquet")
-            for r in pq.read_table(os.path.join(out, n)).drop_columns(list(schema.NONDETERMINISTIC_COLUMNS)).to_pylist()]
+    return [
+        r
+        for n in sorted(os.listdir(out))
+        if n.endswith(".parquet")
+        for r in pq.read_table(os.path.join(out, n)).drop_columns(list(schema.NONDETERMINISTIC_COLUMNS)).to_pylist()
+    ]
 
 
 def test_end_to_end_in_process(images, tmp_path):
@@ -99,13 +104,29 @@ def test_python_m_prep_two_workers_matches_in_process_run(images, tmp_path):
 def test_killed_run_resumes_to_identical_output(tmp_path):
     """SIGKILL (no cleanup at all) after the first shard is done; the rerun equals an uninterrupted run."""
     root = write_images(tmp_path / "imgs", 12, size=128)
-    args = ["folder", root, "--workers", "1", "--ss-max-side", "128", "--min-side", "8", "--shard-size", "2",
-            "--no-progress"]
+    args = [
+        "folder",
+        root,
+        "--workers",
+        "1",
+        "--ss-max-side",
+        "128",
+        "--min-side",
+        "8",
+        "--shard-size",
+        "2",
+        "--no-progress",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert invoke(*args, "--out", whole).exit_code == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "prep", *args, "--out", str(killed)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prep", *args, "--out", str(killed)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (killed / "folder-000000.stats.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first shard was done"
@@ -172,7 +193,7 @@ def test_fallback_tier_flags(images, tmp_path):
     side = lambda b: min(b[2] - b[0], b[3] - b[1])  # noqa: E731
     for a, b in zip(one, two):  # the same first tier, then the fallback's boxes (shorter side in [20, 40)) after it
         assert b["boxes"][: a["kept_boxes"]] == a["boxes"]
-        assert all(20 <= side(x) < 40 for x in b["boxes"][a["kept_boxes"]:])
+        assert all(20 <= side(x) < 40 for x in b["boxes"][a["kept_boxes"] :])
     assert sum(r["kept_boxes"] for r in two) > sum(r["kept_boxes"] for r in one)
     default = invoke("folder", images, "--out", tmp_path / "d", "--workers", "1", *FAST[:2], *FAST[4:])
     assert default.exit_code == 0
@@ -202,11 +223,14 @@ def test_verify_fails_on_damage(images, tmp_path):
 
 
 def test_import_prep_and_shards_loads_no_torch():
-    code = ("import sys, prep, shards, prep.cli, prep.run, prep.executors, prep.inspect, prep.images, "
-            "prep.proposals, prep.sources, shards.schema, shards.storage, shards.writer, shards.stats; "
-            "prep.cli.prep.make_context('prep', ['folder', '--help'], resilient_parsing=True); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                       capture_output=True, text=True)
+    code = (
+        "import sys, prep, shards, prep.cli, prep.run, prep.executors, prep.inspect, prep.images, "
+        "prep.proposals, prep.sources, shards.schema, shards.storage, shards.writer, shards.stats; "
+        "prep.cli.prep.make_context('prep', ['folder', '--help'], resilient_parsing=True); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -28,8 +28,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path, keys, *, boxes: int = 3, with_json: bool = True, bad_meta=(), damaged=(),
-                version_1: bool = False) -> str:
+def write_shard(
+    path, keys, *, boxes: int = 3, with_json: bool = True, bad_meta=(), damaged=(), version_1: bool = False
+) -> str:
     """``damaged``: keys whose jpg bytes differ from the hash in their KEY.json; ``version_1``: KEY.json as format
     version 1 wrote it (no hash)."""
     with tarfile.open(path, "w") as tar:
@@ -37,9 +38,14 @@ def write_shard(path, keys, *, boxes: int = 3, with_json: bool = True, bad_meta=
             jpeg = b"jpeg bytes of " + k.encode()
             _add(tar, f"{k}.jpg", jpeg.upper() if k in damaged else jpeg)
             if with_json:
-                meta = schema.encode_meta(key=k, path=f"{k}.jpg", width=64, height=48,
-                                          boxes=np.tile([[1, 2, 30, 40]], (boxes, 1)),
-                                          image_sha256=schema.image_sha256(jpeg))
+                meta = schema.encode_meta(
+                    key=k,
+                    path=f"{k}.jpg",
+                    width=64,
+                    height=48,
+                    boxes=np.tile([[1, 2, 30, 40]], (boxes, 1)),
+                    image_sha256=schema.image_sha256(jpeg),
+                )
                 if version_1:
                     d = json.loads(meta)
                     del d["image_sha256"]
@@ -51,9 +57,12 @@ def write_shard(path, keys, *, boxes: int = 3, with_json: bool = True, bad_meta=
 def make_shards(root, counts, **kw) -> list[str]:
     """Shard j holds keys s{j}_{i}; returns the tar paths (URLs)."""
     os.makedirs(root, exist_ok=True)
-    return [write_shard(os.path.join(root, schema.shard_name("t", j) + schema.TAR_SUFFIX),
-                        [f"s{j}_{i:03d}" for i in range(n)], **kw)
-            for j, n in enumerate(counts)]
+    return [
+        write_shard(
+            os.path.join(root, schema.shard_name("t", j) + schema.TAR_SUFFIX), [f"s{j}_{i:03d}" for i in range(n)], **kw
+        )
+        for j, n in enumerate(counts)
+    ]
 
 
 def tag(sample, rng):
@@ -96,8 +105,7 @@ def test_every_sample_once_when_counts_divide(tmp_path):
     for epoch in range(2):
         seen = Counter()
         for r in range(2):
-            ds = stream(urls, counts, batch_size=3, rank=r, world_size=2, streams=2,
-                        position=DataPosition(epoch, 0))
+            ds = stream(urls, counts, batch_size=3, rank=r, world_size=2, streams=2, position=DataPosition(epoch, 0))
             seen.update(epoch_keys(ds))
         assert set(seen.values()) == {1} and len(seen) == 24
 
@@ -133,10 +141,18 @@ def test_resume_continues_where_uninterrupted_run_is(tmp_path, consumed_steps):
     B = 2
     full = stream(urls, counts, batch_size=B, seed=3, streams=2, rank=1, world_size=2)
     epochs = [[(o["__key__"], float(o["r"])) for o in full] for _ in range(2)]
-    resumed = stream(urls, counts, batch_size=B, seed=3, streams=2, rank=1, world_size=2,
-                     position=DataPosition(0, consumed_steps * B))
+    resumed = stream(
+        urls,
+        counts,
+        batch_size=B,
+        seed=3,
+        streams=2,
+        rank=1,
+        world_size=2,
+        position=DataPosition(0, consumed_steps * B),
+    )
     rest = [(o["__key__"], float(o["r"])) for o in resumed]
-    assert rest == epochs[0][consumed_steps * B:]
+    assert rest == epochs[0][consumed_steps * B :]
     assert [(o["__key__"], float(o["r"])) for o in resumed] == epochs[1]
 
 
@@ -179,8 +195,18 @@ def test_dataloader_workers_match_single_process_and_resume(tmp_path):
 
 
 def write_manifest(root, urls, claimed) -> str:
-    stats = [{"shard": os.path.basename(u)[:-4], "samples": n, "inputs": n, "failed": {}, "few_boxes": 0, "boxes": 0,
-              "tar_bytes": 0} for u, n in zip(urls, claimed)]
+    stats = [
+        {
+            "shard": os.path.basename(u)[:-4],
+            "samples": n,
+            "inputs": n,
+            "failed": {},
+            "few_boxes": 0,
+            "boxes": 0,
+            "tar_bytes": 0,
+        }
+        for u, n in zip(urls, claimed)
+    ]
     path = os.path.join(root, schema.MANIFEST_NAME)
     with open(path, "wb") as f:
         f.write(schema.dumps(schema.make_manifest(config={}, versions={}, classes=None, stats=stats)))
@@ -268,7 +294,7 @@ def test_bad_shards_skipped_with_warning_and_counted(bad_set):
 
 
 def _chunks(items, n):
-    return [items[i:i + n] for i in range(0, len(items), n)]
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 @pytest.mark.parametrize("which", [0, 1, 2])
@@ -344,9 +370,15 @@ def test_too_few_samples_for_one_step(tmp_path):
 
 def test_collate_stacks_views_and_boxes():
     def sample(i):
-        return {"view1": torch.zeros(3, 8, 8, dtype=torch.uint8), "view2": torch.ones(3, 8, 8, dtype=torch.uint8),
-                "boxes1": torch.zeros(4, 4), "boxes2": torch.ones(4, 4), "fallback": i == 1, "__key__": f"k{i}",
-                "stats": {"samples_skipped": i, "shards_skipped": 0, "samples_borrowed": 1}}
+        return {
+            "view1": torch.zeros(3, 8, 8, dtype=torch.uint8),
+            "view2": torch.ones(3, 8, 8, dtype=torch.uint8),
+            "boxes1": torch.zeros(4, 4),
+            "boxes2": torch.ones(4, 4),
+            "fallback": i == 1,
+            "__key__": f"k{i}",
+            "stats": {"samples_skipped": i, "shards_skipped": 0, "samples_borrowed": 1},
+        }
 
     b = collate([sample(i) for i in range(3)])
     assert b["view1"].shape == (3, 3, 8, 8) and b["view1"].dtype == torch.uint8
@@ -360,16 +392,22 @@ def test_collate_stacks_views_and_boxes():
 
 
 @settings(max_examples=60, deadline=None)
-@given(counts=st.lists(st.integers(0, 30), min_size=1, max_size=8), world=st.integers(1, 4),
-       streams=st.integers(1, 3), batch=st.integers(1, 5), epoch=st.integers(0, 3))
+@given(
+    counts=st.lists(st.integers(0, 30), min_size=1, max_size=8),
+    world=st.integers(1, 4),
+    streams=st.integers(1, 3),
+    batch=st.integers(1, 5),
+    epoch=st.integers(0, 3),
+)
 def test_plan_ranges_are_disjoint_and_fill_every_quota(counts, world, streams, batch, epoch):
     if sum(counts) < world * batch:
         return
     urls = [f"/x/t-{j:06d}.tar" for j in range(len(counts))]
     used = {u: [] for u in urls}
     for r in range(world):
-        ds = ShardStream(urls, dict(zip(urls, counts)), None, batch_size=batch, rank=r, world_size=world,
-                         streams=streams)
+        ds = ShardStream(
+            urls, dict(zip(urls, counts)), None, batch_size=batch, rank=r, world_size=world, streams=streams
+        )
         for s, ranges in enumerate(ds.plan(epoch)):
             assert sum(b - a for _, a, b in ranges) == ds.quota(s)
             for u, a, b in ranges:

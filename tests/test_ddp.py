@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from test_train import TINY, make_train_shards
 
 WORLD = 2
@@ -28,8 +27,14 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, port: int, argv: list[str], result_dir: str) -> None:
     """One rank: torchrun's environment, then the trainer; writes what the parent compares."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     import torch
 
     torch.set_num_threads(1)
@@ -50,8 +55,10 @@ def _rank_main(rank: int, port: int, argv: list[str], result_dir: str) -> None:
     try:
         res = train(cfg, device)
         params = {n: p.detach().clone() for n, p in res["model"].named_parameters()}
-        torch.save({"params": params, "steps": res["steps"], "samples": res["counters"].samples},
-                   os.path.join(result_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"params": params, "steps": res["steps"], "samples": res["counters"].samples},
+            os.path.join(result_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.teardown()
 
@@ -105,8 +112,20 @@ def test_bad_shard_on_one_rank_stops_every_rank(tmp_path):
     tar = os.path.join(shards, "t-000001.tar")
     with open(tar, "r+b") as f:
         f.truncate(os.path.getsize(tar) // 3)
-    argv = [*TINY, "--batch-size", "8", "--data", shards, "--out", str(tmp_path / "out"), "--max-steps", "6",
-            "--on-bad-shard", "fail", "--expect-failure"]
+    argv = [
+        *TINY,
+        "--batch-size",
+        "8",
+        "--data",
+        shards,
+        "--out",
+        str(tmp_path / "out"),
+        "--max-steps",
+        "6",
+        "--on-bad-shard",
+        "fail",
+        "--expect-failure",
+    ]
     assert _launch(argv, str(tmp_path), timeout=180) == [0, 0]  # main() returned (code 1) on both ranks
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
     errors = [open(tmp_path / f"stderr{r}.txt").read() for r in range(WORLD)]

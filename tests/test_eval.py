@@ -16,12 +16,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from imagegen import jpeg_bytes, photo_path
-from shards import reader, schema
-from shards.writer import ShardWriter
 from test_cli import invoke
 from test_train import ENV, ROOT, TINY, run_train
+
+from shards import reader, schema
+from shards.writer import ShardWriter
 from train import eval as ev
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -42,7 +42,7 @@ def write_colour_tree(root: str, per_class: int = 12, seed: int = 0) -> str:
             img[:] = colour
             for _ in range(2):
                 (x0, y0), (w, h) = rng.integers(0, 32, 2), rng.integers(10, 16, 2)
-                img[y0:y0 + h, x0:x0 + w] = np.array(colour) * rng.uniform(0.3, 0.7)
+                img[y0 : y0 + h, x0 : x0 + w] = np.array(colour) * rng.uniform(0.3, 0.7)
             img += rng.normal(0, 4, img.shape)
             with open(os.path.join(folder, f"img{i:02d}.jpg"), "wb") as f:
                 f.write(jpeg_bytes(np.clip(img, 0, 255).astype(np.uint8)))
@@ -50,8 +50,23 @@ def write_colour_tree(root: str, per_class: int = 12, seed: int = 0) -> str:
 
 
 def prep_shards(kind: str, tree: str, out: str) -> str:
-    r = invoke(kind, tree, "--out", out, "--mode", "fast", "--workers", "1", "--min-side", "8", "--max-boxes", "5",
-               "--shard-size", "16", "--no-progress")
+    r = invoke(
+        kind,
+        tree,
+        "--out",
+        out,
+        "--mode",
+        "fast",
+        "--workers",
+        "1",
+        "--min-side",
+        "8",
+        "--max-boxes",
+        "5",
+        "--shard-size",
+        "16",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     return out
 
@@ -239,12 +254,27 @@ def _load_json(path) -> dict:
 
 def test_cli_random_init_matches_the_api_and_writes_json(labelled, tmp_path, capsys):
     out = tmp_path / "r.json"
-    code, stdout, err = _main(capsys, "--random-init", "--arch", "resnet18", "--data", labelled,
-                              "--val-fraction", "0.3", *SIZE, "--workers", "2", "--json", out)
+    code, stdout, err = _main(
+        capsys,
+        "--random-init",
+        "--arch",
+        "resnet18",
+        "--data",
+        labelled,
+        "--val-fraction",
+        "0.3",
+        *SIZE,
+        "--workers",
+        "2",
+        "--json",
+        out,
+    )
     assert code == 0, err
     r = _load_json(out)
-    assert stdout == (f"knn_top1 1.000 linear_top1 1.000 | resnet18 random-init seed 0 | train {r['n_train']} "
-                      f"val {r['n_val']} | 4 classes\n")
+    assert stdout == (
+        f"knn_top1 1.000 linear_top1 1.000 | resnet18 random-init seed 0 | train {r['n_train']} "
+        f"val {r['n_val']} | 4 classes\n"
+    )
     assert r["n_train"] + r["n_val"] == 48 and r["n_classes"] == 4
     assert r["model"] == {"source": "random-init", "arch": "resnet18", "seed": 0}
     s = r["settings"]
@@ -262,8 +292,23 @@ def test_cli_random_init_matches_the_api_and_writes_json(labelled, tmp_path, cap
 
     # --json -: JSON alone on stdout, the line on stderr; --no-linear drops the probe. Val = train with k = 1:
     # every sample's nearest neighbour is itself
-    code, stdout, err = _main(capsys, "--random-init", "--arch", "resnet18", "--train-data", labelled, "--val-data",
-                              labelled, *SIZE, "--workers", "0", "--no-linear", "--k", "1", "--json")
+    code, stdout, err = _main(
+        capsys,
+        "--random-init",
+        "--arch",
+        "resnet18",
+        "--train-data",
+        labelled,
+        "--val-data",
+        labelled,
+        *SIZE,
+        "--workers",
+        "0",
+        "--no-linear",
+        "--k",
+        "1",
+        "--json",
+    )
     r = json.loads(stdout)
     assert code == 0 and "linear_top1" not in r and r["knn_top1"] == 1.0 and r["n_train"] == r["n_val"] == 48
     assert r["settings"]["k"] == 1 and not r["settings"]["linear"]
@@ -277,8 +322,13 @@ def test_cli_checkpoint_export_and_encoders_agree(tiny_run, labelled, tmp_path, 
     code, stdout, err = _main(capsys, tiny_run, *args)
     assert code == 0, err
     online = json.loads(stdout)
-    assert online["model"] == {"source": "checkpoint", "path": tiny_run, "step": 2, "arch": "resnet18",
-                               "encoder": "online"}
+    assert online["model"] == {
+        "source": "checkpoint",
+        "path": tiny_run,
+        "step": 2,
+        "arch": "resnet18",
+        "encoder": "online",
+    }
     assert f"resnet18 {tiny_run} step 2 online" in err
     code, stdout, err = _main(capsys, "--checkpoint", tiny_run, "--encoder", "target", "--arch", "resnet18", *args)
     assert code == 0 and json.loads(stdout)["model"]["encoder"] == "target"
@@ -307,8 +357,23 @@ def test_cli_boxes_give_one_item_per_box(labelled, capsys):
     boxes = [len(reader.decode(s)["meta"]["boxes"]) for u in reader.expand_spec(labelled) for s in reader.read_shard(u)]
     assert sum(boxes) > 48 and min(boxes) >= 1
     for extra, expected in (([], sum(boxes)), (["--max-boxes", "2"], sum(min(2, b) for b in boxes))):
-        code, stdout, err = _main(capsys, "--random-init", "--arch", "resnet18", "--data", labelled,
-                                  "--val-fraction", "0.3", *SIZE, "--workers", "0", "--boxes", *extra, "--json", "-")
+        code, stdout, err = _main(
+            capsys,
+            "--random-init",
+            "--arch",
+            "resnet18",
+            "--data",
+            labelled,
+            "--val-fraction",
+            "0.3",
+            *SIZE,
+            "--workers",
+            "0",
+            "--boxes",
+            *extra,
+            "--json",
+            "-",
+        )
         r = json.loads(stdout)
         assert code == 0 and r["n_train"] + r["n_val"] == expected, (extra, r)
         assert r["settings"]["boxes"] and r["knn_top1"] > 0.75 and "box crops" in err  # chance: 0.25
@@ -320,9 +385,28 @@ def test_cli_boxes_give_one_item_per_box(labelled, capsys):
 def test_unlabelled_shards_are_refused_naming_the_shard(tree, tmp_path):
     # through the real entry point and a DataLoader worker: a clean message, no traceback
     unlabelled = prep_shards("folder", tree, str(tmp_path / "folder"))
-    proc = subprocess.run([sys.executable, "-m", "train.eval", "--random-init", "--arch", "resnet18", "--data",
-                           unlabelled, "--val-fraction", "0.3", *SIZE, "--workers", "1"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.eval",
+            "--random-init",
+            "--arch",
+            "resnet18",
+            "--data",
+            unlabelled,
+            "--val-fraction",
+            "0.3",
+            *SIZE,
+            "--workers",
+            "1",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("python -m train.eval: error: ") and "Traceback" not in proc.stderr
     assert os.path.join(unlabelled, "folder-000000.tar") in proc.stderr and "label null" in proc.stderr
@@ -368,8 +452,10 @@ def test_usage_errors_and_help(capsys):
         (["--random-init", "--data", "d", "--val-fraction", "0.5"], "--random-init needs --arch"),
         (["--random-init", "--arch", "resnet18", "--data", "d"], "--data needs --val-fraction"),
         (["--random-init", "--arch", "resnet18", "--train-data", "d"], "give --train-data and --val-data"),
-        (["--random-init", "--arch", "resnet18", "--encoder", "target", "--data", "d", "--val-fraction", "0.5"],
-         "--encoder picks a branch of a checkpoint"),
+        (
+            ["--random-init", "--arch", "resnet18", "--encoder", "target", "--data", "d", "--val-fraction", "0.5"],
+            "--encoder picks a branch of a checkpoint",
+        ),
     ):
         with pytest.raises(SystemExit) as e:
             ev.main(argv)
@@ -377,6 +463,14 @@ def test_usage_errors_and_help(capsys):
     with pytest.raises(SystemExit):
         ev.main(["--help"])
     out = capsys.readouterr().out
-    for text in ("usage: python -m train.eval", "N x C float32", "--val-fraction F", "--boxes", "--max-boxes N",
-                 "--no-linear", "--json [FILE]", "--encoder {online,target}"):
+    for text in (
+        "usage: python -m train.eval",
+        "N x C float32",
+        "--val-fraction F",
+        "--boxes",
+        "--max-boxes N",
+        "--no-linear",
+        "--json [FILE]",
+        "--encoder {online,target}",
+    ):
         assert text in out, text

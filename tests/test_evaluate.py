@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
 from imagegen import jpeg_bytes, textured_image
+
 from prep import evaluate
 from prep import run as prep_run
 from prep.cli import prep
@@ -38,7 +38,7 @@ def test_best_overlaps_equal_a_loop():
     gt = np.concatenate([gxy, gxy + 1 + rng.random((25, 2)) * 40], 1)
     got = evaluate.best_overlaps(gt, gt_image, props, prop_start, tops=(1, 4, None))
     for g in range(25):
-        mine = props[prop_start[gt_image[g]]: prop_start[gt_image[g] + 1]]
+        mine = props[prop_start[gt_image[g]] : prop_start[gt_image[g] + 1]]
         for i, k in enumerate((1, 4, None)):
             want = max([float(evaluate.iou(gt[g], p)) for p in mine[:k]], default=0.0)
             assert got[i, g] == pytest.approx(want, abs=1e-12)
@@ -46,11 +46,13 @@ def test_best_overlaps_equal_a_loop():
 
 def hand_output(tmp_path):
     """An output and annotations whose recall is known (see the comments), stored images half the source size."""
-    images = [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
-              {"id": 2, "file_name": "b.jpg", "width": 100, "height": 100},
-              {"id": 3, "file_name": "c.jpg", "width": 300, "height": 300},
-              {"id": 4, "file_name": "d.jpg", "width": 100, "height": 100},
-              {"id": 5, "file_name": "e.jpg", "width": 100, "height": 100}]
+    images = [
+        {"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
+        {"id": 2, "file_name": "b.jpg", "width": 100, "height": 100},
+        {"id": 3, "file_name": "c.jpg", "width": 300, "height": 300},
+        {"id": 4, "file_name": "d.jpg", "width": 100, "height": 100},
+        {"id": 5, "file_name": "e.jpg", "width": 100, "height": 100},
+    ]
     anns = [
         {"image_id": 1, "bbox": [0, 0, 100, 50], "area": 5000, "category_id": 1, "iscrowd": 0},  # A medium
         {"image_id": 1, "bbox": [100, 50, 20, 20], "area": 400, "category_id": 2, "iscrowd": 0},  # B small
@@ -65,16 +67,55 @@ def hand_output(tmp_path):
     filler = [[0, 0, 10, 10]] * 4
     rows = [
         # a.jpg stored at half size: A (scaled [0, 0, 50, 25]) is the first box, B ([50, 25, 60, 35]) the sixth
-        schema.make_row("a", "a.jpg", width=100, height=50, orig_width=200, orig_height=100, image_id=1,
-                        kept_boxes=6, boxes=[[0, 0, 50, 25], *filler, [50, 25, 60, 35]], ss_seconds=2.0),
+        schema.make_row(
+            "a",
+            "a.jpg",
+            width=100,
+            height=50,
+            orig_width=200,
+            orig_height=100,
+            image_id=1,
+            kept_boxes=6,
+            boxes=[[0, 0, 50, 25], *filler, [50, 25, 60, 35]],
+            ss_seconds=2.0,
+        ),
         schema.make_row("b", "b.jpg", "corrupt", error="truncated", image_id=2),
         # c.jpg: no image id (a folder run), matched by path; E covered by half: IoU 0.5
-        schema.make_row("c", "c.jpg", width=300, height=300, orig_width=300, orig_height=300, kept_boxes=1,
-                        boxes=[[0, 0, 150, 150]], ss_seconds=4.0),
-        schema.make_row("d", "d.jpg", width=50, height=50, orig_width=50, orig_height=50, image_id=4, kept_boxes=1,
-                        boxes=[[0, 0, 5, 5]], ss_seconds=1.0),  # decoded at 50x50, annotated at 100x100
-        schema.make_row("x", "x.jpg", width=50, height=50, orig_width=50, orig_height=50, image_id=99, kept_boxes=1,
-                        boxes=[[0, 0, 5, 5]], ss_seconds=1.0),  # not annotated
+        schema.make_row(
+            "c",
+            "c.jpg",
+            width=300,
+            height=300,
+            orig_width=300,
+            orig_height=300,
+            kept_boxes=1,
+            boxes=[[0, 0, 150, 150]],
+            ss_seconds=4.0,
+        ),
+        schema.make_row(
+            "d",
+            "d.jpg",
+            width=50,
+            height=50,
+            orig_width=50,
+            orig_height=50,
+            image_id=4,
+            kept_boxes=1,
+            boxes=[[0, 0, 5, 5]],
+            ss_seconds=1.0,
+        ),  # decoded at 50x50, annotated at 100x100
+        schema.make_row(
+            "x",
+            "x.jpg",
+            width=50,
+            height=50,
+            orig_width=50,
+            orig_height=50,
+            image_id=99,
+            kept_boxes=1,
+            boxes=[[0, 0, 5, 5]],
+            ss_seconds=1.0,
+        ),  # not annotated
     ]
     out = tmp_path / "out"
     out.mkdir()
@@ -86,10 +127,21 @@ def hand_output(tmp_path):
 def test_recall_and_mabo_on_hand_made_boxes(tmp_path):
     out, ann = hand_output(tmp_path)
     r = evaluate.evaluate(out, evaluate.load_annotations(ann))
-    assert r["images"] == {"rows": 5, "evaluated": 2, "failed_annotated": 1, "not_annotated": 1, "size_mismatch": 1,
-                           "annotated_absent": 1}
-    assert r["annotations"] == {"objects": 4, "crowd_ignored": 1, "objects_small": 1, "objects_medium": 2,
-                                "objects_large": 1}
+    assert r["images"] == {
+        "rows": 5,
+        "evaluated": 2,
+        "failed_annotated": 1,
+        "not_annotated": 1,
+        "size_mismatch": 1,
+        "annotated_absent": 1,
+    }
+    assert r["annotations"] == {
+        "objects": 4,
+        "crowd_ignored": 1,
+        "objects_small": 1,
+        "objects_medium": 2,
+        "objects_large": 1,
+    }
     # objects A (medium), B (small), D (medium, its row failed), E (large, best IoU 0.5)
     assert r["recall"]["0.5"] == {
         "4": {"all": 0.5, "small": 0.0, "medium": 0.5, "large": 1.0},
@@ -117,8 +169,11 @@ def test_bad_annotation_files(tmp_path):
     bad.write_text("{")
     with pytest.raises(evaluate.AnnotationError, match="bad.json: not JSON"):
         evaluate.load_annotations(str(bad))
-    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
-                               "annotations": [{"image_id": 7, "bbox": [0, 0, 1, 1]}]}))
+    bad.write_text(
+        json.dumps(
+            {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 7, "bbox": [0, 0, 1, 1]}]}
+        )
+    )
     with pytest.raises(evaluate.AnnotationError, match="1 annotations refer to images not listed"):
         evaluate.load_annotations(str(bad))
     out, ann = hand_output(tmp_path)
@@ -142,8 +197,9 @@ def test_ground_truth_follows_a_downscaled_stored_image(tmp_path):
     gt = evaluate.load_annotations(str(ann))
     for max_side in (None, 64):
         out = str(tmp_path / f"out{max_side}")
-        cfg = PrepConfig(kind="coco", root=str(root), annotations=str(ann), ss_max_side=64, min_side=8,
-                         max_side=max_side)
+        cfg = PrepConfig(
+            kind="coco", root=str(root), annotations=str(ann), ss_max_side=64, min_side=8, max_side=max_side
+        )
         prep_run.run(cfg, out, workers=1, progress=False)
         r = evaluate.evaluate(out, gt)
         rows = pq.read_table(f"{out}/coco-000000.parquet").to_pylist()

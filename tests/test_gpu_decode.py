@@ -14,8 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_views import COLOURS, NO_COLOUR, check_box_position, colour_under, make_sample, random_boxes, \
-    rectangles_image
+from tests.test_views import (
+    COLOURS,
+    NO_COLOUR,
+    check_box_position,
+    colour_under,
+    make_sample,
+    random_boxes,
+    rectangles_image,
+)
 from train import gpu_decode, views
 from train.data import collate, unpack
 from train.gpu_decode import decode_batch, decode_views
@@ -43,8 +50,9 @@ def photo_sample():
     from tests.imagegen import photo_path
 
     img = Image.open(photo_path("astronaut.jpg")).convert("RGB")
-    return make_sample(np.asarray(img), random_boxes(img.width, img.height, 30, np.random.default_rng(0), 0.4),
-                       key="astro")
+    return make_sample(
+        np.asarray(img), random_boxes(img.width, img.height, 30, np.random.default_rng(0), 0.4), key="astro"
+    )
 
 
 def test_transform_output(photo_sample):
@@ -100,8 +108,16 @@ def test_coloured_rectangles_stay_under_their_boxes():
 
 def test_collate_packs_variable_length_bytes():
     lengths = (5, 9, 1)
-    samples = [{"jpeg": torch.arange(n, dtype=torch.uint8) + i, "crop1": torch.zeros(4), "flip1": i == 1,
-                "__key__": f"k{i}", "stats": {"samples_skipped": 0}} for i, n in enumerate(lengths)]
+    samples = [
+        {
+            "jpeg": torch.arange(n, dtype=torch.uint8) + i,
+            "crop1": torch.zeros(4),
+            "flip1": i == 1,
+            "__key__": f"k{i}",
+            "stats": {"samples_skipped": 0},
+        }
+        for i, n in enumerate(lengths)
+    ]
     b = collate(samples)
     assert b["jpeg"].shape == (sum(lengths),) and b["jpeg_sizes"].tolist() == list(lengths)
     parts = unpack(b["jpeg"], b["jpeg_sizes"])
@@ -135,8 +151,9 @@ def test_errors(photo_sample):
     with pytest.raises(ValueError, match="astro.*metadata says 999x"):
         UniVIPTransform(ViewConfig(gpu_decode=True))(bad, np.random.default_rng(0))
     with pytest.raises(ValueError, match="astro: cannot open"):
-        UniVIPTransform(ViewConfig(gpu_decode=True))({"jpg": b"not a jpeg", "meta": photo_sample["meta"]},
-                                                     np.random.default_rng(0))
+        UniVIPTransform(ViewConfig(gpu_decode=True))(
+            {"jpg": b"not a jpeg", "meta": photo_sample["meta"]}, np.random.default_rng(0)
+        )
     jpeg = [torch.frombuffer(bytearray(photo_sample["jpg"]), dtype=torch.uint8)]
     w, h = photo_sample["meta"]["width"], photo_sample["meta"]["height"]
     inside, outside = torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[0.0, 0, w + 1, 10]])

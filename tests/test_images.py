@@ -7,6 +7,7 @@ import io
 import os
 import warnings
 
+import imagegen  # pytest (prepend import mode) puts tests/ on sys.path; the other test modules import it so too
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
@@ -15,7 +16,6 @@ from prep.config import PrepConfig
 from prep.images import ImageError, LoadedImage, load_image
 from prep.proposals import propose
 from shards import schema
-import imagegen  # pytest (prepend import mode) puts tests/ on sys.path; the other test modules import it so too
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_bomb_refused_from_header_without_decoding(tmp_path):
         with pytest.raises(ImageError) as e:
             load_image(str(path))
     assert e.value.reason == "too_large" and "900000000" in str(e.value)
-    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before  # globals restored
+    assert before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)  # globals restored
     # the limit is ours: a small image over a small limit is refused too, and passes under a larger one
     photo = imagegen.photo_path("coffee.jpg")
     with pytest.raises(ImageError, match="too_large|exceeds"):

@@ -11,11 +11,10 @@ import tarfile
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from imagegen import damage_jpeg_in_tar, jpeg_bytes, textured_image
 from PIL import Image
 
-from click.testing import CliRunner
-
-from imagegen import damage_jpeg_in_tar, jpeg_bytes, textured_image
 from prep import inspect
 from prep import run as prep_run
 from prep.cli import prep
@@ -114,8 +113,10 @@ def test_boxes_outside_image_and_undecodable_image(copy):
 def test_damaged_but_decodable_image_is_caught_by_its_hash(copy):
     key = damage_jpeg_in_tar(os.path.join(copy, "folder-000001.tar")).split(".")[0]
     problems = problems_of(copy)
-    assert problems == [f"folder-000001: {key}.jpg: SHA-256 of the stored bytes differs from {key}.json (the image "
-                        "was damaged after it was written)"]
+    assert problems == [
+        f"folder-000001: {key}.jpg: SHA-256 of the stored bytes differs from {key}.json (the image "
+        "was damaged after it was written)"
+    ]
     assert inspect.verify(copy, echo=lambda line: None, quick=True)[0] == []  # --quick does not hash
     r = CliRunner().invoke(prep, ["verify", copy])
     assert r.exit_code == 1 and f"folder-000001: {key}.jpg: SHA-256" in r.output
@@ -150,12 +151,17 @@ def downgrade_to_version_1(out: str) -> None:
     for name in inspect.shard_names(out):
         base = os.path.join(out, name)
         rewrite_tar(base + schema.TAR_SUFFIX, v1_member)
-        pq.write_table(pq.read_table(base + schema.PARQUET_SUFFIX).drop_columns(list(schema.ADDED_COLUMNS[2])),
-                       base + schema.PARQUET_SUFFIX)
+        pq.write_table(
+            pq.read_table(base + schema.PARQUET_SUFFIX).drop_columns(list(schema.ADDED_COLUMNS[2])),
+            base + schema.PARQUET_SUFFIX,
+        )
         st = json.loads(open(base + schema.STATS_SUFFIX).read())
         del st["fallback_images"]
-        st.update(format_version=1, tar_bytes=os.path.getsize(base + schema.TAR_SUFFIX),
-                  parquet_bytes=os.path.getsize(base + schema.PARQUET_SUFFIX))
+        st.update(
+            format_version=1,
+            tar_bytes=os.path.getsize(base + schema.TAR_SUFFIX),
+            parquet_bytes=os.path.getsize(base + schema.PARQUET_SUFFIX),
+        )
         open(base + schema.STATS_SUFFIX, "w").write(json.dumps(st))
     path = os.path.join(out, schema.MANIFEST_NAME)
     manifest = json.loads(open(path).read())
@@ -246,8 +252,10 @@ def test_stats_over_http_reads_no_tar(output, copy, http_server):
     server = http_server(copy)
     summary = inspect.stats(server.url)
     assert summary["accounting"] == {"planned_inputs": 7, "rows": 6, "ok": 6, "failed": 0, "adds_up": False}
-    assert summary["count_problems"] == ["folder-000002: has a stats file but no parquet rows",
-                                         "folder-000001: parquet rows but no stats file (shard not done)"]
+    assert summary["count_problems"] == [
+        "folder-000002: has a stats file but no parquet rows",
+        "folder-000001: parquet rows but no stats file (shard not done)",
+    ]
     assert not any(p.endswith(schema.TAR_SUFFIX) for _, p, _ in server.log)
     os.remove(os.path.join(copy, schema.RUN_CONFIG_NAME))
     with pytest.raises(inspect.InspectError, match="neither manifest.json nor prep_config.json"):

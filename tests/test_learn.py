@@ -13,9 +13,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_learning_benchmark(tmp_path):
     work = tmp_path / "learn"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learn.py"), "--quick", "--work", str(work),
-                        "--workers", "2", "--json", str(tmp_path / "copy.json")], capture_output=True, text=True,
-                       timeout=1200, env=dict(os.environ, PYTHONPATH=ROOT))
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "learn.py"),
+            "--quick",
+            "--work",
+            str(work),
+            "--workers",
+            "2",
+            "--json",
+            str(tmp_path / "copy.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(work / "results.json") as f:
         res = json.load(f)

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # ---- naive references: plain Python loops over batch, m, n, in float64 ----------------------------------------
 
+
 def naive_cos(a, b):
     dot = sum(float(x) * float(y) for x, y in zip(a, b))
     na = math.sqrt(sum(float(x) ** 2 for x in a))
@@ -43,6 +44,7 @@ def naive_sinkhorn(cost, a, b, eps, iters):
 
 def naive_masses(o, t, f_o, f_t):
     """row_m ∝ max(ô_m · mean(f̂_t), 0), col_n ∝ max(t̂_n · mean(f̂_o), 0); uniform if all zero."""
+
     def unit(x):
         n = math.sqrt(sum(float(e) ** 2 for e in x))
         return [float(e) / n for e in x]
@@ -102,6 +104,7 @@ def _ot_inputs(b=3, k=4, d=8, seed=0):
 
 # ---- byol_loss ---------------------------------------------------------------------------------------------------
 
+
 def test_byol_matches_loop():
     p, z = _rand(5, 7, seed=1), _rand(5, 7, seed=2)
     assert abs(byol_loss(p, z).item() - naive_byol(p.tolist(), z.tolist())) < TOL
@@ -122,6 +125,7 @@ def test_byol_no_grad_into_target():
 
 
 # ---- sinkhorn ----------------------------------------------------------------------------------------------------
+
 
 def _masses(b, n, seed):
     w = torch.rand(b, n, generator=torch.Generator().manual_seed(seed)) + 0.1
@@ -194,6 +198,7 @@ def test_sinkhorn_no_grad_and_float32_under_autocast():
 
 
 # ---- instance_ot_loss ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("eps,iters", [(0.5, 10), (0.1, 50)])
 def test_instance_ot_matches_loop(eps, iters):
@@ -291,6 +296,7 @@ def test_instance_ot_under_bf16_autocast():
 
 
 # ---- scene_instance_loss -------------------------------------------------------------------------------------------
+
 
 def test_scene_instance_matches_loop():
     torch.manual_seed(0)

@@ -43,8 +43,9 @@ def test_shapes_and_finite_losses(mode):
     out = model(v1, v2, b1, b2)
     assert set(out) == {"scene", "scene_instance", "instance", "total", "z_std"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in out.values())
-    assert out["total"].item() == pytest.approx(sum(out[k].item() for k in ("scene", "scene_instance", "instance")),
-                                                abs=1e-5)
+    assert out["total"].item() == pytest.approx(
+        sum(out[k].item() for k in ("scene", "scene_instance", "instance")), abs=1e-5
+    )
 
 
 def test_encoder_dims_and_mlp():
@@ -225,7 +226,7 @@ def test_collapse_signal():
 
     d = 256
     spread = embedding_std(torch.randn(4096, d))
-    assert spread.item() == pytest.approx(1 / d ** 0.5, rel=0.05)
+    assert spread.item() == pytest.approx(1 / d**0.5, rel=0.05)
     assert embedding_std(torch.randn(1, d).expand(64, d) + 1e-7 * torch.randn(64, d)).item() < 1e-5
     # a network whose projector outputs a constant (collapsed): the signal its forward reports is ~0
     model = make(seed=11)
@@ -233,4 +234,4 @@ def test_collapse_signal():
         model.online.projector[-1].weight.zero_()
         model.online.projector[-1].bias.normal_()
     assert model(*batch(9))["z_std"].item() < 1e-6
-    assert make(seed=11)(*batch(9))["z_std"].item() > 0.1 / 16 ** 0.5  # D = 16 in these tiny models
+    assert make(seed=11)(*batch(9))["z_std"].item() > 0.1 / 16**0.5  # D = 16 in these tiny models

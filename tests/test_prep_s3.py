@@ -13,8 +13,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
 from imagegen import jpeg_bytes, textured_image
+
 from prep.cli import prep
 from shards import schema, storage
 from tests.servers import moto_server, s3_server  # noqa: F401  (fixtures)
@@ -74,13 +74,33 @@ def test_s3_output_equals_local_and_inspect_commands_read_it(s3_server, images, 
     # the endpoint only on the command line: the forkserver workers of `--workers 2` must get it from the driver
     env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
     env["PYTHONPATH"] = REPO
-    r = subprocess.run([sys.executable, "-m", "prep", "folder", images, "--out", url, "--workers", "2", *FAST,
-                        "--s3-endpoint", s3_server], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prep",
+            "folder",
+            images,
+            "--out",
+            url,
+            "--workers",
+            "2",
+            *FAST,
+            "--s3-endpoint",
+            s3_server,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "3 shards written, 0 already done" in r.stderr and "manifest written: 5 inputs" in r.stderr
 
     assert keys(s3_server, "run") == {schema.RUN_CONFIG_NAME, schema.MANIFEST_NAME} | {
-        n + s for n in SHARDS for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
+        n + s for n in SHARDS for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)
+    }
     assert_same_shards(s3_server, "run", local_run)
     assert get(s3_server, f"run/{schema.MANIFEST_NAME}") == local_bytes(local_run, schema.MANIFEST_NAME)
     stage = storage.staging_dir(url)
@@ -117,7 +137,8 @@ def test_the_same_url_with_or_without_the_slash(s3_server, images, local_run):
     r = invoke("folder", images, "--out", url + "/", "--workers", "1", *FAST)
     assert r.exit_code == 0, r.output
     assert keys(s3_server, "run") == {schema.RUN_CONFIG_NAME, schema.MANIFEST_NAME} | {
-        n + s for n in SHARDS for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
+        n + s for n in SHARDS for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)
+    }
     assert_same_shards(s3_server, "run", local_run)
     r = invoke("folder", images, "--out", url, "--workers", "1", *FAST)  # the same output: nothing to do
     assert r.exit_code == 0 and "0 shards written, 3 already done" in r.output, r.output
@@ -222,7 +243,9 @@ def test_stats_reads_parquet_and_stats_objects_only(s3_server, local_run):
     # the output without its tars: stats needs none of them
     for name in os.listdir(local_run):
         if not name.endswith(schema.TAR_SUFFIX):
-            s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"meta/{name}", Body=local_bytes(local_run, name))
+            s3_server.client().put_object(
+                Bucket=s3_server.bucket, Key=f"meta/{name}", Body=local_bytes(local_run, name)
+            )
     r = invoke("stats", s3_server.url("meta"), "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output) == json.loads(invoke("stats", local_run, "--json").output)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import cv2
+import imagegen  # pytest (prepend import mode) puts tests/ on sys.path; the other test modules import it so too
 import numpy as np
 import pytest
 
@@ -24,7 +25,6 @@ from prep.proposals import (
     selective_search,
     tiered_filter,
 )
-import imagegen  # pytest (prepend import mode) puts tests/ on sys.path; the other test modules import it so too
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SS_SIDE = 128  # small, so selective search takes tens of milliseconds
@@ -107,7 +107,11 @@ def test_seeded_selective_search_repeats_across_processes(photo):
         env = dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED=hash_seed)
         res = subprocess.run(
             [sys.executable, "-c", _CHILD, imagegen.photo_path("coffee.jpg")],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout) == want
@@ -347,7 +351,7 @@ def test_propose_fills_from_the_fallback_tier(photo):
     assert len(first) < 6 and p.fallback is not None and p.fallback > 0
     np.testing.assert_array_equal(p.boxes[: len(first)], first)
     assert len(p.boxes) == len(first) + p.fallback
-    assert (np.minimum(p.boxes[:, 2] - p.boxes[:, 0], p.boxes[:, 3] - p.boxes[:, 1])[len(first):] < 150).all()
+    assert (np.minimum(p.boxes[:, 2] - p.boxes[:, 0], p.boxes[:, 3] - p.boxes[:, 1])[len(first) :] < 150).all()
     one_tier = PrepConfig(kind="folder", root=".", ss_max_side=SS_SIDE, min_side=150, fallback_min_side=None)
     q = propose(photo, "coffee", one_tier)
     assert q.fallback is None
@@ -359,8 +363,10 @@ def test_config_tiers():
     assert (d.min_side, d.fallback_min_side, d.min_boxes) == (96, 64, 4)  # the papers'
     # a fallback that cannot add a box is no fallback: one spelling, one fingerprint
     assert PrepConfig(kind="folder", root=".", min_side=64).fallback_min_side is None
-    assert PrepConfig(kind="folder", root=".", min_side=64).fingerprint() == \
-        PrepConfig(kind="folder", root=".", min_side=64, fallback_min_side=None).fingerprint()
+    assert (
+        PrepConfig(kind="folder", root=".", min_side=64).fingerprint()
+        == PrepConfig(kind="folder", root=".", min_side=64, fallback_min_side=None).fingerprint()
+    )
     assert d.fingerprint() != PrepConfig(kind="folder", root=".", fallback_min_side=None).fingerprint()
     assert d.fingerprint() != PrepConfig(kind="folder", root=".", fallback_min_side=48).fingerprint()
     assert d.to_dict()["fallback_min_side"] == 64
@@ -381,7 +387,13 @@ def test_import_loads_no_torch():
         "import sys, prep.images, prep.proposals; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
     )
-    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"

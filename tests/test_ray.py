@@ -19,12 +19,12 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from test_run import assert_same_output, parquet_rows, shard_files, small_cfg, write_images
 
 from prep import executors, ray_executor
 from prep import run as prep_run
 from prep.cli import prep
 from shards import schema
-from test_run import assert_same_output, parquet_rows, shard_files, small_cfg, write_images
 from tests.servers import moto_server, s3_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow  # the cluster start alone takes ~10 s
@@ -41,9 +41,14 @@ def cluster():
     RAY_AUTH_MODE is left unset: Ray reads it once per process, and sets it to token itself for a new cluster."""
     # every Ray process inherits this environment: a fake AWS identity for moto (as each node of a real cluster has its
     # own credentials), but no S3 endpoint (that must reach the workers from `--s3-endpoint`)
-    fake_aws = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                    AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-                    AWS_EC2_METADATA_DISABLED="true")
+    fake_aws = dict(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     unset = ("RAY_ADDRESS", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", *unset, *fake_aws)}
     os.environ.update(RAY_AUTH_TOKEN=secrets.token_hex(32), **fake_aws)
@@ -59,8 +64,12 @@ def cluster():
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         # Ray's processes and what they started (workers, their forkservers and shard processes)
-        procs = {p for pid in pids if psutil.pid_exists(pid)
-                 for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
+        procs = {
+            p
+            for pid in pids
+            if psutil.pid_exists(pid)
+            for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        }
         ray.shutdown()
         for k, v in saved.items():
             if v is None:
@@ -80,13 +89,20 @@ def ray_pids() -> list[int]:
 
 def listening(pids) -> list[tuple[str, str, int]]:
     """(process name, address, port) of every listening TCP/UDP socket of ``pids`` and of all their descendants."""
-    procs = {p for pid in pids if psutil.pid_exists(pid)
-             for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
+    procs = {
+        p
+        for pid in pids
+        if psutil.pid_exists(pid)
+        for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    }
     found = []
     for p in procs:
         try:
-            found += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)]
+            found += [
+                (p.name(), c.laddr.ip, c.laddr.port)
+                for c in p.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)
+            ]
         except psutil.NoSuchProcess:  # a worker that exited meanwhile listens on nothing
             pass
     return sorted(found)
@@ -124,8 +140,14 @@ def test_local_instances_listen_on_loopback_only(cluster):
     # this module's instance, started as prep starts its own (and this driver's own servers)
     assert_loopback(listening([*ray_pids(), os.getpid()]))
     # prep's own instance, in a driver that was given no address (RAY_ADDRESS is unset for this module)
-    r = subprocess.run([sys.executable, "-c", LOCAL_INSTANCE], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", LOCAL_INSTANCE],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert_loopback([tuple(f) for f in json.loads(r.stdout.strip().splitlines()[-1])])
 
@@ -204,7 +226,8 @@ def test_final_failures_are_named_and_the_other_shards_written(cluster, images, 
     # a deterministic error is not retried: one attempt, reported with the remote traceback
     with pytest.raises(executors.TasksFailed) as e:
         ray_executor.run_tasks(
-            tasks, lambda t, tick: flaky(out, cfg, str(marks), ("value", 99), "folder-000001", t, tick),
+            tasks,
+            lambda t, tick: flaky(out, cfg, str(marks), ("value", 99), "folder-000001", t, tick),
             progress=False,
         )
     assert [n for n, _ in e.value.failures] == ["folder-000001"]
@@ -215,8 +238,10 @@ def test_final_failures_are_named_and_the_other_shards_written(cluster, images, 
     # a process that dies on every attempt: max_retries retries, then a failure naming the shard
     with pytest.raises(executors.TasksFailed) as e:
         ray_executor.run_tasks(
-            tasks[3:], lambda t, tick: flaky(out, cfg, str(marks), ("die", 99), "folder-000003", t, tick),
-            progress=False, max_retries=1,
+            tasks[3:],
+            lambda t, tick: flaky(out, cfg, str(marks), ("die", 99), "folder-000003", t, tick),
+            progress=False,
+            max_retries=1,
         )
     assert [n for n, _ in e.value.failures] == ["folder-000003"]
     assert "ShardProcessDied: process" in e.value.failures[0][1]
@@ -226,8 +251,10 @@ def test_final_failures_are_named_and_the_other_shards_written(cluster, images, 
 
 # `prep` as a second driver, from a checkout that is not installed (as on a cluster that does not have prep): the
 # prep and shards packages must travel with the job
-NOT_INSTALLED = ("import sys; from prep import ray_executor; ray_executor._installed = lambda: False; "
-                 "from prep.cli import main; main(sys.argv[1:])")
+NOT_INSTALLED = (
+    "import sys; from prep import ray_executor; ray_executor._installed = lambda: False; "
+    "from prep.cli import main; main(sys.argv[1:])"
+)
 
 
 def test_cli_joins_the_cluster_at_ray_address(cluster, images, reference, tmp_path, monkeypatch):
@@ -240,10 +267,25 @@ def test_cli_joins_the_cluster_at_ray_address(cluster, images, reference, tmp_pa
     # A second driver on this machine joins the loopback-only instance in Ray's single-machine mode; otherwise Ray
     # takes the machine's routable address for itself and for 127.0.0.1, where nothing of the instance listens.
     env = dict(os.environ, PYTHONPATH=REPO, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    args = ["folder", images, "--out", "cli", "--executor", "ray", "--ray-address", cluster,
-            "--ss-max-side", "96", "--min-side", "8", "--shard-size", "3"]  # a relative --out: workers run elsewhere
-    r = subprocess.run([sys.executable, "-c", NOT_INSTALLED, *args], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+    args = [
+        "folder",
+        images,
+        "--out",
+        "cli",
+        "--executor",
+        "ray",
+        "--ray-address",
+        cluster,
+        "--ss-max-side",
+        "96",
+        "--min-side",
+        "8",
+        "--shard-size",
+        "3",
+    ]  # a relative --out: workers run elsewhere
+    r = subprocess.run(
+        [sys.executable, "-c", NOT_INSTALLED, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "4 shards written" in r.stderr and "manifest written: 10 inputs" in r.stderr
     assert "10/10" in r.stderr and "shards 4/4" in r.stderr  # the same progress bar, counting images
@@ -252,17 +294,42 @@ def test_cli_joins_the_cluster_at_ray_address(cluster, images, reference, tmp_pa
     uploaded = os.listdir(os.path.join(session, "runtime_resources", "py_modules_files"))
     assert uploaded, "the packages were not uploaded with the job"
 
-    r = subprocess.run([sys.executable, "-m", "prep", *args[:4], "--ray-address", cluster], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "prep", *args[:4], "--ray-address", cluster],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--ray-address needs --executor ray" in r.stderr
 
 
-def test_s3_output_with_the_endpoint_only_on_the_command_line(cluster, s3_server, images, reference, tmp_path,
-                                                              monkeypatch):
+def test_s3_output_with_the_endpoint_only_on_the_command_line(
+    cluster, s3_server, images, reference, tmp_path, monkeypatch
+):
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the Ray workers never had it: only --s3-endpoint can tell them
     url = s3_server.url("ray")
-    r = CliRunner().invoke(prep, ["folder", images, "--out", url, "--executor", "ray", "--s3-endpoint", s3_server,
-                                  "--ss-max-side", "96", "--min-side", "8", "--shard-size", "3", "--no-progress"])
+    r = CliRunner().invoke(
+        prep,
+        [
+            "folder",
+            images,
+            "--out",
+            url,
+            "--executor",
+            "ray",
+            "--s3-endpoint",
+            s3_server,
+            "--ss-max-side",
+            "96",
+            "--min-side",
+            "8",
+            "--shard-size",
+            "3",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     client = s3_server.client()
     for key in [o["Key"] for o in client.list_objects_v2(Bucket=s3_server.bucket, Prefix="ray/")["Contents"]]:
@@ -276,6 +343,7 @@ def test_s3_output_with_the_endpoint_only_on_the_command_line(cluster, s3_server
 
 def test_prep_does_not_import_ray_unless_chosen():
     code = "import sys, prep.cli, prep.run, prep.executors, shards.writer; print('ray' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=REPO))
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO)
+    )
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -27,8 +27,9 @@ def out(tmp_path):
     for i in range(3):
         name = schema.shard_name("c", i)
         write_tiny_shard(tmp_path / f"{name}.tar", n=i + 1, prefix=f"s{i}_")
-        stats.append({"shard": name, "samples": i + 1, "inputs": i + 1, "failed": {}, "few_boxes": 0, "boxes": 0,
-                      "tar_bytes": 0})
+        stats.append(
+            {"shard": name, "samples": i + 1, "inputs": i + 1, "failed": {}, "few_boxes": 0, "boxes": 0, "tar_bytes": 0}
+        )
         (tmp_path / f"{name}.stats.json").write_bytes(schema.dumps(stats[-1]))
     manifest = schema.make_manifest(config={}, versions={}, classes=None, stats=stats)
     (tmp_path / "manifest.json").write_bytes(schema.dumps(manifest))
@@ -170,8 +171,11 @@ def _dir(name):
 
 def test_metadata_of_both_format_versions():
     boxes = np.array([[0, 0, 4, 4]])
-    v2 = json.loads(schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=boxes,
-                                       image_sha256=schema.image_sha256(b"jpeg")))
+    v2 = json.loads(
+        schema.encode_meta(
+            key="k", path="k.jpg", width=8, height=8, boxes=boxes, image_sha256=schema.image_sha256(b"jpeg")
+        )
+    )
     assert v2["format_version"] == 2 and v2["image_sha256"] == hashlib.sha256(b"jpeg").hexdigest()
     v1 = {k: v for k, v in v2.items() if k != "image_sha256"} | {"format_version": 1}
     assert schema.decode_meta(json.dumps(v1).encode())["image_sha256"] is None  # version 1 has no hash
@@ -184,8 +188,9 @@ def test_metadata_of_both_format_versions():
 
 
 def test_decode_adds_meta():
-    meta = schema.encode_meta(key="k", path="k.jpg", width=8, height=8, boxes=np.array([[0, 0, 4, 4]]),
-                              image_sha256=schema.image_sha256(b""))
+    meta = schema.encode_meta(
+        key="k", path="k.jpg", width=8, height=8, boxes=np.array([[0, 0, 4, 4]]), image_sha256=schema.image_sha256(b"")
+    )
     sample = reader.decode({"__key__": "k", "__url__": "u", "jpg": b"", "json": meta})
     assert sample["meta"]["boxes"].dtype == np.int32 and sample["meta"]["boxes"].shape == (1, 4)
     with pytest.raises(reader.ShardError, match="u: sample 'k': bad metadata"):

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from imagegen import jpeg_bytes, textured_image, write_bad_inputs
+
 from prep import executors
 from prep import run as prep_run
 from prep.config import PrepConfig
@@ -163,8 +163,9 @@ def test_other_settings_are_refused_and_overwrite_starts_over(images, reference,
     assert "mode: 'fast' in the output, 'single' now" in msg and "seed: 0 in the output, 5 now" in msg
     assert schema.RUN_CONFIG_NAME in msg and "--overwrite" in msg
 
-    result = prep_run.run(small_cfg(images, seed=5, prefix="new", shard_size=5), str(out), workers=1, progress=False,
-                          overwrite=True)
+    result = prep_run.run(
+        small_cfg(images, seed=5, prefix="new", shard_size=5), str(out), workers=1, progress=False, overwrite=True
+    )
     names = sorted(os.listdir(out))
     assert not [n for n in names if n.startswith("folder-")]  # the previous run's shards are gone
     assert "notes.txt" in names and "other-000000.tar" in names  # nothing else is touched
@@ -208,7 +209,9 @@ def test_parts_then_manifest_equals_single_run(images, reference, tmp_path):
     out = str(tmp_path / "out")
     first = prep_run.run(small_cfg(images), out, workers=1, part=(0, 2), progress=False)
     assert first.written == ["folder-000000", "folder-000002"] and first.manifest is None
-    with pytest.raises(prep_run.RunConfigError, match="2 of 4 planned shards are not done: folder-000001, folder-000003"):
+    with pytest.raises(
+        prep_run.RunConfigError, match="2 of 4 planned shards are not done: folder-000001, folder-000003"
+    ):
         prep_run.finalize(out)
     second = prep_run.run(small_cfg(images), out, workers=2, part=(1, 2), progress=False)
     assert second.written == ["folder-000001", "folder-000003"] and second.manifest is not None
@@ -309,8 +312,13 @@ def test_outputs_get_the_permissions_of_the_umask(images, tmp_path, umask, mask)
     out = tmp_path / "out"
     prep_run.run(small_cfg(images), str(out), workers=1, progress=False)
     modes = {n: os.stat(out / n).st_mode & 0o777 for n in os.listdir(out)}
-    assert {schema.MANIFEST_NAME, schema.RUN_CONFIG_NAME, "folder-000000.tar", "folder-000000.parquet",
-            "folder-000000.stats.json"} <= set(modes)
+    assert {
+        schema.MANIFEST_NAME,
+        schema.RUN_CONFIG_NAME,
+        "folder-000000.tar",
+        "folder-000000.parquet",
+        "folder-000000.stats.json",
+    } <= set(modes)
     assert modes == dict.fromkeys(modes, 0o666 & ~mask), modes
 
 

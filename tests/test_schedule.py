@@ -16,8 +16,8 @@ def test_lr_warmup_is_linear_then_cosine_to_zero():
     assert lrs[0] == pytest.approx(peak / warm)
     assert lrs[49] == pytest.approx(peak * 50 / warm)
     assert lrs[warm - 1] == pytest.approx(peak) and lrs[warm] == pytest.approx(peak)
-    assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm]))
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    assert all(a < b for a, b in zip(lrs[: warm - 1], lrs[1:warm]))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))
     assert lrs[warm + (total - warm) // 2] == pytest.approx(peak / 2)
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
     assert schedule.lr(5 * total, peak=peak, total=total, warmup=warm) == pytest.approx(0.0, abs=1e-12)
@@ -39,10 +39,20 @@ def test_momentum_rises_from_base_to_one_monotonically():
 
 def test_presets_and_lr_scaling_rule():
     coco, imagenet = preset("coco"), preset("imagenet")
-    assert (coco.batch_size, coco.optimizer, coco.peak_lr, coco.weight_decay, coco.warmup_epochs, coco.epochs) == \
-        (512, "sgd", 0.4, 1e-4, 4, 800)
-    assert (imagenet.batch_size, imagenet.optimizer, imagenet.weight_decay, imagenet.epochs) == \
-        (4096, "lars", 1.5e-6, 200)
+    assert (coco.batch_size, coco.optimizer, coco.peak_lr, coco.weight_decay, coco.warmup_epochs, coco.epochs) == (
+        512,
+        "sgd",
+        0.4,
+        1e-4,
+        4,
+        800,
+    )
+    assert (imagenet.batch_size, imagenet.optimizer, imagenet.weight_decay, imagenet.epochs) == (
+        4096,
+        "lars",
+        1.5e-6,
+        200,
+    )
     assert imagenet.peak_lr == pytest.approx(3.2)
     # the global batch is split over ranks; lr follows --batch-size linearly
     cfg = parse_args(["--preset", "coco", "--batch-size", "256"])
@@ -75,8 +85,12 @@ def test_param_groups_exclude_biases_and_bn():
 def test_lars_matches_hand_computed_update():
     w = nn.Parameter(torch.tensor([3.0, 4.0]))  # |w| = 5
     b = nn.Parameter(torch.tensor([1.0]))
-    opt = optim.LARS([dict(params=[w], weight_decay=0.1, lars=True), dict(params=[b], weight_decay=0.0, lars=False)],
-                     lr=0.5, momentum=0.9, eta=0.01)
+    opt = optim.LARS(
+        [dict(params=[w], weight_decay=0.1, lars=True), dict(params=[b], weight_decay=0.0, lars=False)],
+        lr=0.5,
+        momentum=0.9,
+        eta=0.01,
+    )
     w.grad = torch.tensor([0.0, 1.0])
     b.grad = torch.tensor([2.0])
     opt.step()
@@ -92,8 +106,9 @@ def test_lars_matches_hand_computed_update():
 def test_build_optimizers_train_a_tiny_net():
     for name in ("sgd", "lars"):
         net = _net()
-        cfg = TrainConfig(optimizer=name, lr=0.1 if name == "sgd" else 1.0, lr_batch=512, weight_decay=1e-4,
-                          wd_exclude_bn_bias=True)
+        cfg = TrainConfig(
+            optimizer=name, lr=0.1 if name == "sgd" else 1.0, lr_batch=512, weight_decay=1e-4, wd_exclude_bn_bias=True
+        )
         opt = optim.build(net.named_parameters(), cfg)
         x, y = torch.randn(16, 3, 8, 8), torch.randn(16, 2)
         losses = []

@@ -22,8 +22,12 @@ def write_json(path, obj):
 
 
 def coco_json(*entries):
-    return {"info": {}, "images": [{"id": i, "file_name": n, "width": 10, "height": 10} for i, n in entries],
-            "annotations": [], "categories": []}
+    return {
+        "info": {},
+        "images": [{"id": i, "file_name": n, "width": 10, "height": 10} for i, n in entries],
+        "annotations": [],
+        "categories": [],
+    }
 
 
 def test_coco_annotations_sorted_by_id_and_missing_file_kept(tmp_path):
@@ -37,7 +41,9 @@ def test_coco_annotations_sorted_by_id_and_missing_file_kept(tmp_path):
     assert src.kind == "coco" and src.classes is None and src.root == str(root)
     assert [r.image_id for r in src.records] == [7, 42, 100]
     assert [r.key for r in src.records] == ["000000000007", "000000000042", "000000000100"]
-    assert src.records[0] == Record(key="000000000007", path=str(root / "sub" / "a.jpg"), relpath="sub/a.jpg", image_id=7)
+    assert src.records[0] == Record(
+        key="000000000007", path=str(root / "sub" / "a.jpg"), relpath="sub/a.jpg", image_id=7
+    )
     missing = src.records[2]
     assert missing.relpath == "gone.jpg" and not os.path.exists(missing.path)
 
@@ -85,8 +91,17 @@ def test_coco_errors_before_any_work(tmp_path):
 
 def test_folder_odd_names_give_valid_unique_keys(tmp_path):
     names = [
-        "a b.jpg", "a_b.png", "A B.JPG", "x.y.z.jpeg", "ç/é.webp", "日本/猫.PNG", "deep/er/img.TIF", "g.gif", "b.bmp",
-        "long/" + "n" * 120 + ".jpg", "k.tiff",
+        "a b.jpg",
+        "a_b.png",
+        "A B.JPG",
+        "x.y.z.jpeg",
+        "ç/é.webp",
+        "日本/猫.PNG",
+        "deep/er/img.TIF",
+        "g.gif",
+        "b.bmp",
+        "long/" + "n" * 120 + ".jpg",
+        "k.tiff",
     ]
     for n in names:
         touch(str(tmp_path / n))
@@ -140,7 +155,10 @@ def test_imagenet_labels_and_classes(tmp_path):
     src = load_source("imagenet", str(tmp_path))
     assert src.classes == ["n01", "n02", "n03"]  # n03 has no images but keeps its index
     assert [(r.relpath, r.label) for r in src.records] == [
-        ("n01/c.jpg", 0), ("n01/x/deep.jpg", 0), ("n02/a.JPEG", 1), ("n02/b.JPEG", 1)
+        ("n01/c.jpg", 0),
+        ("n01/x/deep.jpg", 0),
+        ("n02/a.JPEG", 1),
+        ("n02/b.JPEG", 1),
     ]
     assert [r.key for r in src.records] == ["n01__c", "n01__x__deep", "n02__a", "n02__b"]
 
@@ -157,8 +175,11 @@ def test_imagenet_errors(tmp_path):
 
 
 def test_bundled_sample_data():
-    coco = load_source("coco", os.path.join(SAMPLE, "coco", "images"),
-                       os.path.join(SAMPLE, "coco", "annotations", "instances_sample.json"))
+    coco = load_source(
+        "coco",
+        os.path.join(SAMPLE, "coco", "images"),
+        os.path.join(SAMPLE, "coco", "annotations", "instances_sample.json"),
+    )
     assert len(coco.records) >= 8 and all(os.path.isfile(r.path) for r in coco.records)
     inet = load_source("imagenet", os.path.join(SAMPLE, "imagenet"))
     assert len(inet.classes) == 3 and {r.label for r in inet.records} == {0, 1, 2}

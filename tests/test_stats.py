@@ -16,8 +16,19 @@ def hand_table(shard_names=("s-000000",)):
     rows = []
     for n in range(21):
         boxes = [[0, 0, i + 1, 2 * (i + 1)] for i in range(n)]
-        rows.append(schema.make_row(f"k{n:02d}", f"{n}.jpg", width=50, height=50, raw_boxes=n + 10, kept_boxes=n,
-                                    boxes=boxes, ss_seconds=float(n), image_bytes=1000 + n))
+        rows.append(
+            schema.make_row(
+                f"k{n:02d}",
+                f"{n}.jpg",
+                width=50,
+                height=50,
+                raw_boxes=n + 10,
+                kept_boxes=n,
+                boxes=boxes,
+                ss_seconds=float(n),
+                image_bytes=1000 + n,
+            )
+        )
     rows.append(schema.make_row("bad1", "bad1.jpg", "corrupt", error="truncated"))
     rows.append(schema.make_row("bad2", "bad2.jpg", "corrupt", error="truncated"))
     rows.append(schema.make_row("gone", "gone.jpg", "missing", error="no such file"))
@@ -30,8 +41,14 @@ def test_counts_and_percentiles():
     t, rows = hand_table()
     s = summarize(t, min_boxes=4)
     im = s["images"]
-    assert im == {"inputs": 24, "ok": 21, "failed": {"corrupt": 2, "missing": 1}, "failed_total": 3,
-                  "few_boxes": 4, "min_boxes": 4}
+    assert im == {
+        "inputs": 24,
+        "ok": 21,
+        "failed": {"corrupt": 2, "missing": 1},
+        "failed_total": 3,
+        "few_boxes": 4,
+        "min_boxes": 4,
+    }
     assert s["counts_add_up"] and s["count_problems"] == []
     b = s["boxes_per_image"]
     # 0..20 boxes: mean 10, linear-interpolated percentiles p5=1, p25=5, p50=10, p75=15, p95=19
@@ -45,9 +62,11 @@ def test_counts_and_percentiles():
     assert s["box_size"]["mean"] == pytest.approx(sides.mean(), abs=1e-3)
     assert s["box_aspect"]["p5"] == s["box_aspect"]["p95"] == 0.5  # every box is twice as tall as wide
     assert sum(s["box_aspect"]["histogram"]["counts"]) == 210
-    assert s["bytes_per_shard"] == {"by_shard": {"s-000000": sum(1000 + n for n in range(21))},
-                                    "total": sum(1000 + n for n in range(21)),
-                                    "mean_per_image": round(sum(1000 + n for n in range(21)) / 21, 1)}
+    assert s["bytes_per_shard"] == {
+        "by_shard": {"s-000000": sum(1000 + n for n in range(21))},
+        "total": sum(1000 + n for n in range(21)),
+        "mean_per_image": round(sum(1000 + n for n in range(21)) / 21, 1),
+    }
     sec = s["seconds_per_image"]
     assert (sec["count"], sec["total"], sec["mean"], sec["p50"], sec["p95"]) == (21, 210, 10, 10, 19)
     json.dumps(s)  # JSON-able for `prep stats --json`
@@ -58,8 +77,12 @@ def test_stats_files_cross_checked():
     by_shard = {"s-000000": [], "s-000001": []}
     for r, sh in zip(rows, t["shard"].to_pylist()):
         by_shard[sh].append(r)
-    stats = [schema.make_stats(shard=sh, config_fingerprint="f", rows=rs, tar_bytes=0, parquet_bytes=0, seconds=0,
-                               min_boxes=3) for sh, rs in by_shard.items()]
+    stats = [
+        schema.make_stats(
+            shard=sh, config_fingerprint="f", rows=rs, tar_bytes=0, parquet_bytes=0, seconds=0, min_boxes=3
+        )
+        for sh, rs in by_shard.items()
+    ]
     s = summarize(t, stats)
     assert s["counts_add_up"] and s["images"]["min_boxes"] == 3 and s["images"]["few_boxes"] == 3
     assert s["shards"] == 2 and sum(s["bytes_per_shard"]["by_shard"].values()) == s["bytes_per_shard"]["total"]
@@ -143,8 +166,19 @@ def random_rows(rng, n, prefix, *, max_side=400):
         x0, y0 = rng.integers(0, w - 1, k), rng.integers(0, h - 1, k)
         x1, y1 = x0 + 1 + rng.integers(0, w - x0 - 1 + 1, k), y0 + 1 + rng.integers(0, h - y0 - 1 + 1, k)
         boxes = np.stack([x0, y0, np.minimum(x1, w), np.minimum(y1, h)], 1)
-        rows.append(schema.make_row(key, key + ".jpg", width=w, height=h, raw_boxes=k + 5, kept_boxes=k,
-                                    boxes=boxes, ss_seconds=float(rng.random()), image_bytes=int(rng.integers(1, 99))))
+        rows.append(
+            schema.make_row(
+                key,
+                key + ".jpg",
+                width=w,
+                height=h,
+                raw_boxes=k + 5,
+                kept_boxes=k,
+                boxes=boxes,
+                ss_seconds=float(rng.random()),
+                image_bytes=int(rng.integers(1, 99)),
+            )
+        )
     return rows
 
 
@@ -154,33 +188,46 @@ def naive_box_stats(rows):
     w = (boxes[:, 2] - boxes[:, 0]).astype(np.float64)
     h = (boxes[:, 3] - boxes[:, 1]).astype(np.float64)
     side, aspect = np.sqrt(w * h), w / h
-    return (stats_mod._distribution(side, stats_mod._linear_edges(side)),
-            stats_mod._distribution(aspect, stats_mod._log_edges(aspect)))
+    return (
+        stats_mod._distribution(side, stats_mod._linear_edges(side)),
+        stats_mod._distribution(aspect, stats_mod._log_edges(aspect)),
+    )
 
 
 def test_percentiles_from_counts_are_numpys_floats():
     rng = np.random.default_rng(1)
-    cases = [rng.integers(1, 50, 1000).astype(np.float64), np.sqrt(rng.integers(1, 10**6, 5000).astype(np.float64)),
-             np.array([3.0]), np.array([2.0, 2.0, 7.0]), rng.random(17)]
+    cases = [
+        rng.integers(1, 50, 1000).astype(np.float64),
+        np.sqrt(rng.integers(1, 10**6, 5000).astype(np.float64)),
+        np.array([3.0]),
+        np.array([2.0, 2.0, 7.0]),
+        rng.random(17),
+    ]
     for x in cases:
         values, counts = np.unique(x, return_counts=True)
-        assert np.array_equal(stats_mod._percentiles(values, counts, stats_mod.PERCENTILES),
-                              np.percentile(x, stats_mod.PERCENTILES))
+        assert np.array_equal(
+            stats_mod._percentiles(values, counts, stats_mod.PERCENTILES), np.percentile(x, stats_mod.PERCENTILES)
+        )
         edges = stats_mod._linear_edges(x)
         assert stats_mod._distribution(values, edges, counts) == stats_mod._distribution(x, edges)
 
 
 def test_pair_counts_grid_and_codes_agree():
     rng = np.random.default_rng(2)
-    batches = [(rng.integers(1, 300, n).astype(np.int32), rng.integers(1, 200, n).astype(np.int32))
-               for n in rng.integers(0, 500, 40)]
+    batches = [
+        (rng.integers(1, 300, n).astype(np.int32), rng.integers(1, 200, n).astype(np.int32))
+        for n in rng.integers(0, 500, 40)
+    ]
     batches.append((np.array([70_000, 3], np.int32), np.array([5, 2**31 - 1], np.int32)))  # huge boxes
     w = np.concatenate([b[0] for b in batches]).astype(np.int64)
     h = np.concatenate([b[1] for b in batches]).astype(np.int64)
     want = dict(zip(*np.unique(w << 32 | h, return_counts=True)))
     # the default grid (nearly all in it), a tiny one (most pairs as codes), and counts made in one sweep or many
-    for counter in (stats_mod.PairCounts(), stats_mod.PairCounts(dense_side=64, flush=700),
-                    stats_mod.PairCounts(dense_side=256, flush=10**9)):
+    for counter in (
+        stats_mod.PairCounts(),
+        stats_mod.PairCounts(dense_side=64, flush=700),
+        stats_mod.PairCounts(dense_side=256, flush=10**9),
+    ):
         for bw, bh in batches:
             counter.add(bw, bh)
         got_w, got_h, got_n = counter.items()
@@ -198,15 +245,18 @@ def write_output(directory, shards):
     """Shard parquet + stats files under ``directory`` from {name: rows}."""
     for name, rows in shards.items():
         pq.write_table(schema.rows_to_table(rows), directory / (name + schema.PARQUET_SUFFIX))
-        st = schema.make_stats(shard=name, config_fingerprint="f", rows=rows, tar_bytes=0, parquet_bytes=0,
-                               seconds=0, min_boxes=4)
+        st = schema.make_stats(
+            shard=name, config_fingerprint="f", rows=rows, tar_bytes=0, parquet_bytes=0, seconds=0, min_boxes=4
+        )
         (directory / (name + schema.STATS_SUFFIX)).write_bytes(schema.dumps(st))
 
 
 def test_summarize_output_equals_the_whole_table_and_the_naive_numbers(tmp_path):
     rng = np.random.default_rng(3)
-    shards = {schema.shard_name("coco", i): random_rows(rng, int(n), f"s{i}", max_side=side)
-              for i, (n, side) in enumerate([(40, 400), (1, 400), (25, 3000), (60, 400)])}  # some boxes over 1,024 px
+    shards = {
+        schema.shard_name("coco", i): random_rows(rng, int(n), f"s{i}", max_side=side)
+        for i, (n, side) in enumerate([(40, 400), (1, 400), (25, 3000), (60, 400)])
+    }  # some boxes over 1,024 px
     write_output(tmp_path, shards)
     (tmp_path / "coco-000001.tar").write_bytes(b"never read")
     streamed = summarize_output(str(tmp_path), threads=3)
@@ -234,8 +284,12 @@ def test_ordered_map_keeps_order_and_every_item():
 
 
 def test_invalid_boxes_and_rows_are_reported():
-    rows = [schema.make_row(f"k{i}", f"{i}.jpg", width=50, height=50, raw_boxes=3, kept_boxes=2,
-                            boxes=[[0, 0, 10, 10], [5, 5, 20, 40]]) for i in range(4)]
+    rows = [
+        schema.make_row(
+            f"k{i}", f"{i}.jpg", width=50, height=50, raw_boxes=3, kept_boxes=2, boxes=[[0, 0, 10, 10], [5, 5, 20, 40]]
+        )
+        for i in range(4)
+    ]
     rows[1]["boxes"] = [[0, 0, 10, 10], [30, 5, 30, 40]]  # zero width
     rows[2]["kept_boxes"] = 5
     s = summarize(schema.rows_to_table(rows))

@@ -45,14 +45,33 @@ def is_grey(x: torch.Tensor) -> bool:
 @pytest.mark.parametrize("gpu_decode", [False, True])
 def test_gpu_aug_colours_instances_like_their_view(photo_sample, gpu_decode):
     """One set of colour parameters per view and sample, applied to the view and its K instances."""
-    cfg = ViewConfig(size=32, instance_size=24, instance_crops=True, gpu_aug=True, gpu_decode=gpu_decode,
-                     gray_p=1.0, jitter_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+    cfg = ViewConfig(
+        size=32,
+        instance_size=24,
+        instance_crops=True,
+        gpu_aug=True,
+        gpu_decode=gpu_decode,
+        gray_p=1.0,
+        jitter_p=0.0,
+        blur_p=(0.0, 0.0),
+        solarize_p=(0.0, 0.0),
+    )
     x = model_inputs(collated(photo_sample, cfg), cfg, torch.device("cpu"), step_generator(0, 0, 0))
     assert x["view1"].shape == (3, 3, 32, 32) and x["crops1"].shape == (3, 4, 3, 24, 24)
     assert all(is_grey(x[k]) for k in ("view1", "view2", "crops1", "crops2"))
     # solarize drawn for view 2 only (p 0 / 1), no flips: view 2's instances are view 1's solarized
-    sol = ViewConfig(size=32, instance_size=24, instance_crops=True, gpu_aug=True, gpu_decode=gpu_decode, flip=0.0,
-                     gray_p=0.0, jitter_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 1.0))
+    sol = ViewConfig(
+        size=32,
+        instance_size=24,
+        instance_crops=True,
+        gpu_aug=True,
+        gpu_decode=gpu_decode,
+        flip=0.0,
+        gray_p=0.0,
+        jitter_p=0.0,
+        blur_p=(0.0, 0.0),
+        solarize_p=(0.0, 1.0),
+    )
     y = model_inputs(collated(photo_sample, sol), sol, torch.device("cpu"), step_generator(0, 0, 0))
     raw1, raw2 = denormalise(y["crops1"]), denormalise(y["crops2"])
     torch.testing.assert_close(raw2, torch.where(raw1 >= 0.5, 1 - raw1, raw1), atol=1e-5, rtol=0)

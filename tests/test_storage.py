@@ -126,7 +126,7 @@ def test_http_resumes_after_connection_drops(http_server, tmp_path, big_file):
     ranges = [r for _, _, r in server.log]
     assert ranges[0] is None and len(ranges) == 4
     # each retry asks for the rest, from where the previous connection broke
-    offsets = [int(r[len("bytes="):-1]) for r in ranges[1:]]
+    offsets = [int(r[len("bytes=") : -1]) for r in ranges[1:]]
     assert offsets == sorted(offsets) and 0 < offsets[0] <= 700_000 and offsets[-1] <= 3 * 700_000
 
 
@@ -228,10 +228,9 @@ def test_atomic_file_keeps_the_old_content_on_error_and_follows_the_umask(tmp_pa
     umask(0o027)
     path = str(tmp_path / "f.json")
     storage.write_bytes(path, b"old")
-    with pytest.raises(RuntimeError):
-        with storage.atomic_file(path) as f:
-            f.write(b"half")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), storage.atomic_file(path) as f:
+        f.write(b"half")
+        raise RuntimeError("killed mid-write")
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.json"]
     with storage.atomic_file(path) as f:
         f.write(b"new")

@@ -13,16 +13,34 @@ import sys
 
 import numpy as np
 import pytest
-
 from imagegen import damage_jpeg_in_tar, jpeg_bytes, textured_image
+
 from shards import schema
 from shards.writer import ShardWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # small and shared test machine: one intra-op thread per process keeps runs fast and the timings stable
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = ["--preset", "tiny", "--workers", "0", "--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "64",
-        "--image-size", "32", "--instance-size", "16", "--sinkhorn-iters", "10", "--shuffle-buffer", "8"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--workers",
+    "0",
+    "--proj-hidden",
+    "64",
+    "--proj-dim",
+    "32",
+    "--pred-hidden",
+    "64",
+    "--image-size",
+    "32",
+    "--instance-size",
+    "16",
+    "--sinkhorn-iters",
+    "10",
+    "--shuffle-buffer",
+    "8",
+]
 
 
 def make_train_shards(root: str, counts, size: int = 64, seed: int = 0) -> str:
@@ -38,16 +56,24 @@ def make_train_shards(root: str, counts, size: int = 64, seed: int = 0) -> str:
                 x1, y1 = x0 + rng.integers(8, size // 2, 6), y0 + rng.integers(8, size // 2, 6)
                 boxes = np.stack([x0, y0, np.minimum(x1, size), np.minimum(y1, size)], 1)
                 jpeg = jpeg_bytes(img)
-                meta = schema.encode_meta(key=key, path=f"{key}.jpg", width=size, height=size, boxes=boxes,
-                                          image_sha256=schema.image_sha256(jpeg))
-                w.write(schema.make_row(key, f"{key}.jpg", width=size, height=size, kept_boxes=6,
-                                        boxes=boxes), jpeg, meta)
+                meta = schema.encode_meta(
+                    key=key,
+                    path=f"{key}.jpg",
+                    width=size,
+                    height=size,
+                    boxes=boxes,
+                    image_sha256=schema.image_sha256(jpeg),
+                )
+                w.write(
+                    schema.make_row(key, f"{key}.jpg", width=size, height=size, kept_boxes=6, boxes=boxes), jpeg, meta
+                )
     return root
 
 
 def run_train(*args, check=True, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -82,8 +108,10 @@ def test_short_run_lowers_the_loss(reference_run):
     assert r["lr"] > 0 and 0.99 < r["momentum"] < 1 and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
     assert 0 <= r["fallback_rate"] <= 1 and r["shards_skipped"] == 0
     assert 0 < r["z_std"] <= 1 and "knn_top1" not in r  # the collapse signal every row; no --eval-data here
-    assert sorted(n for n in os.listdir(reference_run) if n.startswith("ckpt")) == \
-        ["ckpt-00000008.pt", "ckpt-00000016.pt"]
+    assert sorted(n for n in os.listdir(reference_run) if n.startswith("ckpt")) == [
+        "ckpt-00000008.pt",
+        "ckpt-00000016.pt",
+    ]
     with open(os.path.join(reference_run, "config.json")) as f:
         assert json.load(f)["preset"] == "tiny"
     from train import plot
@@ -120,7 +148,7 @@ def test_collapse_warning_once(tmp_path, capsys):
     from train.config import preset
 
     log = Logger(dataclasses.replace(preset("tiny"), out=str(tmp_path)), start=0, end=10)
-    healthy = 1 / 128 ** 0.5  # tiny preset: proj_dim 128
+    healthy = 1 / 128**0.5  # tiny preset: proj_dim 128
     log.check_collapse({"step": 1, "z_std": healthy})
     assert "collapsing" not in capsys.readouterr().err
     log.check_collapse({"step": 2, "z_std": 0.001})
@@ -161,8 +189,16 @@ def test_refuses_existing_run_and_other_config(shards, tmp_path, capsys):
     cfg = parse_args([*TINY, "--data", shards, "--out", out])
     model = UniVIP(ModelConfig.from_train(cfg))
     opt = optim.build(model.named_parameters(), cfg)
-    checkpoint.save(out, 16, model=model, optimizer=opt, config=cfg, data_position={"epoch": 2, "consumed": 32},
-                    rng=[checkpoint.rng_state()], world_size=1)
+    checkpoint.save(
+        out,
+        16,
+        model=model,
+        optimizer=opt,
+        config=cfg,
+        data_position={"epoch": 2, "consumed": 32},
+        rng=[checkpoint.rng_state()],
+        world_size=1,
+    )
     base = [*TINY, "--data", shards, "--out", out, "--max-steps", "30"]
     code, err = _main(capsys, *base)
     assert code == 1 and "already holds checkpoints" in err and "--resume" in err
@@ -173,8 +209,9 @@ def test_refuses_existing_run_and_other_config(shards, tmp_path, capsys):
 
 
 def test_clear_data_errors(tmp_path, capsys):
-    code, err = _main(capsys, *TINY, "--data", str(tmp_path / "nowhere-{000000..000003}.tar"),
-                      "--out", str(tmp_path / "o1"))
+    code, err = _main(
+        capsys, *TINY, "--data", str(tmp_path / "nowhere-{000000..000003}.tar"), "--out", str(tmp_path / "o1")
+    )
     assert code == 1 and "no shards matched" in err and "nowhere" in err
     code, err = _main(capsys, *TINY, "--data", str(tmp_path / "*.tar"), "--out", str(tmp_path / "o2"))
     assert code == 1 and "no shards matched" in err
@@ -221,8 +258,14 @@ def test_help_lists_flags_and_presets(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for text in ("--batch-size", "GLOBAL batch", "--preset {coco,imagenet,tiny}", "--instance-mode {crop,roi}",
-                 "--no-amp", "imagenet: batch_size=4096"):
+    for text in (
+        "--batch-size",
+        "GLOBAL batch",
+        "--preset {coco,imagenet,tiny}",
+        "--instance-mode {crop,roi}",
+        "--no-amp",
+        "imagenet: batch_size=4096",
+    ):
         assert text in out, text
     data_help = out.split("\n  --data DATA")[1].split("\n  --out OUT")[0]
     assert "(default: )" not in out and "(required)" in data_help  # --data has no usable default
@@ -234,8 +277,9 @@ def test_plot_writes_a_png(tmp_path):
     from train import plot
 
     log, png = tmp_path / "log.jsonl", str(tmp_path / "curve.png")
-    log.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "loss_scene": 0.5 / s, "lr": 0.1}) + "\n"
-                           for s in range(1, 6)))
+    log.write_text(
+        "".join(json.dumps({"step": s, "loss": 1 / s, "loss_scene": 0.5 / s, "lr": 0.1}) + "\n" for s in range(1, 6))
+    )
     assert plot.main([str(log), "-o", png]) == 0
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -24,9 +24,9 @@ import time
 
 import numpy as np
 import pytest
+from test_train import TINY, make_train_shards
 
 from shards import schema, storage
-from test_train import TINY, make_train_shards
 from tests.servers import FaultyHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,8 +52,9 @@ def _train_cmd(*args) -> list[str]:
 
 
 def _run(*args, env=None, timeout=180) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_train_cmd(*args), cwd=ROOT, env=env or _env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        _train_cmd(*args), cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"python -m train failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return proc
 
@@ -143,8 +144,20 @@ def test_s3_manifest_with_endpoint_flag_and_a_worker(s3_server, shards, referenc
     _upload(s3_server, shards, "coco")
     out = str(tmp_path / "o")
     env = _env(AWS_ENDPOINT_URL=None, S3_ENDPOINT_URL=None)
-    _run(*FAST, "--workers", "1", "--data", s3_server.url("coco", schema.MANIFEST_NAME), "--s3-endpoint",
-         str(s3_server), "--out", out, "--max-steps", "3", env=env)
+    _run(
+        *FAST,
+        "--workers",
+        "1",
+        "--data",
+        s3_server.url("coco", schema.MANIFEST_NAME),
+        "--s3-endpoint",
+        str(s3_server),
+        "--out",
+        out,
+        "--max-steps",
+        "3",
+        env=env,
+    )
     rows = _log(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["shards_skipped"] == 0
     # one worker, one stream: the same samples in the same order as the reference (workers=0, one stream)
@@ -152,8 +165,9 @@ def test_s3_manifest_with_endpoint_flag_and_a_worker(s3_server, shards, referenc
 
 
 @pytest.mark.parametrize("slash, manifest", [("", True), ("/", False), ("", False)])
-def test_s3_prefix_as_prep_out_took_it_endpoint_from_env(s3_server, shards, reference, tmp_path, monkeypatch, capsys,
-                                                          slash, manifest):
+def test_s3_prefix_as_prep_out_took_it_endpoint_from_env(
+    s3_server, shards, reference, tmp_path, monkeypatch, capsys, slash, manifest
+):
     """--data s3://bucket/prefix, with or without the slash, as `prep --out` wrote there: its manifest when it has
     one, else its listing and stats files."""
     _upload(s3_server, shards, "coco")
@@ -161,8 +175,9 @@ def test_s3_prefix_as_prep_out_took_it_endpoint_from_env(s3_server, shards, refe
         s3_server.client().delete_object(Bucket=s3_server.bucket, Key=f"coco/{schema.MANIFEST_NAME}")
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("S3_ENDPOINT_URL", str(s3_server))
-    code, err = _main(capsys, *FAST, "--data", s3_server.url("coco") + slash, "--out", str(tmp_path / "o"),
-                      "--max-steps", "2")
+    code, err = _main(
+        capsys, *FAST, "--data", s3_server.url("coco") + slash, "--out", str(tmp_path / "o"), "--max-steps", "2"
+    )
     assert code == 0, err
     rows = _log(tmp_path / "o")
     assert [r["step"] for r in rows] == [1, 2]
@@ -177,8 +192,14 @@ def test_spawned_workers_get_the_configured_endpoint(s3_server, shards, monkeypa
     _upload(s3_server, shards, "coco")
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     storage.configure(endpoint_url=str(s3_server))  # the fixture restores the defaults
-    loader, steps = data.make_loader(s3_server.url("coco", schema.MANIFEST_NAME), batch_size=8, workers=1,
-                                     shuffle_buffer=1, on_bad_shard="fail", open_kwargs={"retries": 0})
+    loader, steps = data.make_loader(
+        s3_server.url("coco", schema.MANIFEST_NAME),
+        batch_size=8,
+        workers=1,
+        shuffle_buffer=1,
+        on_bad_shard="fail",
+        open_kwargs={"retries": 0},
+    )
     loader.multiprocessing_context = "spawn"
     batch = next(iter(loader))
     assert steps == N_SHARDS and len(batch["__key__"]) == 8
@@ -190,8 +211,7 @@ def test_pipe_urls_need_allow_pipe(shards, tmp_path, capsys):
     code, err = _main(capsys, *FAST, "--data", spec, "--out", str(tmp_path / "o1"))
     assert code == 1 and "pipe: URLs run a shell command" in err and "--allow-pipe" in err, err
     assert _log(tmp_path / "o1") == []
-    code, err = _main(capsys, *FAST, "--data", spec, "--out", str(tmp_path / "o2"), "--allow-pipe",
-                      "--max-steps", "1")
+    code, err = _main(capsys, *FAST, "--data", spec, "--out", str(tmp_path / "o2"), "--allow-pipe", "--max-steps", "1")
     assert code == 0, err
     assert [r["step"] for r in _log(tmp_path / "o2")] == [1]
 
@@ -211,9 +231,14 @@ def _wait_for_rows(out, n: int, proc: subprocess.Popen, timeout: float = 120) ->
 def test_http_server_stopped_and_restarted_mid_epoch(shards, reference, http_server, tmp_path):
     server = http_server(shards)
     out = str(tmp_path / "o")
-    proc = subprocess.Popen(_train_cmd(*FAST, "--data", server.url_for(schema.MANIFEST_NAME), "--out", out,
-                                       "--max-steps", str(STEPS)),
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(*FAST, "--data", server.url_for(schema.MANIFEST_NAME), "--out", out, "--max-steps", str(STEPS)),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         rows_at_stop = _wait_for_rows(out, 1, proc)  # step 1 trained: shards 1-2 read, 4 still to come
         server.stop()
@@ -271,15 +296,22 @@ def _two_ranks_deleting(s3, shards, tmp_path, policy: str, timeout: float = 150)
     victim = "coco/" + _late_shard(shards)
     out = str(tmp_path / f"out-{policy}")
     port = _free_port()
-    argv = [*FAST, "--data", s3.url("coco", schema.MANIFEST_NAME), "--out", out, "--max-steps", "4",
-            "--on-bad-shard", policy]
+    argv = [
+        *FAST,
+        "--data",
+        s3.url("coco", schema.MANIFEST_NAME),
+        "--out",
+        out,
+        "--max-steps",
+        "4",
+        "--on-bad-shard",
+        policy,
+    ]
     procs = []
     for rank in range(2):  # what torchrun sets
-        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         with open(tmp_path / f"stderr-{policy}-{rank}.txt", "w") as err:
-            procs.append(subprocess.Popen(_train_cmd(*argv), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                          stderr=err))
+            procs.append(subprocess.Popen(_train_cmd(*argv), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err))
     deleted_at: list[int] = []
 
     def delete_after_step_1() -> None:

@@ -26,8 +26,10 @@ def jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
 
 def make_sample(arr: np.ndarray, boxes, key: str = "img") -> dict:
     h, w = arr.shape[:2]
-    return {"jpg": jpeg(arr), "meta": {"key": key, "width": w, "height": h,
-                                       "boxes": np.asarray(boxes, dtype=np.int32).reshape(-1, 4)}}
+    return {
+        "jpg": jpeg(arr),
+        "meta": {"key": key, "width": w, "height": h, "boxes": np.asarray(boxes, dtype=np.int32).reshape(-1, 4)},
+    }
 
 
 def random_boxes(w: int, h: int, n: int, rng: np.random.Generator, max_frac: float = 0.6) -> np.ndarray:
@@ -78,13 +80,18 @@ def test_random_resized_crops_central_fallback_on_extreme_aspect():
 # --- Algorithm 1 -------------------------------------------------------------------------------------------------
 def test_boxes_inside_is_box_in_region_in_image_coordinates():
     region = np.array([[10, 20, 110, 60]])  # wide and short: swapping x/y bounds would accept other boxes
-    boxes = np.array([
-        [10, 20, 110, 60],  # equal: inside
-        [9, 20, 110, 60], [10, 19, 110, 60], [10, 20, 111, 60], [10, 20, 110, 61],  # 1 px out on each side
-        [0, 0, 200, 200],  # the region lies inside the box (the paper's inverted test would accept it)
-        [20, 10, 60, 110],  # inside only if x and y were swapped
-        [50, 30, 60, 40],  # strictly inside
-    ])
+    boxes = np.array(
+        [
+            [10, 20, 110, 60],  # equal: inside
+            [9, 20, 110, 60],
+            [10, 19, 110, 60],
+            [10, 20, 111, 60],
+            [10, 20, 110, 61],  # 1 px out on each side
+            [0, 0, 200, 200],  # the region lies inside the box (the paper's inverted test would accept it)
+            [20, 10, 60, 110],  # inside only if x and y were swapped
+            [50, 30, 60, 40],  # strictly inside
+        ]
+    )
     got = views.boxes_inside(boxes, region)[0].tolist()
     assert got == [True, False, False, False, False, False, False, True]
 
@@ -224,8 +231,8 @@ def check_box_position(view: torch.Tensor, box, colour, size: int, tol: float = 
     x0, y0, x1, y1 = box.tolist()
     lo_x, hi_x = max(0, int(x0) - 3), min(size, int(np.ceil(x1)) + 3)
     lo_y, hi_y = max(0, int(y0) - 3), min(size, int(np.ceil(y1)) + 3)
-    rows = cov[int(np.ceil(y0)) + 1:int(y1) - 1, lo_x:hi_x].mean(axis=0)
-    cols = cov[lo_y:hi_y, int(np.ceil(x0)) + 1:int(x1) - 1].mean(axis=1)
+    rows = cov[int(np.ceil(y0)) + 1 : int(y1) - 1, lo_x:hi_x].mean(axis=0)
+    cols = cov[lo_y:hi_y, int(np.ceil(x0)) + 1 : int(x1) - 1].mean(axis=1)
     for prof, lo, a, b in ((rows, lo_x, x0, x1), (cols, lo_y, y0, y1)):
         centres = lo + np.arange(len(prof)) + 0.5
         assert abs(prof.sum() - (b - a)) < 2 * tol, (prof.sum(), b - a)
@@ -304,8 +311,14 @@ def test_transform_output_types_and_determinism(photo_sample, gpu_aug):
 
 def test_transform_seeded_instance_generator_and_json_meta(photo_sample):
     meta = photo_sample["meta"]
-    raw = schema.encode_meta(key="astro", path="a.jpg", width=meta["width"], height=meta["height"], boxes=meta["boxes"],
-                             image_sha256=schema.image_sha256(photo_sample["jpg"]))
+    raw = schema.encode_meta(
+        key="astro",
+        path="a.jpg",
+        width=meta["width"],
+        height=meta["height"],
+        boxes=meta["boxes"],
+        image_sha256=schema.image_sha256(photo_sample["jpg"]),
+    )
     sample = {"jpg": photo_sample["jpg"], "json": raw}
     a = UniVIPTransform(ViewConfig(size=32), seed=3)(sample)
     b = UniVIPTransform(ViewConfig(size=32), seed=3)(photo_sample)
@@ -408,8 +421,9 @@ def test_byol_views_are_torchvision_crops_without_overlap_constraint(photo_sampl
     disjoint = 0
     for seed in range(100):
         out = UniVIPTransform(cfg)(photo_sample, np.random.default_rng(seed))
-        want = views.random_resized_crops(meta["width"], meta["height"], 2, np.random.default_rng(seed), cfg.scale,
-                                          cfg.ratio)
+        want = views.random_resized_crops(
+            meta["width"], meta["height"], 2, np.random.default_rng(seed), cfg.scale, cfg.ratio
+        )
         assert np.array_equal(out["crop1"].numpy(), want[0]) and np.array_equal(out["crop2"].numpy(), want[1])
         disjoint += views._area(views._intersect(want[:1], want[1:]))[0] == 0
     assert disjoint > 30
@@ -464,12 +478,14 @@ def test_instances_get_the_colour_of_their_view(photo_sample):
     # (full-size decodes: the instances' resolution may lower the reduced-scale factor, and with it the views' pixels)
     plain = UniVIPTransform(ViewConfig(size=48, instance_size=32, draft=False))(photo_sample, np.random.default_rng(1))
     with_inst = UniVIPTransform(ViewConfig(size=48, instance_size=32, instance_crops=True, draft=False))(
-        photo_sample, np.random.default_rng(1))
+        photo_sample, np.random.default_rng(1)
+    )
     for key in ("view1", "view2", "boxes1", "boxes2"):
         assert torch.equal(plain[key], with_inst[key])
     # the two views' instances differ only by their augmentation: with colour off, equal up to the flips
     off = UniVIPTransform(ViewConfig(size=48, instance_size=32, instance_crops=True, flip=0.0, **NO_COLOUR))(
-        photo_sample, np.random.default_rng(1))
+        photo_sample, np.random.default_rng(1)
+    )
     assert torch.equal(off["inst1"], off["inst2"])
 
 

@@ -34,11 +34,22 @@ def samples(n=5, fail_every=3):
             continue
         jpeg = tiny_jpeg(i)
         boxes = np.array([[0, 0, 24, 16], [2, 3, 10, 12], [5, 1, 20, 15]][: 1 + i % 3], dtype=np.int32)
-        meta = schema.encode_meta(key=key, path=path, width=24, height=16, boxes=boxes, image_id=i,
-                                  image_sha256=schema.image_sha256(jpeg))
+        meta = schema.encode_meta(
+            key=key, path=path, width=24, height=16, boxes=boxes, image_id=i, image_sha256=schema.image_sha256(jpeg)
+        )
         row = schema.make_row(
-            key, path, width=24, height=16, orig_width=24, orig_height=16, image_id=i, raw_boxes=10 + i,
-            kept_boxes=len(boxes), boxes=boxes, ss_seconds=0.25, sha256="0" * 64,
+            key,
+            path,
+            width=24,
+            height=16,
+            orig_width=24,
+            orig_height=16,
+            image_id=i,
+            raw_boxes=10 + i,
+            kept_boxes=len(boxes),
+            boxes=boxes,
+            ss_seconds=0.25,
+            sha256="0" * 64,
         )
         out.append((row, jpeg, meta))
     return out
@@ -92,7 +103,9 @@ def test_parquet_readable_by_pyarrow_duckdb_pandas(tmp_path):
 
     duckdb = pytest.importorskip("duckdb")
     con = duckdb.connect()
-    rows = con.execute(f"SELECT status, count(*) FROM read_parquet('{path}') GROUP BY status ORDER BY status").fetchall()
+    rows = con.execute(
+        f"SELECT status, count(*) FROM read_parquet('{path}') GROUP BY status ORDER BY status"
+    ).fetchall()
     assert rows == [("corrupt", 2), ("ok", 4)]
     top = con.execute(f"SELECT boxes[1] FROM read_parquet('{path}') WHERE key = 'img_000'").fetchone()[0]
     assert top == [0, 0, 24, 16]
@@ -165,7 +178,9 @@ def test_exception_keeps_an_existing_done_shard(tmp_path):
 def test_rewrite_replaces_shard(tmp_path):
     write_shard(tmp_path, samples(3))
     stats = write_shard(tmp_path, samples(6))
-    assert stats["inputs"] == 6 and sorted(os.listdir(tmp_path)) == [NAME + s for s in (".parquet", ".stats.json", ".tar")]
+    assert stats["inputs"] == 6 and sorted(os.listdir(tmp_path)) == [
+        NAME + s for s in (".parquet", ".stats.json", ".tar")
+    ]
     assert pq.read_table(tmp_path / (NAME + ".parquet")).num_rows == 6
 
 

@@ -32,7 +32,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -50,9 +49,17 @@ class TrainError(RuntimeError):
 
 
 def view_config(cfg: TrainConfig) -> ViewConfig:
-    return ViewConfig(size=cfg.image_size, scale=(cfg.crop_min_scale, 1.0), k=cfg.k, iters=cfg.view_iters,
-                      instance_size=cfg.instance_size, views=cfg.view_mode, instance_crops=cfg.instance_crops,
-                      gpu_aug=cfg.gpu_aug or cfg.gpu_decode, gpu_decode=cfg.gpu_decode)
+    return ViewConfig(
+        size=cfg.image_size,
+        scale=(cfg.crop_min_scale, 1.0),
+        k=cfg.k,
+        iters=cfg.view_iters,
+        instance_size=cfg.instance_size,
+        views=cfg.view_mode,
+        instance_crops=cfg.instance_crops,
+        gpu_aug=cfg.gpu_aug or cfg.gpu_decode,
+        gpu_decode=cfg.gpu_decode,
+    )
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
@@ -74,8 +81,10 @@ def open_run(cfg: TrainConfig, world: int) -> tuple[dict | None, str | None]:
     """Check --out against --resume; return the checkpoint to resume from (loaded, config checked) and its path."""
     path = checkpoint.find_latest(cfg.out)
     if path and not cfg.resume:
-        raise TrainError(f"{cfg.out} already holds checkpoints ({os.path.basename(path)}): pass --resume to continue "
-                         "that run or choose another --out")
+        raise TrainError(
+            f"{cfg.out} already holds checkpoints ({os.path.basename(path)}): pass --resume to continue "
+            "that run or choose another --out"
+        )
     if path is None:
         if cfg.resume:
             dist.print0(f"--resume: no checkpoint in {cfg.out}, starting from step 0")
@@ -105,8 +114,14 @@ class Logger:
 
     def __init__(self, cfg: TrainConfig, start: int, end: int):
         self.main = dist.is_main()
-        self.bar = tqdm(total=end, initial=start, disable=not self.main, dynamic_ncols=True, desc="train",
-                        mininterval=0.1 if sys.stderr.isatty() else 60.0)  # batch logs: a line a minute
+        self.bar = tqdm(
+            total=end,
+            initial=start,
+            disable=not self.main,
+            dynamic_ncols=True,
+            desc="train",
+            mininterval=0.1 if sys.stderr.isatty() else 60.0,
+        )  # batch logs: a line a minute
         path = os.path.join(cfg.out, "log.jsonl")
         if self.main:
             drop_rows_after(path, start)
@@ -125,8 +140,16 @@ class Logger:
         self.steps += 1
         self.bar.update(1)
 
-    def write(self, step: int, lr: float, tau: float, images: int, counters: data.DataCounters,
-              extra: dict | None = None, paused: float = 0.0) -> dict:
+    def write(
+        self,
+        step: int,
+        lr: float,
+        tau: float,
+        images: int,
+        counters: data.DataCounters,
+        extra: dict | None = None,
+        paused: float = 0.0,
+    ) -> dict:
         """A collective (every rank calls it at the same steps): losses averaged over ranks and the window.
         ``extra``: more fields for the row (the evaluation's); ``paused``: seconds of the window that were not
         training (the evaluation), left out of the rates."""
@@ -134,11 +157,22 @@ class Logger:
         elapsed = time.perf_counter() - self.t0 - paused
         c = counters.as_dict()
         wait, samples, fallbacks, shards_skipped, samples_skipped = dist.host_sum(
-            [self.wait, c["samples"], c["fallbacks"], c["shards_skipped"], c["samples_skipped"]])
-        row = {"step": step, "loss": terms[0], **{f"loss_{t}": v for t, v in zip(TERMS, terms[1:])},
-               "z_std": terms[-1], "lr": lr, "momentum": tau, "images_per_s": images * self.steps / elapsed,
-               "data_wait": wait / dist.world_size() / elapsed, "fallback_rate": fallbacks / max(samples, 1),
-               "shards_skipped": int(shards_skipped), "samples_skipped": int(samples_skipped), **(extra or {})}
+            [self.wait, c["samples"], c["fallbacks"], c["shards_skipped"], c["samples_skipped"]]
+        )
+        row = {
+            "step": step,
+            "loss": terms[0],
+            **{f"loss_{t}": v for t, v in zip(TERMS, terms[1:])},
+            "z_std": terms[-1],
+            "lr": lr,
+            "momentum": tau,
+            "images_per_s": images * self.steps / elapsed,
+            "data_wait": wait / dist.world_size() / elapsed,
+            "fallback_rate": fallbacks / max(samples, 1),
+            "shards_skipped": int(shards_skipped),
+            "samples_skipped": int(samples_skipped),
+            **(extra or {}),
+        }
         self.check_collapse(row)
         if self.main:
             self.file.write(json.dumps(row) + "\n")
@@ -149,12 +183,15 @@ class Logger:
 
     def check_collapse(self, row: dict) -> None:
         """Warn once per run when the online projections collapse (BYOL's loss falls for a collapsed network too)."""
-        level = row["z_std"] * self.proj_dim ** 0.5  # 1: spread over the sphere; 0: every input maps to one vector
+        level = row["z_std"] * self.proj_dim**0.5  # 1: spread over the sphere; 0: every input maps to one vector
         if level < self.collapse_warn and not self.warned and self.main:
             self.warned = True
-            tqdm.write(f"warning: step {row['step']}: the online projections are collapsing: z_std {row['z_std']:.4g} "
-                       f"= {level:.3f} / sqrt({self.proj_dim}) (healthy: about 1 / sqrt(D)); lower the lr or check "
-                       "the EMA and predictor settings", file=sys.stderr)
+            tqdm.write(
+                f"warning: step {row['step']}: the online projections are collapsing: z_std {row['z_std']:.4g} "
+                f"= {level:.3f} / sqrt({self.proj_dim}) (healthy: about 1 / sqrt(D)); lower the lr or check "
+                "the EMA and predictor settings",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         self.bar.close()
@@ -180,8 +217,10 @@ class KnnProbe:
                     self.train, self.val = labelled, evaluation.load_labelled(cfg.eval_val_data, size=size)
                 else:
                     self.train, self.val = evaluation.split(labelled, cfg.eval_val_fraction)
-                dist.print0(f"kNN evaluation: {len(self.train.labels)} labelled images as memory, "
-                            f"{len(self.val.labels)} held out, {size} px")
+                dist.print0(
+                    f"kNN evaluation: {len(self.train.labels)} labelled images as memory, "
+                    f"{len(self.val.labels)} held out, {size} px"
+                )
             except (ValueError, OSError) as e:
                 error = TrainError(f"--eval-data: {e}")
         if dist.failed_ranks(error is not None):  # every rank stops, not only the one that read the data
@@ -240,10 +279,21 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
             # refused here, not per shard: under the default 'skip' each would only be warned about and skipped
             raise TrainError(f"{cfg.data!r}: pipe: URLs run a shell command; pass --allow-pipe to use them")
         loader, steps_per_epoch = data.make_loader(
-            cfg.data, UniVIPTransform(vcfg), batch_size=batch_size, workers=cfg.workers, seed=cfg.seed,
-            shuffle_buffer=cfg.shuffle_buffer, rank=rank, world_size=world, position=position,
-            on_bad_shard=cfg.on_bad_shard, pin_memory=device.type == "cuda", streams=streams,
-            open_kwargs={"allow_pipe": cfg.allow_pipe}, verify_images=cfg.verify_images)
+            cfg.data,
+            UniVIPTransform(vcfg),
+            batch_size=batch_size,
+            workers=cfg.workers,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            rank=rank,
+            world_size=world,
+            position=position,
+            on_bad_shard=cfg.on_bad_shard,
+            pin_memory=device.type == "cuda",
+            streams=streams,
+            open_kwargs={"allow_pipe": cfg.allow_pipe},
+            verify_images=cfg.verify_images,
+        )
     except (reader.SpecError, data.BadShardError) as e:
         raise TrainError(str(e)) from e
     except (OSError, NotImplementedError) as e:
@@ -271,14 +321,19 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
     # DDP reduces the gradients of the trainable (online) parameters; the target has requires_grad False, so DDP
     # leaves it alone: it changes only through update_target below. A zero loss weight leaves a head unused.
     unused = cfg.method == "univip" and min(cfg.loss_weights().values()) == 0
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              find_unused_parameters=unused) if world > 1 else model
+    net = (
+        DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+        if world > 1
+        else model
+    )
     probe = KnnProbe(cfg, device) if cfg.eval_data else None
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels once
     use_amp = cfg.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-    dist.print0(f"{cfg.arch} {cfg.method}: {world} rank(s) x batch {batch_size}, {steps_per_epoch} steps/epoch, "
-                f"steps {start}..{end} of {total}, peak lr {cfg.peak_lr:.4g}, device {device}")
+    dist.print0(
+        f"{cfg.arch} {cfg.method}: {world} rank(s) x batch {batch_size}, {steps_per_epoch} steps/epoch, "
+        f"steps {start}..{end} of {total}, peak lr {cfg.peak_lr:.4g}, device {device}"
+    )
 
     log, counters = Logger(cfg, start, end), data.DataCounters()
     loader_iter = iter(loader)
@@ -300,8 +355,15 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
             counters.add(batch)
 
             g = step_generator(cfg.seed, it, rank) if vcfg.gpu_aug else None
-            losses = train_step(net, model, opt, model_inputs(batch, vcfg, device, g), tau=tau,
-                                grad_clip=cfg.grad_clip, autocast=autocast)
+            losses = train_step(
+                net,
+                model,
+                opt,
+                model_inputs(batch, vcfg, device, g),
+                tau=tau,
+                grad_clip=cfg.grad_clip,
+                autocast=autocast,
+            )
 
             log.step(losses, wait)
             evaluated = probe is not None and (step == end or (cfg.eval_every and step % cfg.eval_every == 0))
@@ -321,9 +383,17 @@ def save(cfg: TrainConfig, step: int, model, opt, steps_per_epoch: int, batch_si
     rng = dist.gather_objects(checkpoint.rng_state())
     if dist.is_main():
         pos = data.DataPosition.from_step(step, steps_per_epoch, batch_size).to_dict()
-        checkpoint.save(cfg.out, step, model=model, optimizer=opt, config=cfg,
-                        data_position={**pos, "streams": streams}, rng=rng, world_size=dist.world_size(),
-                        keep=cfg.keep_ckpts)
+        checkpoint.save(
+            cfg.out,
+            step,
+            model=model,
+            optimizer=opt,
+            config=cfg,
+            data_position={**pos, "streams": streams},
+            rng=rng,
+            world_size=dist.world_size(),
+            keep=cfg.keep_ckpts,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,8 +58,7 @@ def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     # hue in sixths of a turn, from whichever channel is the maximum (r first, then g: torchvision's tie order)
-    h = torch.where(maxc == r, ((g - b) / safe) % 6,
-                    torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
     h = torch.where(delta > 0, h, torch.zeros_like(h))
     h = (h + 6 * f.view(-1, 1, 1)) % 6
     # HSV -> RGB: channel n in (5, 3, 1) for (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6
@@ -159,8 +158,13 @@ def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
     return x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
 
 
-def gpu_colour(x: torch.Tensor, view: int, generator: torch.Generator | None = None, cfg: ViewConfig | None = None,
-               params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def gpu_colour(
+    x: torch.Tensor,
+    view: int,
+    generator: torch.Generator | None = None,
+    cfg: ViewConfig | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """BYOL colour augmentation of view index ``view`` (0 or 1: asymmetric blur/solarize probabilities) on a batch.
 
     x: uint8 (0..255) or float (0..1) ``[B, 3, H, W]`` on any device -> float32 ``[B, 3, H, W]`` normalised by the
@@ -182,7 +186,7 @@ def gpu_colour(x: torch.Tensor, view: int, generator: torch.Generator | None = N
     for pos in range(4):
         # at position pos each sample runs its op order[:, pos]
         op = torch.where(p["jitter"], p["order"][:, pos], torch.full_like(p["order"][:, pos], -1))
-        f = p["factors"].gather(1, p["order"][:, pos:pos + 1]).squeeze(1)
+        f = p["factors"].gather(1, p["order"][:, pos : pos + 1]).squeeze(1)
         x = _affine_step(x, op, f)
         hue_mask = host["jitter"] & (host["order"][:, pos] == 3)
         x = _on_subset(x, hue_mask, lambda xs, idx: hue(xs, p["factors"][idx, 3]))

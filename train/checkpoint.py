@@ -49,9 +49,13 @@ def versions() -> dict[str, str]:
     import torchvision
 
     # str(): torch's version object is a class weights_only loading refuses
-    return {"checkpoint": str(CKPT_VERSION), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "numpy": str(np.__version__),
-            "python": platform.python_version()}
+    return {
+        "checkpoint": str(CKPT_VERSION),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "numpy": str(np.__version__),
+        "python": platform.python_version(),
+    }
 
 
 # --- RNG states as weights_only-safe values ---------------------------------------------------------------------
@@ -60,8 +64,13 @@ def rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -80,8 +89,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- save / load -------------------------------------------------------------------------------------------------
-def save(out: str, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-         data_position: dict[str, Any], rng: list[dict[str, Any]], world_size: int, keep: int = 0) -> str:
+def save(
+    out: str,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    data_position: dict[str, Any],
+    rng: list[dict[str, Any]],
+    world_size: int,
+    keep: int = 0,
+) -> str:
     """Write ``OUT/ckpt-{step:08d}.pt`` atomically (temporary file in the same directory, then rename) and keep the
     newest ``keep`` checkpoints (0 = all). Call on one rank; ``rng`` holds every rank's ``rng_state()``.
 
@@ -132,8 +151,9 @@ def check_config(ckpt: dict[str, Any], config: TrainConfig, world_size: int, pat
         raise CheckpointError(f"{path} was written by another config; differing fields: " + "; ".join(diffs))
 
 
-def restore(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-            path: str = "checkpoint") -> None:
+def restore(
+    ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: str = "checkpoint"
+) -> None:
     """Load model (strict) and optimizer state in place; the caller checked the config first."""
     try:
         model.load_state_dict(ckpt["model"], strict=True)

@@ -36,19 +36,29 @@ def loss_weights(method: str, w_scene: float, w_scene_instance: float, w_instanc
 @dataclass
 class TrainConfig:
     # --- where
-    data: str = _f("", "shards: directory, brace pattern (out/coco-{000000..000099}.tar), glob or manifest.json; "
-                       "local, s3://bucket/prefix/ (listing or manifest) or http(s):// (manifest or brace pattern)")
+    data: str = _f(
+        "",
+        "shards: directory, brace pattern (out/coco-{000000..000099}.tar), glob or manifest.json; "
+        "local, s3://bucket/prefix/ (listing or manifest) or http(s):// (manifest or brace pattern)",
+    )
     out: str = _f("runs/univip", "output directory: config.json, log.jsonl, ckpt-XXXXXXXX.pt")
     preset: str = _f("coco", "settings bundle applied before the other flags", ("coco", "imagenet", "tiny"))
     resume: bool = _f(False, "continue from the newest checkpoint in --out (same config required)")
     # --- model
     arch: str = _f("resnet50", "encoder (torchvision, random init)", ARCHS)
-    method: str = _f("univip", "univip = three losses; byol = plain BYOL: scene-scene only (instance weights "
-                               "ignored), on BYOL's own views unless --views overlap", ("univip", "byol"))
-    views: str = _f("auto", "how the two views are drawn: overlap = Algorithm 1 (overlapping crops holding K boxes), "
-                            "byol = two independent random resized crops, boxes unused; auto: overlap for univip, "
-                            "byol for byol (byol on overlap views is an ablation, not BYOL)",
-                    ("auto", "overlap", "byol"))
+    method: str = _f(
+        "univip",
+        "univip = three losses; byol = plain BYOL: scene-scene only (instance weights "
+        "ignored), on BYOL's own views unless --views overlap",
+        ("univip", "byol"),
+    )
+    views: str = _f(
+        "auto",
+        "how the two views are drawn: overlap = Algorithm 1 (overlapping crops holding K boxes), "
+        "byol = two independent random resized crops, boxes unused; auto: overlap for univip, "
+        "byol for byol (byol on overlap views is an ablation, not BYOL)",
+        ("auto", "overlap", "byol"),
+    )
     w_scene: float = _f(1.0, "weight of the scene-scene (BYOL) loss; 0 disables it")
     w_scene_instance: float = _f(1.0, "weight of the scene-instance loss; 0 disables it")
     w_instance: float = _f(1.0, "weight of the instance-instance (optimal transport) loss; 0 disables it")
@@ -57,12 +67,19 @@ class TrainConfig:
     crop_min_scale: float = _f(0.08, "random resized crop: smallest area fraction of a view")
     image_size: int = _f(224, "view side in pixels")
     instance_size: int = _f(96, "instance crop side in pixels (instance_mode=crop)")
-    instance_mode: str = _f("crop", "crop = K instance crops through the encoder (paper); roi = RoIAlign on the "
-                            "encoder's last feature map (cheaper, not the paper's)", ("crop", "roi"))
-    instance_source: str = _f("image", "instance_mode=crop: image = each box cut from the decoded source image at "
-                              "its own resolution, resized to --instance-size, flipped and coloured like its view "
-                              "(paper); view = cut from the augmented view (cheaper, upsamples small boxes)",
-                              ("image", "view"))
+    instance_mode: str = _f(
+        "crop",
+        "crop = K instance crops through the encoder (paper); roi = RoIAlign on the "
+        "encoder's last feature map (cheaper, not the paper's)",
+        ("crop", "roi"),
+    )
+    instance_source: str = _f(
+        "image",
+        "instance_mode=crop: image = each box cut from the decoded source image at "
+        "its own resolution, resized to --instance-size, flipped and coloured like its view "
+        "(paper); view = cut from the augmented view (cheaper, upsamples small boxes)",
+        ("image", "view"),
+    )
     proj_hidden: int = _f(4096, "projector hidden width")
     proj_dim: int = _f(256, "projector / predictor output width")
     pred_hidden: int = _f(4096, "predictor hidden width")
@@ -86,28 +103,48 @@ class TrainConfig:
     # --- input pipeline
     workers: int = _f(8, "DataLoader worker processes per rank")
     shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer of each stream")
-    streams: int = _f(0, "independent sample streams per rank (0 = max(1, workers)); the sample order depends on "
-                         "it, not on --workers, so keep it when resuming with another worker count")
+    streams: int = _f(
+        0,
+        "independent sample streams per rank (0 = max(1, workers)); the sample order depends on "
+        "it, not on --workers, so keep it when resuming with another worker count",
+    )
     gpu_aug: bool = _f(False, "colour jitter, grayscale, blur and solarize on the device, batched (CPU only crops)")
-    gpu_decode: bool = _f(False, "decode the JPEGs on the device too (nvjpeg on CUDA), with the crops, resizes and "
-                                 "flips: the CPU only reads bytes and runs Algorithm 1 (implies --gpu-aug)")
-    on_bad_shard: str = _f("skip", "unreadable shard or sample: skip it (counted in the log) or fail the run",
-                           ("skip", "fail"))
-    verify_images: bool = _f(False, "check each JPEG against the SHA-256 in its KEY.json (shard format 2); a "
-                                    "mismatch is a bad sample (see --on-bad-shard)")
+    gpu_decode: bool = _f(
+        False,
+        "decode the JPEGs on the device too (nvjpeg on CUDA), with the crops, resizes and "
+        "flips: the CPU only reads bytes and runs Algorithm 1 (implies --gpu-aug)",
+    )
+    on_bad_shard: str = _f(
+        "skip", "unreadable shard or sample: skip it (counted in the log) or fail the run", ("skip", "fail")
+    )
+    verify_images: bool = _f(
+        False,
+        "check each JPEG against the SHA-256 in its KEY.json (shard format 2); a "
+        "mismatch is a bad sample (see --on-bad-shard)",
+    )
     allow_pipe: bool = _f(False, "allow pipe: shard URLs (they run a shell command)")
-    s3_endpoint: str = _f("", "S3 API endpoint of an S3-compatible store for s3:// data (MinIO, Ceph...); empty: "
-                              "$S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS. Credentials: the AWS environment "
-                              "or profile")
+    s3_endpoint: str = _f(
+        "",
+        "S3 API endpoint of an S3-compatible store for s3:// data (MinIO, Ceph...); empty: "
+        "$S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS. Credentials: the AWS environment "
+        "or profile",
+    )
     # --- monitoring
-    collapse_warn: float = _f(0.1, "warn once when z_std * sqrt(proj_dim) falls below this (z_std: per-dimension std "
-                                   "of the l2-normalised online projections; 1 = spread over the sphere, 0 = collapse)")
+    collapse_warn: float = _f(
+        0.1,
+        "warn once when z_std * sqrt(proj_dim) falls below this (z_std: per-dimension std "
+        "of the l2-normalised online projections; 1 = spread over the sphere, 0 = collapse)",
+    )
     eval_data: str = _f("", "labelled shards (prep imagenet) for a kNN evaluation during training; empty: none")
-    eval_val_data: str = _f("", "held-out labelled shards for that evaluation; empty: --eval-val-fraction of "
-                                "--eval-data")
+    eval_val_data: str = _f(
+        "", "held-out labelled shards for that evaluation; empty: --eval-val-fraction of --eval-data"
+    )
     eval_val_fraction: float = _f(0.2, "share of --eval-data held out (by key hash) when --eval-val-data is empty")
-    eval_every: int = _f(0, "run the kNN evaluation every N steps and at the end (0 = only at the end, when "
-                            "--eval-data is given); logged as knn_top1")
+    eval_every: int = _f(
+        0,
+        "run the kNN evaluation every N steps and at the end (0 = only at the end, when "
+        "--eval-data is given); logged as knn_top1",
+    )
     eval_size: int = _f(0, "image side for the evaluation (0 = --image-size)")
     # --- hardware
     device: str = _f("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
@@ -122,8 +159,7 @@ class TrainConfig:
     # --- derived values ------------------------------------------------------------------------------------------
     def per_rank_batch(self, world: int) -> int:
         if self.batch_size % world:
-            raise ValueError(f"--batch-size {self.batch_size} is the global batch and must divide by the "
-                             f"{world} ranks")
+            raise ValueError(f"--batch-size {self.batch_size} is the global batch and must divide by the {world} ranks")
         return self.batch_size // world
 
     @property
@@ -134,18 +170,43 @@ class TrainConfig:
         """The weight of each loss term; ``--method byol`` is scene-scene alone."""
         return loss_weights(self.method, self.w_scene, self.w_scene_instance, self.w_instance)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
-        positive = ("k", "image_size", "instance_size", "proj_hidden", "proj_dim", "pred_hidden", "batch_size",
-                    "epochs", "lr_batch", "sinkhorn_iters", "view_iters", "log_every")
+        positive = (
+            "k",
+            "image_size",
+            "instance_size",
+            "proj_hidden",
+            "proj_dim",
+            "pred_hidden",
+            "batch_size",
+            "epochs",
+            "lr_batch",
+            "sinkhorn_iters",
+            "view_iters",
+            "log_every",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "workers", "shuffle_buffer", "streams", "ckpt_every", "keep_ckpts", "grad_clip",
-                     "weight_decay", "warmup_epochs", "lr", "w_scene", "w_scene_instance", "w_instance"):
+        for name in (
+            "max_steps",
+            "workers",
+            "shuffle_buffer",
+            "streams",
+            "ckpt_every",
+            "keep_ckpts",
+            "grad_clip",
+            "weight_decay",
+            "warmup_epochs",
+            "lr",
+            "w_scene",
+            "w_scene_instance",
+            "w_instance",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_base <= 1:
@@ -155,8 +216,9 @@ class TrainConfig:
         if sum(self.loss_weights().values()) == 0:
             raise ValueError("every loss weight is 0: nothing to train")
         if self.method == "univip" and self.view_mode == "byol":
-            raise ValueError("--views byol draws independent crops that share no instances: UniVIP needs "
-                             "--views overlap")
+            raise ValueError(
+                "--views byol draws independent crops that share no instances: UniVIP needs --views overlap"
+            )
         if not 0 < self.eval_val_fraction < 1:
             raise ValueError(f"eval_val_fraction must lie in (0, 1), got {self.eval_val_fraction}")
         if self.eval_size < 0 or self.eval_every < 0:
@@ -183,7 +245,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -195,9 +257,24 @@ class TrainConfig:
 # loss weights that decide which heads exist), the optimizer state layout, or what the saved data position and
 # schedule mean (batch, seed, epochs). Everything else (workers, logging, device, max_steps...) may change.
 RESUME_MUST_MATCH = (
-    "arch", "method", "views", "k", "image_size", "instance_size", "instance_mode", "instance_source", "proj_hidden",
+    "arch",
+    "method",
+    "views",
+    "k",
+    "image_size",
+    "instance_size",
+    "instance_mode",
+    "instance_source",
+    "proj_hidden",
     "proj_dim",
-    "pred_hidden", "w_scene", "w_scene_instance", "w_instance", "optimizer", "batch_size", "epochs", "seed",
+    "pred_hidden",
+    "w_scene",
+    "w_scene_instance",
+    "w_instance",
+    "optimizer",
+    "batch_size",
+    "epochs",
+    "seed",
     "wd_exclude_bn_bias",
 )
 
@@ -205,12 +282,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's COCO recipe, optimiser from ORL (same group): SGD 0.4 @ 512, wd 1e-4, 4 warm-up epochs, 800 epochs.
     "coco": {},
     # BYOL's ImageNet recipe: LARS, lr 0.2 per 256 images (3.2 at 4096), wd 1.5e-6 without BN/bias, 10 warm-up epochs.
-    "imagenet": dict(batch_size=4096, optimizer="lars", lr=0.2, lr_batch=256, weight_decay=1.5e-6,
-                     wd_exclude_bn_bias=True, warmup_epochs=10.0, epochs=200),
+    "imagenet": dict(
+        batch_size=4096,
+        optimizer="lars",
+        lr=0.2,
+        lr_batch=256,
+        weight_decay=1.5e-6,
+        wd_exclude_bn_bias=True,
+        warmup_epochs=10.0,
+        epochs=200,
+    ),
     # Small enough for a laptop CPU: demo and tests.
-    "tiny": dict(arch="resnet18", proj_hidden=512, proj_dim=128, pred_hidden=512, image_size=64, instance_size=32,
-                 batch_size=8, lr=0.05, lr_batch=8, warmup_epochs=1.0, epochs=100, workers=1, shuffle_buffer=64,
-                 sinkhorn_iters=20, ckpt_every=50, log_every=1, amp=False, channels_last=False, device="cpu"),
+    "tiny": dict(
+        arch="resnet18",
+        proj_hidden=512,
+        proj_dim=128,
+        pred_hidden=512,
+        image_size=64,
+        instance_size=32,
+        batch_size=8,
+        lr=0.05,
+        lr_batch=8,
+        warmup_epochs=1.0,
+        epochs=100,
+        workers=1,
+        shuffle_buffer=64,
+        sinkhorn_iters=20,
+        ckpt_every=50,
+        log_every=1,
+        amp=False,
+        channels_last=False,
+        device="cpu",
+    ),
 }
 
 
@@ -232,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="UniVIP self-supervised pre-training from proposal shards. Single process: "
-                    "python -m train ...; several: torchrun --nproc-per-node N -m train ... "
-                    "Defaults are the coco preset.",
+        "python -m train ...; several: torchrun --nproc-per-node N -m train ... "
+        "Defaults are the coco preset.",
         epilog="\n".join(epilog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

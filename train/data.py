@@ -58,8 +58,9 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,11 +95,11 @@ class DataPosition:
         return {"epoch": self.epoch, "consumed": self.consumed}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataPosition":
+    def from_dict(cls, d: Mapping[str, Any]) -> DataPosition:
         return cls(epoch=int(d["epoch"]), consumed=int(d["consumed"]))
 
     @classmethod
-    def from_step(cls, step: int, steps_per_epoch: int, batch_size: int) -> "DataPosition":
+    def from_step(cls, step: int, steps_per_epoch: int, batch_size: int) -> DataPosition:
         """The position after ``step`` optimizer steps from the very start (every epoch has ``steps_per_epoch``)."""
         return cls(epoch=step // steps_per_epoch, consumed=(step % steps_per_epoch) * batch_size)
 
@@ -163,8 +164,11 @@ class _ShardSamples:
         if (url, key) in self._bad_samples:  # met again while borrowing (rule 3): counted once
             return
         self._bad_samples.add((url, key))
-        self._warn(url, f"skipping samples of {storage.redact(url)}: {message} (further bad samples of this shard "
-                        "are not reported)")
+        self._warn(
+            url,
+            f"skipping samples of {storage.redact(url)}: {message} (further bad samples of this shard "
+            "are not reported)",
+        )
         self.counts["samples_skipped"] += 1
 
     def read(self, url: str) -> Iterator[dict]:
@@ -186,8 +190,12 @@ class _ShardSamples:
         except Exception as e:  # open / tar / network / missing-member errors, from inside the reader's generator
             shown = storage.redact(url)
             if good == 0 and isinstance(e, reader.ShardError) and self._without_json(url):
-                self.bad_shard(url, f"shard without boxes: {shown} (no KEY.{schema.META_EXT} members: a plain image "
-                                    "tar, not a prep shard)", e)
+                self.bad_shard(
+                    url,
+                    f"shard without boxes: {shown} (no KEY.{schema.META_EXT} members: a plain image "
+                    "tar, not a prep shard)",
+                    e,
+                )
             else:
                 detail = str(e) if shown in str(e) else f"{shown}: {e}"  # the reader's errors name the URL already
                 self.bad_shard(url, f"cannot read shard: {type(e).__name__}: {detail}", e)
@@ -196,14 +204,19 @@ class _ShardSamples:
         """Whether the JPEG bytes have the SHA-256 that KEY.json records; a mismatch is a bad sample."""
         want = sample["meta"]["image_sha256"]
         if want is None:
-            self._warn(url, f"{storage.redact(url)}: format version 1 records no image hashes; its images are not "
-                            "verified")
+            self._warn(
+                url, f"{storage.redact(url)}: format version 1 records no image hashes; its images are not verified"
+            )
             return True
         if schema.image_sha256(sample[schema.IMAGE_EXT]) == want:
             return True
         key = sample["__key__"]
-        self.bad_sample(url, key, f"{storage.redact(url)}: sample {key!r}: {key}.{schema.IMAGE_EXT} does not have the "
-                                  f"SHA-256 recorded in {key}.{schema.META_EXT} (damaged in storage)")
+        self.bad_sample(
+            url,
+            key,
+            f"{storage.redact(url)}: sample {key!r}: {key}.{schema.IMAGE_EXT} does not have the "
+            f"SHA-256 recorded in {key}.{schema.META_EXT} (damaged in storage)",
+        )
         return False
 
     def _without_json(self, url: str) -> bool:
@@ -216,8 +229,9 @@ class _ShardSamples:
         return bool(names) and not any(n.endswith("." + schema.META_EXT) for n in names)
 
 
-def count_samples(urls: Sequence[str], on_bad_shard: str = "skip",
-                  open_kwargs: Mapping[str, Any] | None = None) -> dict[str, int]:
+def count_samples(
+    urls: Sequence[str], on_bad_shard: str = "skip", open_kwargs: Mapping[str, Any] | None = None
+) -> dict[str, int]:
     """Sample counts by reading every shard once (all bytes are streamed; images are not decoded).
 
     Only for shards without a manifest or stats files: every rank pays a full read of the data set at start-up."""
@@ -296,12 +310,15 @@ class ShardStream(IterableDataset):
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{self.total_samples} samples in {len(self.urls)} shards cannot fill one step of "
-                f"world_size {world_size} x batch_size {batch_size}")
+                f"world_size {world_size} x batch_size {batch_size}"
+            )
 
         position = position or DataPosition()
         if position.consumed % batch_size or not 0 <= position.consumed <= self.samples_per_epoch:
-            raise ValueError(f"data position {position} is not a whole number of steps of batch {batch_size} "
-                             f"within an epoch of {self.samples_per_epoch} samples per rank")
+            raise ValueError(
+                f"data position {position} is not a whole number of steps of batch {batch_size} "
+                f"within an epoch of {self.samples_per_epoch} samples per rank"
+            )
         if position.consumed == self.samples_per_epoch:
             position = DataPosition(position.epoch + 1, 0)
         self.position = position
@@ -353,7 +370,7 @@ class ShardStream(IterableDataset):
                     pool[p] = (url, a + n, b)
                 else:
                     p += 1
-        return ranges[self.rank * S:(self.rank + 1) * S]
+        return ranges[self.rank * S : (self.rank + 1) * S]
 
     # --- reading --------------------------------------------------------------------------------------------------
     def _planned(self, ranges: list[tuple[str, int, int]]) -> Iterator[dict]:
@@ -373,14 +390,17 @@ class ShardStream(IterableDataset):
             if not found:
                 raise BadShardError(
                     f"no readable sample in any of the {len(self.urls)} shards (first: {storage.redact(self.urls[0])}); "
-                    f"{len(self._src.bad_urls)} were skipped as bad: cannot fill the epoch")
+                    f"{len(self._src.bad_urls)} were skipped as bad: cannot fill the epoch"
+                )
 
     def _slot(self, epoch: int, slot: int, ranges: list[tuple[str, int, int]], skip: int) -> Iterator[dict]:
         """Transformed samples of one slot, the first ``skip`` raw samples dropped before the transform."""
         rng = np.random.default_rng((self.seed, _BUFFER, epoch, self.rank, slot))
         # separate buffers: the borrowed stream must not start (and mix in) while planned samples remain
-        raw = itertools.chain(_shuffled(self._planned(ranges), self.shuffle_buffer, rng),
-                              _shuffled(self._borrowed(epoch, slot), self.shuffle_buffer, rng))
+        raw = itertools.chain(
+            _shuffled(self._planned(ranges), self.shuffle_buffer, rng),
+            _shuffled(self._borrowed(epoch, slot), self.shuffle_buffer, rng),
+        )
         failures = 0  # transform failures since the last success
         for index, sample in enumerate(raw):
             if index < skip:
@@ -390,16 +410,20 @@ class ShardStream(IterableDataset):
             out = sample
             if self.transform is not None:
                 try:
-                    out = self.transform(sample, np.random.default_rng((self.seed, _TRANSFORM, epoch, self.rank,
-                                                                        slot, index)))
+                    out = self.transform(
+                        sample, np.random.default_rng((self.seed, _TRANSFORM, epoch, self.rank, slot, index))
+                    )
                 except Exception as e:
                     url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
                     failures += 1
                     if failures > min(self.total_samples, _MAX_FAILURES_IN_A_ROW):
-                        raise BadShardError(f"the transform failed on {failures} samples in a row (last: "
-                                            f"{storage.redact(url)} {key!r}: {type(e).__name__}: {e})") from e
-                    self._src.bad_sample(url, key, f"{storage.redact(url)}: sample {key!r}: transform failed: "
-                                              f"{type(e).__name__}: {e}", e)
+                        raise BadShardError(
+                            f"the transform failed on {failures} samples in a row (last: "
+                            f"{storage.redact(url)} {key!r}: {type(e).__name__}: {e})"
+                        ) from e
+                    self._src.bad_sample(
+                        url, key, f"{storage.redact(url)}: sample {key!r}: transform failed: {type(e).__name__}: {e}", e
+                    )
                     continue
             failures = 0
             out["__key__"] = sample["__key__"]
@@ -512,9 +536,20 @@ def make_loader(
         if not urls:
             raise FileNotFoundError("no shards given (empty list)")
     dataset = ShardStream(
-        urls, sizes, transform, batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, rank=rank,
-        world_size=world_size, position=position, on_bad_shard=on_bad_shard, streams=streams,
-        open_kwargs=open_kwargs, verify_images=verify_images)
+        urls,
+        sizes,
+        transform,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        position=position,
+        on_bad_shard=on_bad_shard,
+        streams=streams,
+        open_kwargs=open_kwargs,
+        verify_images=verify_images,
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -11,7 +11,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
 # A gloo group for small host-side flags and counters: on GPU runs it keeps them off NCCL, so checking them forces no
 # device synchronisation. None without a group or when the default group is already gloo.
 _CPU_GROUP = None
@@ -57,8 +56,11 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> torch.device:
     else:
         dev = torch.device("cpu")
     if launched and not is_dist():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
-                                device_id=dev if use_cuda else None)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
         if use_cuda:
             global _CPU_GROUP
             _CPU_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))

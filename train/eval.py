@@ -49,8 +49,9 @@ import functools
 import hashlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,9 +67,25 @@ from train.augment import normalize
 from train.model import ARCHS, ResNetEncoder
 from train.views import crop_view, decode_for_crops, image_tensor
 
-__all__ = ["Labelled", "EvalError", "load_labelled", "split", "in_val", "extract", "stream_features", "knn_scores",
-           "knn_top1", "linear_scores", "linear_top1", "topk_accuracy", "classify", "load_encoder", "infer_arch",
-           "evaluate", "main"]
+__all__ = [
+    "Labelled",
+    "EvalError",
+    "load_labelled",
+    "split",
+    "in_val",
+    "extract",
+    "stream_features",
+    "knn_scores",
+    "knn_top1",
+    "linear_scores",
+    "linear_top1",
+    "topk_accuracy",
+    "classify",
+    "load_encoder",
+    "infer_arch",
+    "evaluate",
+    "main",
+]
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -117,11 +134,12 @@ def centre_view(jpeg: bytes, width: int, height: int, *, size: int, resize: int,
         out_w, out_h = int(resize * width / height), resize
     x = F.interpolate(image_tensor(img), size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
     top, left = round((out_h - size) / 2), round((out_w - size) / 2)
-    return x[0, :3, top:top + size, left:left + size].contiguous()
+    return x[0, :3, top : top + size, left : left + size].contiguous()
 
 
-def box_views(jpeg: bytes, width: int, height: int, boxes: np.ndarray, *, size: int,
-              name: str = "sample") -> torch.Tensor:
+def box_views(
+    jpeg: bytes, width: int, height: int, boxes: np.ndarray, *, size: int, name: str = "sample"
+) -> torch.Tensor:
     """Each box (int xyxy image pixels ``[B, 4]``, B >= 1) cut out and resized to size x size, aspect not kept
     (UniVIP's instance crops) -> uint8 ``[B, 3, size, size]``."""
     img, _ = decode_for_crops(jpeg, width, height, [], draft=False, name=name)  # full size, as above
@@ -144,14 +162,17 @@ def sample_items(sample: dict[str, Any], view: _View) -> list[tuple[torch.Tensor
     name = f"{storage.redact(sample['__url__'])}: sample {key}"
     label = meta.get("label")
     if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-        raise EvalError(f"{name} has label {json.dumps(label)}: evaluation needs labelled shards (prep imagenet "
-                        "writes the class index; prep coco and prep folder write none)")
+        raise EvalError(
+            f"{name} has label {json.dumps(label)}: evaluation needs labelled shards (prep imagenet "
+            "writes the class index; prep coco and prep folder write none)"
+        )
     width, height = int(meta["width"]), int(meta["height"])
     try:
         if not view.boxes:
-            return [(centre_view(sample["jpg"], width, height, size=view.size, resize=view.resize, name=name),
-                     label, key)]
-        boxes = meta["boxes"][:view.max_boxes]
+            return [
+                (centre_view(sample["jpg"], width, height, size=view.size, resize=view.resize, name=name), label, key)
+            ]
+        boxes = meta["boxes"][: view.max_boxes]
         if len(boxes) == 0:
             return []
         crops = box_views(sample["jpg"], width, height, boxes, size=view.size, name=name)
@@ -226,18 +247,30 @@ def _known_samples(spec: str) -> int | None:
     return sum(sizes.values()) if sizes else None
 
 
-def _batches(spec: str, view: _View, *, batch_size: int, workers: int, progress: bool, desc: str,
-             pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def _batches(
+    spec: str, view: _View, *, batch_size: int, workers: int, progress: bool, desc: str, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """(images uint8 [B, 3, S, S], labels int64 [B], keys) of a spec's items, decoded in ``workers`` processes."""
     urls = _expand(spec)
     loader = DataLoader(
-        _Items(urls, view, {"allow_pipe": storage.settings()["allow_pipe"]}), batch_size=batch_size,
-        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+        _Items(urls, view, {"allow_pipe": storage.settings()["allow_pipe"]}),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
         # one intra-op thread per worker, and the --s3-endpoint setting, whatever the start method
-        worker_init_fn=functools.partial(data._worker_init, storage.settings()) if workers else None)
+        worker_init_fn=functools.partial(data._worker_init, storage.settings()) if workers else None,
+    )
     total = None if view.boxes else _known_samples(spec)
-    with tqdm(total=total, desc=desc, unit="img" if not view.boxes else "crop", disable=not progress,
-              dynamic_ncols=True, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 60.0) as bar:
+    with tqdm(
+        total=total,
+        desc=desc,
+        unit="img" if not view.boxes else "crop",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.1 if sys.stderr.isatty() else 60.0,
+    ) as bar:
         for batch in loader:
             if isinstance(batch, _Failure):
                 raise EvalError(batch.message)
@@ -245,8 +278,9 @@ def _batches(spec: str, view: _View, *, batch_size: int, workers: int, progress:
             yield batch
 
 
-def _gather(spec: str, view: _View, per_batch: Callable[[torch.Tensor], torch.Tensor], **loader_kw
-            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _gather(
+    spec: str, view: _View, per_batch: Callable[[torch.Tensor], torch.Tensor], **loader_kw
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(per_batch(images) of every batch, labels, keys), concatenated and sorted by key, so the result does not
     depend on the number of workers. Raises EvalError when the spec holds no sample."""
     parts, labels, keys = [], [], []
@@ -262,13 +296,22 @@ def _gather(spec: str, view: _View, per_batch: Callable[[torch.Tensor], torch.Te
     return out[order], torch.cat(labels)[order], [keys[i] for i in order.tolist()]
 
 
-def load_labelled(spec: str, *, size: int, boxes: bool = False, max_boxes: int | None = None, workers: int = 0,
-                  progress: bool = False, resize: int | None = None) -> Labelled:
+def load_labelled(
+    spec: str,
+    *,
+    size: int,
+    boxes: bool = False,
+    max_boxes: int | None = None,
+    workers: int = 0,
+    progress: bool = False,
+    resize: int | None = None,
+) -> Labelled:
     """Every item of a labelled shard spec (anything ``shards.reader.expand_spec`` takes) in memory, sorted by key.
     For small sets: N x 3 x size x size bytes. ``resize`` defaults to ``default_resize(size)``."""
     view = _View(size, resize or default_resize(size), boxes, max_boxes)
-    images, labels, keys = _gather(spec, view, lambda x: x, batch_size=64, workers=workers, progress=progress,
-                                   desc="load")
+    images, labels, keys = _gather(
+        spec, view, lambda x: x, batch_size=64, workers=workers, progress=progress, desc="load"
+    )
     return Labelled(images, labels, keys)
 
 
@@ -276,9 +319,10 @@ def load_labelled(spec: str, *, size: int, boxes: bool = False, max_boxes: int |
 def in_val(keys: list[str], val_fraction: float) -> torch.Tensor:
     """bool [N]: whether each key is in the val split, decided by a hash of its sample key alone (a box crop
     ``KEY#i`` goes with its sample), so the split is the same in any order, process or worker count."""
+
     def unit(key: str) -> float:
         digest = hashlib.blake2b(key.split(_BOX_SEP, 1)[0].encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2.0 ** 64
+        return int.from_bytes(digest, "big") / 2.0**64
 
     return torch.tensor([unit(k) < val_fraction for k in keys], dtype=torch.bool)
 
@@ -319,28 +363,54 @@ def _features(encoder: torch.nn.Module, images: torch.Tensor, device: torch.devi
 
 
 @torch.no_grad()
-def extract(encoder: torch.nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 256,
-            progress: bool = False) -> torch.Tensor:
+def extract(
+    encoder: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
     """Features of uint8 images ``[N, 3, S, S]`` -> float32 ``[N, C]`` on the CPU, with the encoder (already on
     ``device``) in eval mode; its previous mode is restored afterwards."""
     with _eval_mode(encoder):
         starts = range(0, len(images), batch_size)
-        out = [_features(encoder, images[i:i + batch_size], device)
-               for i in tqdm(starts, desc="features", disable=not progress, file=sys.stderr, dynamic_ncols=True)]
+        out = [
+            _features(encoder, images[i : i + batch_size], device)
+            for i in tqdm(starts, desc="features", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        ]
     return torch.cat(out) if out else torch.zeros(0, getattr(encoder, "dim", 0))
 
 
 @torch.no_grad()
-def stream_features(encoder: torch.nn.Module, spec: str, *, device: torch.device, size: int,
-                    resize: int | None = None, boxes: bool = False, max_boxes: int | None = None,
-                    batch_size: int = 256, workers: int = 0, progress: bool = False, desc: str = "features"
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def stream_features(
+    encoder: torch.nn.Module,
+    spec: str,
+    *,
+    device: torch.device,
+    size: int,
+    resize: int | None = None,
+    boxes: bool = False,
+    max_boxes: int | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(features float32 [N, C], labels int64 [N], keys) of a labelled shard spec, sorted by key; the shards are
     streamed and only the features are kept."""
     view = _View(size, resize or default_resize(size), boxes, max_boxes)
     with _eval_mode(encoder):
-        return _gather(spec, view, lambda x: _features(encoder, x, device), batch_size=batch_size,
-                       workers=workers, progress=progress, desc=desc, pin_memory=device.type == "cuda")
+        return _gather(
+            spec,
+            view,
+            lambda x: _features(encoder, x, device),
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            desc=desc,
+            pin_memory=device.type == "cuda",
+        )
 
 
 # --- classifiers ---------------------------------------------------------------------------------------------------
@@ -351,9 +421,16 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
 
 
 @torch.no_grad()
-def knn_scores(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, *, k: int = DEFAULT_K,
-               temperature: float = DEFAULT_TEMPERATURE, n_classes: int | None = None,
-               device: torch.device | None = None) -> torch.Tensor:
+def knn_scores(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    val_f: torch.Tensor,
+    *,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    n_classes: int | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Weighted kNN votes: train [N, C] + labels [N], val [M, C] -> float32 [M, n_classes] on the CPU, row i the
     sum of exp(cos / T) over the ``k`` train features most similar to val feature i, by their class."""
     device = device or train_f.device
@@ -364,24 +441,38 @@ def knn_scores(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor
     chunk = max(1, (1 << 26) // max(1, len(train)))  # val rows per block: a block's similarities stay <= 256 MiB
     out = []
     for i in range(0, len(val_f), chunk):
-        val = F.normalize(val_f[i:i + chunk].to(device, torch.float32), dim=1)
+        val = F.normalize(val_f[i : i + chunk].to(device, torch.float32), dim=1)
         sim, idx = (val @ train.T).topk(k, dim=1)
         votes = torch.zeros(len(val), n_classes, device=device)
         out.append(votes.scatter_add_(1, train_y[idx], (sim / temperature).exp()).cpu())
     return torch.cat(out) if out else torch.zeros(0, n_classes)
 
 
-def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor, *,
-             k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE, device: torch.device | None = None
-             ) -> float:
+def knn_top1(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    val_f: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    device: torch.device | None = None,
+) -> float:
     n_classes = int(torch.cat([train_y, val_y]).max()) + 1
     scores = knn_scores(train_f, train_y, val_f, k=k, temperature=temperature, n_classes=n_classes, device=device)
     return topk_accuracy(scores, val_y, 1)
 
 
-def linear_scores(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, *, n_classes: int | None = None,
-                  wd: float = DEFAULT_WD, max_iter: int = DEFAULT_LINEAR_ITERS,
-                  device: torch.device | None = None) -> torch.Tensor:
+def linear_scores(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    val_f: torch.Tensor,
+    *,
+    n_classes: int | None = None,
+    wd: float = DEFAULT_WD,
+    max_iter: int = DEFAULT_LINEAR_ITERS,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Logistic-regression probe: fitted on train [N, C] + labels [N] -> val logits float32 [M, n_classes] (CPU).
 
     Standardised features, full-batch L-BFGS from zero weights, penalty wd/2 * ||W||^2: see the module docstring."""
@@ -393,8 +484,7 @@ def linear_scores(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Ten
     y = train_y.to(device)
     weight = torch.zeros(n_classes, x.shape[1], device=device, requires_grad=True)
     bias = torch.zeros(n_classes, device=device, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -409,9 +499,17 @@ def linear_scores(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Ten
         return (val @ weight.T + bias).cpu()
 
 
-def linear_top1(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor, *,
-                seed: int = 0, wd: float = DEFAULT_WD, max_iter: int = DEFAULT_LINEAR_ITERS,
-                device: torch.device | None = None) -> float:
+def linear_top1(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    val_f: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    seed: int = 0,
+    wd: float = DEFAULT_WD,
+    max_iter: int = DEFAULT_LINEAR_ITERS,
+    device: torch.device | None = None,
+) -> float:
     """Top-1 of the linear probe. Nothing in the fit is random (zero start, full batch, a strictly convex
     problem), so ``seed`` does not change the result; it is kept so that callers can record one."""
     del seed
@@ -420,10 +518,20 @@ def linear_top1(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tenso
     return topk_accuracy(scores, val_y, 1)
 
 
-def classify(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor, *,
-             k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE, knn: bool = True, linear: bool = True,
-             wd: float = DEFAULT_WD, linear_iters: int = DEFAULT_LINEAR_ITERS,
-             device: torch.device | None = None) -> dict[str, Any]:
+def classify(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    val_f: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    knn: bool = True,
+    linear: bool = True,
+    wd: float = DEFAULT_WD,
+    linear_iters: int = DEFAULT_LINEAR_ITERS,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """Accuracies of the kNN classifier and the linear probe on features, and the set sizes:
     ``knn_top1`` (``knn_top5``), ``linear_top1`` (``linear_top5``; top-5 with more than 5 classes), ``n_train``,
     ``n_val``, ``n_classes`` (distinct labels in train and val)."""
@@ -440,15 +548,37 @@ def classify(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, 
     return out
 
 
-def evaluate(encoder: torch.nn.Module, train: Labelled, val: Labelled, *, device: torch.device, k: int = DEFAULT_K,
-             temperature: float = DEFAULT_TEMPERATURE, knn: bool = True, linear: bool = True, wd: float = DEFAULT_WD,
-             linear_iters: int = DEFAULT_LINEAR_ITERS, batch_size: int = 256, progress: bool = False
-             ) -> dict[str, Any]:
+def evaluate(
+    encoder: torch.nn.Module,
+    train: Labelled,
+    val: Labelled,
+    *,
+    device: torch.device,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    knn: bool = True,
+    linear: bool = True,
+    wd: float = DEFAULT_WD,
+    linear_iters: int = DEFAULT_LINEAR_ITERS,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, Any]:
     """``classify`` on the features of two in-memory sets (the encoder on ``device``, left in its mode)."""
     train_f = extract(encoder, train.images, device=device, batch_size=batch_size, progress=progress)
     val_f = extract(encoder, val.images, device=device, batch_size=batch_size, progress=progress)
-    return classify(train_f, train.labels, val_f, val.labels, k=k, temperature=temperature, knn=knn, linear=linear,
-                    wd=wd, linear_iters=linear_iters, device=device)
+    return classify(
+        train_f,
+        train.labels,
+        val_f,
+        val.labels,
+        k=k,
+        temperature=temperature,
+        knn=knn,
+        linear=linear,
+        wd=wd,
+        linear_iters=linear_iters,
+        device=device,
+    )
 
 
 # --- encoders ------------------------------------------------------------------------------------------------------
@@ -482,8 +612,10 @@ def _read_export(path: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise EvalError(f"{path}: no such file") from None
     except Exception as e:  # a detectron2 pickle, a truncated file, ...
-        raise EvalError(f"{path}: not a torchvision state dict ({type(e).__name__}: {e}); write one with "
-                        "python -m train.export CKPT --format torchvision") from e
+        raise EvalError(
+            f"{path}: not a torchvision state dict ({type(e).__name__}: {e}); write one with "
+            "python -m train.export CKPT --format torchvision"
+        ) from e
     if isinstance(state, dict) and {"model", "config"} <= set(state):
         raise EvalError(f"{path} is a training checkpoint, not an export: pass it as CKPT (or --checkpoint)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -500,8 +632,15 @@ def _load_into(net: ResNetEncoder, state: dict[str, torch.Tensor], path: str) ->
         raise EvalError(f"{path}: the backbone does not fit: {e}") from e
 
 
-def load_encoder(*, checkpoint: str | None = None, export: str | None = None, random_init: bool = False,
-                 arch: str | None = None, encoder: str = "online", seed: int = 0) -> tuple[ResNetEncoder, dict]:
+def load_encoder(
+    *,
+    checkpoint: str | None = None,
+    export: str | None = None,
+    random_init: bool = False,
+    arch: str | None = None,
+    encoder: str = "online",
+    seed: int = 0,
+) -> tuple[ResNetEncoder, dict]:
     """The encoder to evaluate, on the CPU, from exactly one source, and a dict saying what was loaded
     (``source``: checkpoint | export | random-init, ``arch``, and ``path``, ``step``, ``encoder``, ``seed`` where
     they apply).
@@ -530,18 +669,25 @@ def load_encoder(*, checkpoint: str | None = None, export: str | None = None, ra
         if arch is not None and arch != saved:
             raise EvalError(f"{checkpoint} holds a {saved} backbone, not {arch}")
         prefix = f"{encoder}.encoder.net."
-        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
         if not state:
             raise EvalError(f"{checkpoint}: the model state has no {encoder} encoder ({prefix}*)")
         net = ResNetEncoder(saved)
         _load_into(net, state, checkpoint)
-        return net, {"source": "checkpoint", "path": checkpoint, "step": int(ckpt["step"]), "arch": saved,
-                     "encoder": encoder}
+        return net, {
+            "source": "checkpoint",
+            "path": checkpoint,
+            "step": int(ckpt["step"]),
+            "arch": saved,
+            "encoder": encoder,
+        }
     state = _read_export(export)
     found = infer_arch(state)
     if found is None:
-        raise EvalError(f"{export}: its {len(state)} tensors are not the backbone of any of {', '.join(ARCHS)} "
-                        "(torchvision names and shapes)")
+        raise EvalError(
+            f"{export}: its {len(state)} tensors are not the backbone of any of {', '.join(ARCHS)} "
+            "(torchvision names and shapes)"
+        )
     if arch is not None and arch != found:
         raise EvalError(f"{export} holds a {found} backbone, not {arch}")
     net = ResNetEncoder(found)
@@ -551,53 +697,90 @@ def load_encoder(*, checkpoint: str | None = None, export: str | None = None, ra
 
 # --- command line --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_argument_group("encoder (exactly one source)")
     g.add_argument("ckpt", nargs="?", metavar="CKPT", help="a ckpt-XXXXXXXX.pt written by python -m train")
     g.add_argument("--checkpoint", metavar="CKPT", help="the same, as a flag")
-    g.add_argument("--export", metavar="FILE", help="a python -m train.export --format torchvision file (or any "
-                   "torchvision ResNet state dict; fc is ignored)")
+    g.add_argument(
+        "--export",
+        metavar="FILE",
+        help="a python -m train.export --format torchvision file (or any torchvision ResNet state dict; fc is ignored)",
+    )
     g.add_argument("--random-init", action="store_true", help="an untrained encoder (needs --arch): the floor")
     g.add_argument("--arch", choices=ARCHS, help="the architecture; with a checkpoint or export, a check")
     g.add_argument("--encoder", choices=ENCODERS, help="which branch of a checkpoint (default: online)")
     g.add_argument("--seed", type=int, default=0, help="initialisation seed of --random-init (default: 0)")
-    g = p.add_argument_group("labelled data (shards from prep imagenet: local dir, brace pattern, glob, "
-                             "manifest.json, s3://, https://)")
+    g = p.add_argument_group(
+        "labelled data (shards from prep imagenet: local dir, brace pattern, glob, manifest.json, s3://, https://)"
+    )
     g.add_argument("--data", metavar="SPEC", help="one labelled set, split by --val-fraction")
-    g.add_argument("--val-fraction", type=float, metavar="F",
-                   help="with --data: the share of samples in the val split, chosen by a hash of the sample key")
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="with --data: the share of samples in the val split, chosen by a hash of the sample key",
+    )
     g.add_argument("--train-data", metavar="SPEC", help="the train split (with --val-data)")
     g.add_argument("--val-data", metavar="SPEC", help="the val split (with --train-data)")
     g.add_argument("--size", type=int, default=224, help="input side in pixels (default: 224)")
     g.add_argument("--resize", type=int, help="shorter side before the centre crop (default: round(size*256/224))")
-    g.add_argument("--boxes", action="store_true",
-                   help="evaluate the stored proposal boxes instead of whole images: each box cut out and resized "
-                        "to size x size, labelled with its image's label")
-    g.add_argument("--max-boxes", type=int, metavar="N", help="with --boxes: the first N boxes of a sample "
-                   "(default: all)")
+    g.add_argument(
+        "--boxes",
+        action="store_true",
+        help="evaluate the stored proposal boxes instead of whole images: each box cut out and resized "
+        "to size x size, labelled with its image's label",
+    )
+    g.add_argument(
+        "--max-boxes", type=int, metavar="N", help="with --boxes: the first N boxes of a sample (default: all)"
+    )
     g.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding images (default: 4)")
-    g.add_argument("--s3-endpoint", default="", help="S3 API endpoint for s3:// data (default: $S3_ENDPOINT_URL, "
-                   "else $AWS_ENDPOINT_URL, else AWS)")
+    g.add_argument(
+        "--s3-endpoint",
+        default="",
+        help="S3 API endpoint for s3:// data (default: $S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS)",
+    )
     g.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run a shell command)")
     g = p.add_argument_group("features (streamed: only N x C float32 features stay in memory)")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto = cuda when available (bf16 autocast, channels_last), else cpu (default: auto)")
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto = cuda when available (bf16 autocast, channels_last), else cpu (default: auto)",
+    )
     g = p.add_argument_group("classifiers")
     g.add_argument("--k", type=int, default=DEFAULT_K, help=f"kNN neighbours (default: {DEFAULT_K})")
-    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help=f"kNN vote weight exp(cos / T) (default: {DEFAULT_TEMPERATURE})")
-    g.add_argument("--wd", type=float, default=DEFAULT_WD,
-                   help=f"linear probe L2 penalty wd/2 * ||W||^2 on standardised features (default: {DEFAULT_WD})")
-    g.add_argument("--linear-iters", type=int, default=DEFAULT_LINEAR_ITERS,
-                   help=f"linear probe L-BFGS iterations at most (default: {DEFAULT_LINEAR_ITERS})")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"kNN vote weight exp(cos / T) (default: {DEFAULT_TEMPERATURE})",
+    )
+    g.add_argument(
+        "--wd",
+        type=float,
+        default=DEFAULT_WD,
+        help=f"linear probe L2 penalty wd/2 * ||W||^2 on standardised features (default: {DEFAULT_WD})",
+    )
+    g.add_argument(
+        "--linear-iters",
+        type=int,
+        default=DEFAULT_LINEAR_ITERS,
+        help=f"linear probe L-BFGS iterations at most (default: {DEFAULT_LINEAR_ITERS})",
+    )
     g.add_argument("--no-knn", action="store_true", help="skip the kNN classifier")
     g.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     g = p.add_argument_group("output")
-    g.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                   help="also write the results and every setting as JSON to FILE, or to stdout with - (the "
-                        "summary line then goes to stderr)")
+    g.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="also write the results and every setting as JSON to FILE, or to stdout with - (the "
+        "summary line then goes to stderr)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -606,8 +789,9 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.ckpt and args.checkpoint:
         p.error("give the checkpoint once: CKPT or --checkpoint")
     args.checkpoint = args.checkpoint or args.ckpt
-    sources = [n for n, v in (("CKPT", args.checkpoint), ("--export", args.export),
-                              ("--random-init", args.random_init)) if v]
+    sources = [
+        n for n, v in (("CKPT", args.checkpoint), ("--export", args.export), ("--random-init", args.random_init)) if v
+    ]
     if len(sources) != 1:
         got = " ".join(sources) or "none"
         p.error(f"give exactly one encoder source: CKPT, --export FILE or --random-init (got {got})")
@@ -648,14 +832,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation of parsed, checked arguments -> the JSON result."""
     storage.configure(endpoint_url=args.s3_endpoint or None, allow_pipe=args.allow_pipe)
     device = _device(args.device)
-    encoder, loaded = load_encoder(checkpoint=args.checkpoint, export=args.export, random_init=args.random_init,
-                                   arch=args.arch, encoder=args.encoder or "online", seed=args.seed)
+    encoder, loaded = load_encoder(
+        checkpoint=args.checkpoint,
+        export=args.export,
+        random_init=args.random_init,
+        arch=args.arch,
+        encoder=args.encoder or "online",
+        seed=args.seed,
+    )
     encoder = encoder.to(device)
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
     features = functools.partial(
-        stream_features, encoder, device=device, size=args.size, resize=args.resize, boxes=args.boxes,
-        max_boxes=args.max_boxes, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+        stream_features,
+        encoder,
+        device=device,
+        size=args.size,
+        resize=args.resize,
+        boxes=args.boxes,
+        max_boxes=args.max_boxes,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
     if args.data:
         f, y, keys = features(args.data)
         val = in_val(keys, args.val_fraction)
@@ -664,12 +863,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         train_f, train_y, _ = features(args.train_data, desc="train")
         val_f, val_y, _ = features(args.val_data, desc="val")
-    result = classify(train_f, train_y, val_f, val_y, k=args.k, temperature=args.temperature,
-                      knn=not args.no_knn, linear=not args.no_linear, wd=args.wd, linear_iters=args.linear_iters,
-                      device=device)
-    settings = {name: getattr(args, name) for name in (
-        "data", "val_fraction", "train_data", "val_data", "size", "resize", "boxes", "max_boxes", "batch_size",
-        "k", "temperature", "wd", "linear_iters")}
+    result = classify(
+        train_f,
+        train_y,
+        val_f,
+        val_y,
+        k=args.k,
+        temperature=args.temperature,
+        knn=not args.no_knn,
+        linear=not args.no_linear,
+        wd=args.wd,
+        linear_iters=args.linear_iters,
+        device=device,
+    )
+    settings = {
+        name: getattr(args, name)
+        for name in (
+            "data",
+            "val_fraction",
+            "train_data",
+            "val_data",
+            "size",
+            "resize",
+            "boxes",
+            "max_boxes",
+            "batch_size",
+            "k",
+            "temperature",
+            "wd",
+            "linear_iters",
+        )
+    }
     settings.update(device=str(device), knn=not args.no_knn, linear=not args.no_linear)
     return {**result, "model": loaded, "settings": settings}
 
@@ -685,8 +909,9 @@ def summary(result: dict[str, Any]) -> str:
     else:
         model = f"{m['arch']} random-init seed {m['seed']}"
     boxes = " box crops" if result["settings"]["boxes"] else ""
-    return (f"{scores} | {model} | train {result['n_train']} val {result['n_val']}{boxes} | "
-            f"{result['n_classes']} classes")
+    return (
+        f"{scores} | {model} | train {result['n_train']} val {result['n_val']}{boxes} | {result['n_classes']} classes"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

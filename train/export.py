@@ -37,7 +37,7 @@ def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     if len(online) != 1:
         raise ValueError(f"cannot tell the online ResNet encoder among prefixes {prefixes}")
     prefix = online[0]
-    out = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    out = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
     return {k: v for k, v in out.items() if not k.startswith("fc.")}
 
 
@@ -71,17 +71,24 @@ def to_detectron2(state: dict[str, torch.Tensor]) -> dict:
 def detectron2_config(arch: str, weights: str) -> str:
     """The detectron2 YAML lines for an exported torchvision ResNet ``arch`` stored at ``weights``."""
     depth = int(arch.removeprefix("resnet"))
-    lines = ["MODEL:", f"  WEIGHTS: {weights}", "  PIXEL_MEAN: [123.675, 116.280, 103.530]",
-             "  PIXEL_STD: [58.395, 57.120, 57.375]", "  RESNETS:", f"    DEPTH: {depth}",
-             "    STRIDE_IN_1X1: False  # torchvision strides in the 3x3 conv"]
+    lines = [
+        "MODEL:",
+        f"  WEIGHTS: {weights}",
+        "  PIXEL_MEAN: [123.675, 116.280, 103.530]",
+        "  PIXEL_STD: [58.395, 57.120, 57.375]",
+        "  RESNETS:",
+        f"    DEPTH: {depth}",
+        "    STRIDE_IN_1X1: False  # torchvision strides in the 3x3 conv",
+    ]
     if depth < 50:  # BasicBlock ResNets: detectron2 needs the narrower res2
         lines.append("    RES2_OUT_CHANNELS: 64")
     return "\n".join(lines + ["INPUT:", "  FORMAT: RGB"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="a ckpt-XXXXXXXX.pt written by python -m train")
     p.add_argument("--format", required=True, choices=("torchvision", "detectron2"))
     p.add_argument("-o", "--output", required=True, help="file to write")

@@ -29,7 +29,8 @@ refuses shrink factors above ~90; a crop more than ``MAX_SHRINK`` times the view
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,13 @@ def _resize(patch: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[2:]
     if max(h, w) > MAX_SHRINK * size:  # two steps, each within the kernel's limit; the extent maps exactly
         r = MAX_SHRINK // 2 * size / max(h, w)
-        x = F.interpolate(x, size=(max(size, round(h * r)), max(size, round(w * r))), mode="bilinear",
-                          antialias=True, align_corners=False)
+        x = F.interpolate(
+            x,
+            size=(max(size, round(h * r)), max(size, round(w * r))),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
@@ -72,8 +78,14 @@ def _flip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def cut_views(images: Sequence[torch.Tensor], crops1: torch.Tensor, crops2: torch.Tensor, flips1: torch.Tensor,
-              flips2: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cut_views(
+    images: Sequence[torch.Tensor],
+    crops1: torch.Tensor,
+    crops2: torch.Tensor,
+    flips1: torch.Tensor,
+    flips2: torch.Tensor,
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Both views of each decoded image (uint8 ``[3, H, W]`` on the device) -> ``(view1, view2)`` uint8
     ``[B, 3, S, S]``. crops: ``[B, 4]`` xyxy image pixels; flips: bool ``[B]``."""
     views = []
@@ -82,13 +94,14 @@ def cut_views(images: Sequence[torch.Tensor], crops1: torch.Tensor, crops2: torc
         out = []
         for i, (img, box) in enumerate(zip(images, boxes)):
             _check(box, img.shape[2], img.shape[1], i)
-            out.append(_resize(img[:, box[1]:box[3], box[0]:box[2]], size))
+            out.append(_resize(img[:, box[1] : box[3], box[0] : box[2]], size))
         views.append(_flip(torch.stack(out), flips))  # float32 [B, 3, S, S] -> uint8
     return views[0], views[1]
 
 
-def cut_instances(images: Sequence[torch.Tensor], boxes: torch.Tensor, flips1: torch.Tensor, flips2: torch.Tensor,
-                  size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cut_instances(
+    images: Sequence[torch.Tensor], boxes: torch.Tensor, flips1: torch.Tensor, flips2: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The K instance boxes of each decoded image cut at the image's own resolution and resized to ``size``, once;
     each view's set flipped like its view -> ``(inst1, inst2)`` uint8 ``[B, K, 3, s, s]``. boxes: ``[B, K, 4]`` xyxy
     image pixels (``views.UniVIPTransform``'s ``inst_boxes``). B * K resize launches: the instances' cost."""
@@ -98,13 +111,20 @@ def cut_instances(images: Sequence[torch.Tensor], boxes: torch.Tensor, flips1: t
         for box in img_boxes:
             box = [box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1)]
             _check(box, img.shape[2], img.shape[1], i)
-            crops.append(_resize(img[:, box[1]:box[3], box[0]:box[2]], size))
+            crops.append(_resize(img[:, box[1] : box[3], box[0] : box[2]], size))
     x = torch.stack(crops).view(len(ints), -1, 3, size, size)  # float32 [B, K, 3, s, s]
     return _flip(x, flips1), _flip(x, flips2)
 
 
-def decode_views(jpegs: Sequence[torch.Tensor], crops1: torch.Tensor, crops2: torch.Tensor, flips1: torch.Tensor,
-                 flips2: torch.Tensor, size: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_views(
+    jpegs: Sequence[torch.Tensor],
+    crops1: torch.Tensor,
+    crops2: torch.Tensor,
+    flips1: torch.Tensor,
+    flips2: torch.Tensor,
+    size: int,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode B JPEGs on ``device`` and cut both views from each -> ``(view1, view2)`` uint8 ``[B, 3, S, S]``.
 
     jpegs: B uint8 ``[nbytes]`` CPU tensors (pinned memory helps nvjpeg). crops1, crops2: ``[B, 4]`` xyxy in image
@@ -112,13 +132,16 @@ def decode_views(jpegs: Sequence[torch.Tensor], crops1: torch.Tensor, crops2: to
     (CPU or ``device``). size: view side S. Raises ValueError when a crop does not lie inside its image."""
     b = len(jpegs)
     if not (len(crops1) == len(crops2) == len(flips1) == len(flips2) == b) or b == 0:
-        raise ValueError(f"decode_views: {b} JPEGs but {len(crops1)}, {len(crops2)} crops and {len(flips1)}, "
-                         f"{len(flips2)} flips (need the same non-zero number)")
+        raise ValueError(
+            f"decode_views: {b} JPEGs but {len(crops1)}, {len(crops2)} crops and {len(flips1)}, "
+            f"{len(flips2)} flips (need the same non-zero number)"
+        )
     return cut_views(_decode(jpegs, torch.device(device)), crops1, crops2, flips1, flips2, size)
 
 
-def decode_batch(batch: Mapping[str, Any], size: int, device: torch.device | str,
-                 instance_size: int | None = None) -> dict[str, torch.Tensor]:
+def decode_batch(
+    batch: Mapping[str, Any], size: int, device: torch.device | str, instance_size: int | None = None
+) -> dict[str, torch.Tensor]:
     """A collated batch of the ``gpu_decode`` transform (``train.data.collate`` packs the JPEG bytes into ``jpeg`` +
     ``jpeg_sizes``) -> ``view1``, ``view2`` uint8 ``[B, 3, S, S]`` on ``device``, and, when the batch carries
     ``inst_boxes`` (instances cut from the source image), ``inst1``, ``inst2`` uint8 ``[B, K, 3, s, s]``
@@ -133,6 +156,7 @@ def decode_batch(batch: Mapping[str, Any], size: int, device: torch.device | str
     if "inst_boxes" in batch:
         if not instance_size:
             raise ValueError("decode_batch: the batch carries instance boxes but no instance_size was given")
-        out["inst1"], out["inst2"] = cut_instances(images, batch["inst_boxes"], batch["flip1"], batch["flip2"],
-                                                   instance_size)
+        out["inst1"], out["inst2"] = cut_instances(
+            images, batch["inst_boxes"], batch["flip1"], batch["flip2"], instance_size
+        )
     return out

@@ -95,9 +95,7 @@ def ot_masses(o: Tensor, t: Tensor, f_o: Tensor, f_t: Tensor) -> tuple[Tensor, T
         return _normalise_mass(rows), _normalise_mass(cols)
 
 
-def instance_ot_loss(
-    o: Tensor, t: Tensor, f_o: Tensor, f_t: Tensor, eps: float = 0.05, iters: int = 50
-) -> Tensor:
+def instance_ot_loss(o: Tensor, t: Tensor, f_o: Tensor, f_t: Tensor, eps: float = 0.05, iters: int = 50) -> Tensor:
     """Instance-instance loss by optimal transport, one direction (the caller symmetrises over the two views).
 
     o: online instance outputs of one view [B, K, D] (after projector + predictor; gradients flow into it);

@@ -16,8 +16,8 @@ Instance features, two ways (`ModelConfig.instance_mode`; docs/method.md, "Insta
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,18 @@ from torchvision.ops import roi_align
 from train.config import ARCHS, TrainConfig, loss_weights
 from train.losses import byol_loss, instance_ot_loss, scene_instance_loss
 
-__all__ = ["ModelConfig", "ResNetEncoder", "MLP", "Branch", "UniVIP", "update_target", "boxes_to_rois", "TERMS",
-           "LOGGED", "embedding_std"]
+__all__ = [
+    "ModelConfig",
+    "ResNetEncoder",
+    "MLP",
+    "Branch",
+    "UniVIP",
+    "update_target",
+    "boxes_to_rois",
+    "TERMS",
+    "LOGGED",
+    "embedding_std",
+]
 
 TERMS = ("scene", "scene_instance", "instance")
 LOGGED = ("total", *TERMS, "z_std")  # what UniVIP.forward returns: the weighted total, the terms, the collapse signal
@@ -72,12 +82,23 @@ class ModelConfig:
         return loss_weights(self.method, self.w_scene, self.w_scene_instance, self.w_instance)
 
     @classmethod
-    def from_train(cls, cfg: TrainConfig) -> "ModelConfig":
+    def from_train(cls, cfg: TrainConfig) -> ModelConfig:
         """The networks and loss settings of a training run's config."""
-        return cls(arch=cfg.arch, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, pred_hidden=cfg.pred_hidden,
-                   k=cfg.k, method=cfg.method, instance_mode=cfg.instance_mode, instance_size=cfg.instance_size,
-                   w_scene=cfg.w_scene, w_scene_instance=cfg.w_scene_instance, w_instance=cfg.w_instance,
-                   ot_eps=cfg.sinkhorn_eps, ot_iters=cfg.sinkhorn_iters)
+        return cls(
+            arch=cfg.arch,
+            proj_hidden=cfg.proj_hidden,
+            proj_dim=cfg.proj_dim,
+            pred_hidden=cfg.pred_hidden,
+            k=cfg.k,
+            method=cfg.method,
+            instance_mode=cfg.instance_mode,
+            instance_size=cfg.instance_size,
+            w_scene=cfg.w_scene,
+            w_scene_instance=cfg.w_scene_instance,
+            w_instance=cfg.w_instance,
+            ot_eps=cfg.sinkhorn_eps,
+            ot_iters=cfg.sinkhorn_iters,
+        )
 
 
 class ResNetEncoder(nn.Module):
@@ -108,8 +129,9 @@ class MLP(nn.Sequential):
     """BYOL's projector / predictor: Linear -> BatchNorm1d -> ReLU -> Linear. [N, in_dim] -> [N, out_dim]."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
-        super().__init__(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out_dim))
+        super().__init__(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+        )
 
 
 def boxes_to_rois(boxes: Tensor) -> Tensor:
@@ -149,11 +171,11 @@ class Branch(nn.Module):
         area-averaged rather than aliased, and enlarging a small one is bilinear.
         """
         rois = boxes_to_rois(boxes.to(view.dtype))
-        return roi_align(view, rois, output_size=self.instance_size, spatial_scale=1.0, sampling_ratio=-1,
-                         aligned=True)
+        return roi_align(view, rois, output_size=self.instance_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
-    def forward(self, view: Tensor, boxes: Tensor | None = None,
-                crops: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, view: Tensor, boxes: Tensor | None = None, crops: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """crops: the K instance crops of each view made by the input pipeline, [B, K, 3, s, s] normalised, or None
         (then "crop" mode cuts them out of the view with roi_align)."""
         view = _like_weights(view, self.encoder.net.conv1)
@@ -173,8 +195,14 @@ class Branch(nn.Module):
             fmap = self.encoder.feature_map(view)  # [B, C, h, w]
             scene_feat = fmap.mean(dim=(2, 3))  # the same global average pool as ResNet's avgpool
             rois = boxes_to_rois(boxes.to(fmap.dtype))
-            pooled = roi_align(fmap, rois, output_size=self.roi_output, spatial_scale=fmap.shape[-1] / view.shape[-1],
-                               sampling_ratio=2, aligned=True)  # [B*K, C, r, r]
+            pooled = roi_align(
+                fmap,
+                rois,
+                output_size=self.roi_output,
+                spatial_scale=fmap.shape[-1] / view.shape[-1],
+                sampling_ratio=2,
+                aligned=True,
+            )  # [B*K, C, r, r]
             inst_feat = pooled.mean(dim=(2, 3))
         # Scene and instances go through the projector separately: their BatchNorm statistics differ (whole views
         # vs object crops) and mixing them would couple the two batches.
@@ -197,8 +225,9 @@ class UniVIP(nn.Module):
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
 
-    def online_forward(self, view: Tensor, boxes: Tensor | None = None,
-                       crops: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    def online_forward(
+        self, view: Tensor, boxes: Tensor | None = None, crops: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Online branch: view [B, 3, H, W], boxes [B, K, 4] or None, crops [B, K, 3, s, s] or None ->
         (p [B, D] scene prediction, o [B, K, D] instance predictions or None, y [B, D] scene projection)."""
         scene, inst = self.online(view, boxes, crops)
@@ -207,14 +236,22 @@ class UniVIP(nn.Module):
         return p, o, scene
 
     @torch.no_grad()
-    def target_forward(self, view: Tensor, boxes: Tensor | None = None,
-                       crops: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def target_forward(
+        self, view: Tensor, boxes: Tensor | None = None, crops: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Target projections (no gradient): view, boxes or None, crops or None -> (z [B, D], t [B, K, D] or None)."""
         return self.target(view, boxes, crops)
 
-    def forward(self, view1: Tensor, view2: Tensor, boxes1: Tensor, boxes2: Tensor,
-                weights: Mapping[str, float] | None = None, crops1: Tensor | None = None,
-                crops2: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        view1: Tensor,
+        view2: Tensor,
+        boxes1: Tensor,
+        boxes2: Tensor,
+        weights: Mapping[str, float] | None = None,
+        crops1: Tensor | None = None,
+        crops2: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """All loss terms for one batch.
 
         view1, view2: [B, 3, H, W] augmented views; boxes1, boxes2: [B, K, 4] the same K objects in each view's pixels.
@@ -244,13 +281,15 @@ class UniVIP(nn.Module):
             terms["scene"] = byol_loss(p1, z2) + byol_loss(p2, z1)
         if w["scene_instance"] != 0:
             z = torch.stack([z1, z2], dim=1)  # [B, 2, D]
-            terms["scene_instance"] = 0.5 * (scene_instance_loss(o1, z, self.linear)
-                                             + scene_instance_loss(o2, z, self.linear))
+            terms["scene_instance"] = 0.5 * (
+                scene_instance_loss(o1, z, self.linear) + scene_instance_loss(o2, z, self.linear)
+            )
         if w["instance"] != 0:
             f_o, f_t = torch.stack([p1, p2], dim=1), torch.stack([z1, z2], dim=1)
             eps, iters = self.cfg.ot_eps, self.cfg.ot_iters
-            terms["instance"] = (instance_ot_loss(o1, t2, f_o, f_t, eps, iters)
-                                 + instance_ot_loss(o2, t1, f_o, f_t, eps, iters))
+            terms["instance"] = instance_ot_loss(o1, t2, f_o, f_t, eps, iters) + instance_ot_loss(
+                o2, t1, f_o, f_t, eps, iters
+            )
         terms["total"] = sum(w[t] * terms[t] for t in TERMS)
         terms["z_std"] = 0.5 * (embedding_std(y1) + embedding_std(y2))
         return terms

@@ -12,7 +12,8 @@ normalised.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ def _repeat(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     return {name: v.repeat_interleave(k, dim=0) for name, v in params.items()}
 
 
-def model_inputs(batch: Mapping[str, Any], vcfg: ViewConfig, device: torch.device,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor | None]:
+def model_inputs(
+    batch: Mapping[str, Any], vcfg: ViewConfig, device: torch.device, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor | None]:
     """A collated batch -> the keyword arguments of ``UniVIP.forward``: ``view1``, ``view2`` float ``[B, 3, S, S]``
     normalised, ``boxes1``, ``boxes2`` ``[B, K, 4]``, ``crops1``, ``crops2`` float ``[B, K, 3, s, s]`` or None.
     ``generator`` (``step_generator``) drives the colour augmentation when ``vcfg.gpu_aug``."""
@@ -62,8 +64,16 @@ def model_inputs(batch: Mapping[str, Any], vcfg: ViewConfig, device: torch.devic
     return out
 
 
-def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, inputs: Mapping[str, Any], *,
-               tau: float, grad_clip: float = 0.0, autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+def train_step(
+    net: nn.Module,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    inputs: Mapping[str, Any],
+    *,
+    tau: float,
+    grad_clip: float = 0.0,
+    autocast=contextlib.nullcontext,
+) -> dict[str, torch.Tensor]:
     """Forward (``net``: the model or its DDP wrapper), backward, optional clipping, optimizer step, then the EMA
     update of ``model``'s target. Returns the forward's outputs (loss terms and ``z_std``), left on the device."""
     with autocast():

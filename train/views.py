@@ -39,7 +39,6 @@ from PIL import Image
 
 from shards import schema
 
-
 VIEWS = ("overlap", "byol")
 
 
@@ -246,8 +245,14 @@ def open_image(jpeg: bytes, width: int, height: int, name: str = "sample") -> Im
     return img
 
 
-def decode_for_crops(jpeg: bytes, width: int, height: int, targets: list[tuple[np.ndarray, int]], draft: bool = True,
-                     name: str = "sample") -> tuple[Image.Image, int]:
+def decode_for_crops(
+    jpeg: bytes,
+    width: int,
+    height: int,
+    targets: list[tuple[np.ndarray, int]],
+    draft: bool = True,
+    name: str = "sample",
+) -> tuple[Image.Image, int]:
     """Decode ``jpeg`` as RGB, at 1/d scale when ``draft_factor`` allows it for every ``(box, output side)`` target
     -> ``(image, d)``; image-pixel coordinates divide by d. Raises ValueError naming ``name`` when the JPEG's size
     differs from the metadata's."""
@@ -358,12 +363,23 @@ def colour_params(view: int, rng: np.random.Generator, cfg: ViewConfig) -> dict[
     sample. Drawn once per view and applied to the view and to its instances alike (``apply_colour``)."""
     u = rng.random(4)
     bj, cj, sj, hj = cfg.jitter
-    factors = (rng.uniform(max(0.0, 1 - bj), 1 + bj), rng.uniform(max(0.0, 1 - cj), 1 + cj),
-               rng.uniform(max(0.0, 1 - sj), 1 + sj), rng.uniform(-hj, hj))
+    factors = (
+        rng.uniform(max(0.0, 1 - bj), 1 + bj),
+        rng.uniform(max(0.0, 1 - cj), 1 + cj),
+        rng.uniform(max(0.0, 1 - sj), 1 + sj),
+        rng.uniform(-hj, hj),
+    )
     order = rng.permutation(4)
     sigma = rng.uniform(*cfg.blur_sigma)
-    return {"jitter": u[0] < cfg.jitter_p, "gray": u[1] < cfg.gray_p, "blur": u[2] < cfg.blur_p[view],
-            "solarize": u[3] < cfg.solarize_p[view], "factors": factors, "order": order, "sigma": sigma}
+    return {
+        "jitter": u[0] < cfg.jitter_p,
+        "gray": u[1] < cfg.gray_p,
+        "blur": u[2] < cfg.blur_p[view],
+        "solarize": u[3] < cfg.solarize_p[view],
+        "factors": factors,
+        "order": order,
+        "sigma": sigma,
+    }
 
 
 def apply_colour(x: np.ndarray, p: dict[str, Any], cfg: ViewConfig) -> np.ndarray:
@@ -468,8 +484,9 @@ class UniVIPTransform:
         src = image_tensor(img)
         shape = (src.shape[2], src.shape[3])
         # the K instances cut once from the source image; each view's set is then flipped and coloured like the view
-        inst_px = [crop_view(src, source_crop(b, d, shape)[0], cfg.instance_size) for b in inst] \
-            if cfg.instance_crops else []
+        inst_px = (
+            [crop_view(src, source_crop(b, d, shape)[0], cfg.instance_size) for b in inst] if cfg.instance_crops else []
+        )
         out: dict[str, Any] = {"fallback": bool(fallback)}
         for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1])))):
             box, covered = source_crop(crop, d, shape)
