@@ -1,15 +1,16 @@
-"""Real servers on 127.0.0.1 for storage tests, as pytest fixtures any test module can use.
+"""Real servers on 127.0.0.1 for storage tests; tests/conftest.py wraps them as the fixtures ``moto_server``,
+``s3_server``, ``http_server`` and ``tcp_proxy``, which any test module takes as arguments without importing them.
 
-    from tests.servers import http_server, s3_server  # noqa: F401  (or pytest_plugins = ["tests.servers"])
+``S3Endpoint`` (the value of ``s3_server``): moto in server mode (the S3 API over HTTP, in-process threads); per test
+a fresh bucket, fake credentials and ``AWS_ENDPOINT_URL`` in the environment. A ``str`` (the endpoint URL) with
+``.bucket``, ``.url(*names)`` -> ``s3://bucket/...``, ``.client()`` and ``.require_auth()`` (make the server check
+credentials).
 
-``s3_server``: moto in server mode (the S3 API over HTTP, in-process threads); per test a fresh bucket, fake
-credentials and ``AWS_ENDPOINT_URL`` in the environment. The value is the endpoint URL (a ``str``) with ``.bucket``,
-``.url(*names)`` -> ``s3://bucket/...``, ``.client()`` and ``.require_auth()`` (make the server check credentials).
+``FaultyHTTPServer(directory)`` (made by ``http_server(directory)``): serves a directory with Range support and
+switchable faults (``stop``/``restart`` on the same port, ``drop_after(nbytes, times)``, ``fail(times, status)``).
 
-``http_server(directory)``: a factory; each call serves a directory with Range support and switchable faults
-(``stop``/``restart`` on the same port, ``drop_after(nbytes, times)``, ``fail(times, status)``).
-
-``tcp_proxy(port)``: a factory; a TCP forwarder that can cut connections after N bytes (S3 mid-stream faults).
+``TCPProxy(port)`` (made by ``tcp_proxy(port)``): a TCP forwarder that can cut connections after N bytes (S3
+mid-stream faults).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
-import itertools
 import os
 import re
 import socket
@@ -25,9 +25,7 @@ import sys
 import threading
 import uuid
 
-import pytest
-
-__all__ = ["S3Endpoint", "FaultyHTTPServer", "TCPProxy", "s3_server", "http_server", "tcp_proxy", "moto_server"]
+__all__ = ["S3Endpoint", "MotoServer", "FaultyHTTPServer", "TCPProxy", "free_port", "write_tiny_shard"]
 
 
 def free_port() -> int:
@@ -96,42 +94,6 @@ class MotoServer:
             # moto's stop() leaves the socket listening: close it so clients are refused, and the port can be reused
             self._server._server.server_close()
             self._server = None
-
-
-@pytest.fixture(scope="session")
-def moto_server():
-    server = MotoServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-_buckets = itertools.count()
-
-
-@pytest.fixture
-def s3_server(moto_server, monkeypatch):
-    from shards import storage
-
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    # fake identity and no user config files: tests never touch a real account
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint)
-    if moto_server._server is None:  # a previous test stopped it
-        moto_server.start()
-    endpoint = S3Endpoint(moto_server.endpoint)
-    endpoint.bucket = f"test-{os.getpid()}-{next(_buckets)}"
-    endpoint.client().create_bucket(Bucket=endpoint.bucket)
-    yield endpoint
-    storage.configure()
-    if moto_server._server is None:
-        moto_server.start()
 
 
 # --- HTTP with Range and faults --------------------------------------------------------------------------------------
@@ -277,19 +239,6 @@ class FaultyHTTPServer:
         self.start()
 
 
-@pytest.fixture
-def http_server():
-    servers: list[FaultyHTTPServer] = []
-
-    def make(directory) -> FaultyHTTPServer:
-        servers.append(FaultyHTTPServer(directory))
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.stop()
-
-
 # --- TCP proxy that cuts connections ---------------------------------------------------------------------------------
 class TCPProxy:
     """Forwards 127.0.0.1:port to a target port; ``cut_after(nbytes, times)`` closes the next ``times`` connections
@@ -350,19 +299,6 @@ class TCPProxy:
         for s in self._socks:
             with contextlib.suppress(OSError):
                 s.close()
-
-
-@pytest.fixture
-def tcp_proxy():
-    proxies: list[TCPProxy] = []
-
-    def make(target_port: int) -> TCPProxy:
-        proxies.append(TCPProxy(target_port))
-        return proxies[-1]
-
-    yield make
-    for p in proxies:
-        p.close()
 
 
 # --- a tiny valid shard ----------------------------------------------------------------------------------------------

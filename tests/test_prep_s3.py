@@ -17,7 +17,6 @@ from imagegen import jpeg_bytes, textured_image
 
 from prep.cli import prep
 from shards import schema, storage
-from tests.servers import moto_server, s3_server  # noqa: F401  (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--ss-max-side", "96", "--min-side", "8", "--shard-size", "2", "--no-progress"]

@@ -25,7 +25,6 @@ from prep import executors, ray_executor
 from prep import run as prep_run
 from prep.cli import prep
 from shards import schema
-from tests.servers import moto_server, s3_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow  # the cluster start alone takes ~10 s
 

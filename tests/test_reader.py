@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shards import reader, schema, storage
-from tests.servers import http_server, moto_server, s3_server, write_tiny_shard  # noqa: F401  (fixtures)
+from tests.servers import write_tiny_shard
 
 
 def test_expand_braces():

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from shards import storage
-from tests.servers import http_server, moto_server, s3_server, tcp_proxy  # noqa: F401  (fixtures)
 
 FAST = {"retries": 5, "backoff": 0.05, "timeout": 5}
 
