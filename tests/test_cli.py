@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +16,7 @@ from imagegen import jpeg_bytes, textured_image
 
 from prep.cli import prep
 from shards import schema
+from tests.wait import wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--ss-max-side", "96", "--min-side", "8", "--shard-size", "3", "--no-progress"]
@@ -127,12 +127,15 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while not (killed / "folder-000000.stats.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first shard was done"
-        time.sleep(0.005)
+
+    def first_shard_done() -> bool:
+        assert proc.poll() is None, "the run ended before its first shard was done"
+        return (killed / "folder-000000.stats.json").exists()
+
+    # checked often: the kill must land before the last of the 6 shards is done
+    wait_until(first_shard_done, 120, "the first shard's stats file", interval=0.005)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     done = [n for n in os.listdir(killed) if n.endswith(".stats.json")]
     assert not (killed / schema.MANIFEST_NAME).exists() and len(done) < 6, "killed too late to test a resume"
 

@@ -275,6 +275,7 @@ def test_ordered_map_keeps_order_and_every_item():
     import time
 
     def slow(x):
+        # uneven durations are the point: later items finish before earlier ones, and the output must keep input order
         time.sleep(0.002 * (x % 3))
         return x * x
 

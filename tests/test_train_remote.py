@@ -28,6 +28,7 @@ from test_train import TINY, make_train_shards
 
 from shards import schema, storage
 from tests.servers import FaultyHTTPServer
+from tests.wait import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_SHARDS, PER_SHARD = 6, 8  # 48 samples, global batch 8: 6 steps per epoch on one rank
@@ -218,13 +219,14 @@ def test_pipe_urls_need_allow_pipe(shards, tmp_path, capsys):
 
 # --- faults --------------------------------------------------------------------------------------------------------
 def _wait_for_rows(out, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        rows = len(_log(out))
-        if rows >= n:
-            return rows
-        time.sleep(0.02)
-    raise AssertionError(f"no step {n} in {out}/log.jsonl (exit status {proc.poll()})")
+    def rows() -> int:
+        logged = len(_log(out))
+        if logged >= n:
+            return logged
+        assert proc.poll() is None, f"python -m train exited ({proc.returncode}) before step {n} in {out}/log.jsonl"
+        return 0
+
+    return wait_until(rows, timeout, f"step {n} in {out}/log.jsonl", interval=0.02)
 
 
 @pytest.mark.slow
@@ -243,7 +245,9 @@ def test_http_server_stopped_and_restarted_mid_epoch(shards, reference, http_ser
         rows_at_stop = _wait_for_rows(out, 1, proc)  # step 1 trained: shards 1-2 read, 4 still to come
         server.stop()
         requests_at_stop = server.requests
-        time.sleep(2.0)  # the default retry budget (0.5 + 1 + 2 + 4 + 8 s of backoff) outlasts this
+        # the outage under test, so a fixed length: 2 s down, which the default retry budget (0.5 + 1 + 2 + 4 + 8 s
+        # of backoff) outlasts
+        time.sleep(2.0)
         server.start()  # same port
         _, stderr = proc.communicate(timeout=180)
     finally:
@@ -315,13 +319,13 @@ def _two_ranks_deleting(s3, shards, tmp_path, policy: str, timeout: float = 150)
     deleted_at: list[int] = []
 
     def delete_after_step_1() -> None:
-        while all(p.poll() is None for p in procs):
-            rows = len(_log(out))
-            if rows:
-                s3.client().delete_object(Bucket=s3.bucket, Key=victim)
-                deleted_at.append(rows)
-                return
-            time.sleep(0.02)
+        # the log's rows once there are some, or True when a rank ended first (nothing deleted: the check below fails)
+        logged = wait_until(
+            lambda: _log(out) or any(p.poll() is not None for p in procs), timeout, "step 1 logged", interval=0.02
+        )
+        if isinstance(logged, list):
+            s3.client().delete_object(Bucket=s3.bucket, Key=victim)
+            deleted_at.append(len(logged))
 
     thread = threading.Thread(target=delete_after_step_1, daemon=True)
     thread.start()
