@@ -11,6 +11,7 @@ import pytest
 
 from shards import reader, schema, storage
 from tests.servers import write_tiny_shard
+from tests.wait import wait_until
 
 
 def test_expand_braces():
@@ -232,11 +233,45 @@ def test_read_shard_errors_name_the_url(out):
         list(reader.read_shard(str(out / "missing.tar")))
 
 
-def test_read_shard_closes_stream_when_stopped_early(out, http_server):
-    server = http_server(out)
-    samples = reader.read_shard(server.url_for("c-000002.tar"))
-    next(samples)
-    samples.close()  # must not hang or leave the connection half-read
+def write_large_shard(path, n: int, nbytes: int) -> list[str]:
+    """A shard of ``n`` samples whose ``jpg`` member is ``nbytes`` of noise (the reader does not decode images)."""
+    rng = np.random.default_rng(0)
+    keys = [f"big{i:04d}" for i in range(n)]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key in keys:
+            jpg = rng.bytes(nbytes)
+            meta = schema.encode_meta(
+                key=key,
+                path=f"{key}.jpg",
+                width=8,
+                height=8,
+                boxes=np.array([[0, 0, 4, 4]]),
+                image_sha256=schema.image_sha256(jpg),
+            )
+            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return keys
+
+
+@pytest.mark.timeout(10)  # a hang fails here, in seconds, not at the suite's 600 s limit
+def test_read_shard_closes_stream_when_stopped_early(tmp_path, http_server):
+    # 30 MiB: far more than the read-ahead window (4 chunks of 1 MiB) and the socket buffers, so when the consumer
+    # stops, the read-ahead thread is blocked on its full queue and most of the body is still unsent
+    keys = write_large_shard(tmp_path / "big.tar", n=6, nbytes=5 << 20)
+    server = http_server(tmp_path)
+    samples = reader.read_shard(server.url_for("big.tar"))
+    assert next(samples)["__key__"] == keys[0]
+    samples.close()
+    with pytest.raises(StopIteration):
+        next(samples)
+    # the read-ahead thread stopped and closed the half-read response rather than leaving it open (or parking it in
+    # the connection pool): the server sees its one connection go
+    wait_until(lambda: not server._connections, 5, "the server's connection to close after the reader stopped")
+    assert server.requests == 1
+    # the same URL again, through the same session's pool, reads whole
+    assert [s["__key__"] for s in reader.read_shard(server.url_for("big.tar"))] == keys
 
 
 def test_pipe_shard_needs_opt_in(out, monkeypatch):
