@@ -76,7 +76,7 @@ def test_round_trip_is_exact_and_strict(tmp_path):
     model2, opt2 = _build(cfg, seed=1)
     checkpoint.check_config(ckpt, cfg, world_size=1)
     checkpoint.restore(ckpt, model=model2, optimizer=opt2)
-    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[i]["momentum_buffer"], s2[i]["momentum_buffer"]) for i in s1)

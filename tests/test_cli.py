@@ -194,7 +194,9 @@ def test_fallback_tier_flags(images, tmp_path):
     one_cfg, one = run("one", "--fallback-min-side", "0", "--min-boxes", "8")
     assert (two_cfg["min_side"], two_cfg["fallback_min_side"]) == (40, 20) and one_cfg["fallback_min_side"] is None
     side = lambda b: min(b[2] - b[0], b[3] - b[1])  # noqa: E731
-    for a, b in zip(one, two):  # the same first tier, then the fallback's boxes (shorter side in [20, 40)) after it
+    for a, b in zip(
+        one, two, strict=True
+    ):  # the same first tier, then the fallback's boxes (shorter side in [20, 40)) after it
         assert b["boxes"][: a["kept_boxes"]] == a["boxes"]
         assert all(20 <= side(x) < 40 for x in b["boxes"][a["kept_boxes"] :])
     assert sum(r["kept_boxes"] for r in two) > sum(r["kept_boxes"] for r in one)

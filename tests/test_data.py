@@ -75,7 +75,7 @@ def epoch_keys(ds):
 
 
 def stream(urls, counts=None, **kw):
-    sizes = None if counts is None else dict(zip(urls, counts))
+    sizes = None if counts is None else dict(zip(urls, counts, strict=True))
     kw.setdefault("batch_size", 2)
     kw.setdefault("shuffle_buffer", 4)
     return ShardStream(urls, sizes, kw.pop("transform", tag), **kw)
@@ -114,7 +114,7 @@ def test_sizes_counted_when_missing(tmp_path):
     counts = [4, 7, 2]
     urls = make_shards(tmp_path, counts)
     ds = stream(urls, None)
-    assert ds.sizes == dict(zip(urls, counts)) and ds.steps_per_epoch == 13 // 2
+    assert ds.sizes == dict(zip(urls, counts, strict=True)) and ds.steps_per_epoch == 13 // 2
 
 
 def test_order_deterministic_per_seed_and_epoch(tmp_path):
@@ -205,7 +205,7 @@ def write_manifest(root, urls, claimed) -> str:
             "boxes": 0,
             "tar_bytes": 0,
         }
-        for u, n in zip(urls, claimed)
+        for u, n in zip(urls, claimed, strict=True)
     ]
     path = os.path.join(root, schema.MANIFEST_NAME)
     with open(path, "wb") as f:
@@ -406,13 +406,19 @@ def test_plan_ranges_are_disjoint_and_fill_every_quota(counts, world, streams, b
     used = {u: [] for u in urls}
     for r in range(world):
         ds = ShardStream(
-            urls, dict(zip(urls, counts)), None, batch_size=batch, rank=r, world_size=world, streams=streams
+            urls,
+            dict(zip(urls, counts, strict=True)),
+            None,
+            batch_size=batch,
+            rank=r,
+            world_size=world,
+            streams=streams,
         )
         for s, ranges in enumerate(ds.plan(epoch)):
             assert sum(b - a for _, a, b in ranges) == ds.quota(s)
             for u, a, b in ranges:
                 used[u].append((a, b))
-    for u, n in zip(urls, counts):
+    for u, n in zip(urls, counts, strict=True):
         spans = sorted(used[u])
         assert all(0 <= a < b <= n for a, b in spans)
         assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))

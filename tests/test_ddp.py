@@ -43,10 +43,11 @@ def _rank_main(rank: int, port: int, argv: list[str], result_dir: str) -> None:
     from train.config import parse_args
 
     if "--expect-failure" in argv:  # the CLI path: its return code and its stderr
-        sys.stderr = open(os.path.join(result_dir, f"stderr{rank}.txt"), "w")
-        t0 = time.monotonic()
-        code = main([a for a in argv if a != "--expect-failure"])
-        sys.stderr.flush()
+        # stderr to a file, closed (so complete) before the result file that tells the parent main() returned
+        with open(os.path.join(result_dir, f"stderr{rank}.txt"), "w") as sys.stderr:
+            t0 = time.monotonic()
+            code = main([a for a in argv if a != "--expect-failure"])
+        sys.stderr = sys.__stderr__
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"code": code, "seconds": time.monotonic() - t0}, f)
         return
@@ -127,8 +128,8 @@ def test_bad_shard_on_one_rank_stops_every_rank(tmp_path):
         "--expect-failure",
     ]
     assert _launch(argv, str(tmp_path), timeout=180) == [0, 0]  # main() returned (code 1) on both ranks
-    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
-    errors = [open(tmp_path / f"stderr{r}.txt").read() for r in range(WORLD)]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    errors = [(tmp_path / f"stderr{r}.txt").read_text() for r in range(WORLD)]
     assert [r["code"] for r in results] == [1, 1], errors
     bad = [r for r in range(WORLD) if "t-000001.tar" in errors[r]]
     assert len(bad) == 1, errors

@@ -118,7 +118,7 @@ def test_knn_matches_a_naive_loop(k, classes):
     np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-4)
     top1 = (ref.argmax(1) == val_y.numpy()).mean()
     assert ev.knn_top1(train_f, train_y, val_f, val_y, k=k, temperature=0.1) == pytest.approx(top1)
-    top3 = np.mean([y in np.argsort(-r)[:3] for r, y in zip(ref, val_y.numpy())])
+    top3 = np.mean([y in np.argsort(-r)[:3] for r, y in zip(ref, val_y.numpy(), strict=True)])
     assert ev.topk_accuracy(scores, val_y, 3) == pytest.approx(top3)
 
 
@@ -177,7 +177,7 @@ def test_split_is_deterministic_disjoint_and_keeps_box_crops_together():
     train_part, val_part = ev.split(data, 0.2)
     assert set(train_part.keys).isdisjoint(val_part.keys)
     assert sorted(train_part.keys + val_part.keys) == sorted(keys)
-    assert val_part.keys == [k for k, v in zip(keys, val.tolist()) if v]
+    assert val_part.keys == [k for k, v in zip(keys, val.tolist(), strict=True) if v]
     assert [keys[i] for i in val_part.labels.tolist()] == val_part.keys  # images, labels and keys stay paired
     with pytest.raises(ev.EvalError, match="leaves the val split empty"):
         ev.split(data.subset(torch.arange(len(keys)) < 3), 0.001)
@@ -188,7 +188,7 @@ def test_random_init_separates_the_colour_classes(labelled):
     data = ev.load_labelled(labelled, size=32)
     assert data.images.shape == (48, 3, 32, 32) and data.images.dtype == torch.uint8
     assert data.keys == sorted(data.keys) and sorted(set(data.labels.tolist())) == [0, 1, 2, 3]
-    assert all(k.startswith(f"n{y:08d}__") for k, y in zip(data.keys, data.labels.tolist()))
+    assert all(k.startswith(f"n{y:08d}__") for k, y in zip(data.keys, data.labels.tolist(), strict=True))
     train, val = ev.split(data, 0.3)
     encoder, info = ev.load_encoder(random_init=True, arch="resnet18")
     assert info == {"source": "random-init", "arch": "resnet18", "seed": 0}

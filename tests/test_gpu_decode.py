@@ -72,7 +72,7 @@ def test_views_and_boxes_match_the_cpu_path(photo_sample):
     seeds = range(12)
     ref, outs, v1, v2 = both_paths(photo_sample, seeds, size=64)
     assert v1.dtype == torch.uint8 and v1.shape == (12, 3, 64, 64) and v2.shape == (12, 3, 64, 64)
-    for r, o in zip(ref, outs):
+    for r, o in zip(ref, outs, strict=True):
         assert torch.equal(r["boxes1"], o["boxes1"]) and torch.equal(r["boxes2"], o["boxes2"])
         assert r["fallback"] == o["fallback"]
     flips = [o["flip1"] for o in outs] + [o["flip2"] for o in outs]
@@ -121,7 +121,9 @@ def test_collate_packs_variable_length_bytes():
     b = collate(samples)
     assert b["jpeg"].shape == (sum(lengths),) and b["jpeg_sizes"].tolist() == list(lengths)
     parts = unpack(b["jpeg"], b["jpeg_sizes"])
-    assert len(parts) == 3 and all(torch.equal(p, s["jpeg"]) and p.is_contiguous() for p, s in zip(parts, samples))
+    assert len(parts) == 3 and all(
+        torch.equal(p, s["jpeg"]) and p.is_contiguous() for p, s in zip(parts, samples, strict=True)
+    )
     assert b["crop1"].shape == (3, 4) and b["flip1"].tolist() == [False, True, False]
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,8 +132,8 @@ def test_format_version_2_records_image_hashes(output):
         assert [s["meta"]["format_version"] for s in samples] == [2] * len(samples)
         assert [s["meta"]["image_sha256"] for s in samples] == [schema.image_sha256(s["jpg"]) for s in samples]
         assert [r["image_sha256"] for r in rows] == [s["meta"]["image_sha256"] for s in samples]
-    stats = json.loads(open(os.path.join(output, "folder-000000.stats.json")).read())
-    manifest = json.loads(open(os.path.join(output, schema.MANIFEST_NAME)).read())
+    stats = json.loads(Path(output, "folder-000000.stats.json").read_text())
+    manifest = json.loads(Path(output, schema.MANIFEST_NAME).read_text())
     assert stats["format_version"] == manifest["format_version"] == 2
     assert "fallback_images" in stats and "fallback_images" in manifest["totals"]
 
@@ -155,20 +156,20 @@ def downgrade_to_version_1(out: str) -> None:
             pq.read_table(base + schema.PARQUET_SUFFIX).drop_columns(list(schema.ADDED_COLUMNS[2])),
             base + schema.PARQUET_SUFFIX,
         )
-        st = json.loads(open(base + schema.STATS_SUFFIX).read())
+        st = json.loads(Path(base + schema.STATS_SUFFIX).read_text())
         del st["fallback_images"]
         st.update(
             format_version=1,
             tar_bytes=os.path.getsize(base + schema.TAR_SUFFIX),
             parquet_bytes=os.path.getsize(base + schema.PARQUET_SUFFIX),
         )
-        open(base + schema.STATS_SUFFIX, "w").write(json.dumps(st))
+        Path(base + schema.STATS_SUFFIX).write_text(json.dumps(st))
     path = os.path.join(out, schema.MANIFEST_NAME)
-    manifest = json.loads(open(path).read())
+    manifest = json.loads(Path(path).read_text())
     del manifest["totals"]["fallback_images"]
     manifest["format_version"] = 1
     manifest["totals"]["tar_bytes"] = sum(os.path.getsize(os.path.join(out, s["tar"])) for s in manifest["shards"])
-    open(path, "w").write(json.dumps(manifest))
+    Path(path).write_text(json.dumps(manifest))
 
 
 def test_format_version_1_is_still_read(copy, tmp_path):
@@ -187,13 +188,13 @@ def test_format_version_1_is_still_read(copy, tmp_path):
 
 def test_changed_stats_and_manifest(copy):
     path = os.path.join(copy, "folder-000000.stats.json")
-    st = json.loads(open(path).read())
+    st = json.loads(Path(path).read_text())
     st["failed"] = {"corrupt": 1}
-    open(path, "w").write(json.dumps(st))
+    Path(path).write_text(json.dumps(st))
     mpath = os.path.join(copy, schema.MANIFEST_NAME)
-    manifest = json.loads(open(mpath).read())
+    manifest = json.loads(Path(mpath).read_text())
     manifest["totals"]["samples"] = 99
-    open(mpath, "w").write(json.dumps(manifest))
+    Path(mpath).write_text(json.dumps(manifest))
     problems = problems_of(copy)
     assert "folder-000000: stats failed = {'corrupt': 1}, but the shard has {}" in problems
     assert f"{schema.MANIFEST_NAME}: totals samples = 99, the shards' stats add up to 7" in problems

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def naive_cos(a, b):
-    dot = sum(float(x) * float(y) for x, y in zip(a, b))
+    dot = sum(float(x) * float(y) for x, y in zip(a, b, strict=True))
     na = math.sqrt(sum(float(x) ** 2 for x in a))
     nb = math.sqrt(sum(float(y) ** 2 for y in b))
     return dot / (na * nb)
@@ -51,8 +51,8 @@ def naive_masses(o, t, f_o, f_t):
 
     def mass(inst, scenes):
         s1, s2 = unit(scenes[0]), unit(scenes[1])
-        mean = [(x + y) / 2 for x, y in zip(s1, s2)]
-        w = [max(sum(x * y for x, y in zip(unit(i), mean)), 0.0) for i in inst]
+        mean = [(x + y) / 2 for x, y in zip(s1, s2, strict=True)]
+        w = [max(sum(x * y for x, y in zip(unit(i), mean, strict=True)), 0.0) for i in inst]
         total = sum(w)
         return [x / total for x in w] if total > 0 else [1.0 / len(w)] * len(w)
 

@@ -78,21 +78,21 @@ def test_seeded_selective_search_repeats_within_process(photo):
     assert not np.array_equal(a, c)  # a different seed gives a different order
 
 
-_CHILD = """
+_CHILD = f"""
 import hashlib, json, sys
 import numpy as np
 from prep.config import PrepConfig
 from prep.images import load_image
 from prep.proposals import propose, selective_search
-out = {}
+out = {{}}
 rgb = load_image(sys.argv[1]).rgb
 for mode in ("fast", "single"):
-    b = selective_search(rgb, mode=mode, ss_max_side=%d, seed=7)
+    b = selective_search(rgb, mode=mode, ss_max_side={SS_SIDE}, seed=7)
     out[mode] = hashlib.sha256(np.ascontiguousarray(b, dtype=np.int32).tobytes()).hexdigest()
-cfg = PrepConfig(kind="folder", root=".", ss_max_side=%d, min_side=16)
+cfg = PrepConfig(kind="folder", root=".", ss_max_side={SS_SIDE}, min_side=16)
 out["propose"] = propose(rgb, "coffee", cfg).boxes.tolist()
 print(json.dumps(out))
-""" % (SS_SIDE, SS_SIDE)
+"""
 
 
 def test_seeded_selective_search_repeats_across_processes(photo):

@@ -124,8 +124,8 @@ def test_expand_spec_http_manifest(out, http_server):
     server = http_server(out)
     expected = [server.url_for(n) for n in SHARDS]
     assert reader.expand_spec(server.url_for("manifest.json")) == expected
-    assert reader.shard_sizes(server.url_for("manifest.json")) == dict(zip(expected, [1, 2, 3]))
-    assert reader.shard_sizes(server.url_for("c-{000000..000002}.tar")) == dict(zip(expected, [1, 2, 3]))
+    assert reader.shard_sizes(server.url_for("manifest.json")) == dict(zip(expected, [1, 2, 3], strict=True))
+    assert reader.shard_sizes(server.url_for("c-{000000..000002}.tar")) == dict(zip(expected, [1, 2, 3], strict=True))
 
 
 # --- stages on plain lists -------------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def test_process_record_ok_row_matches_meta(images):
     rec = load_source("folder", images).records[0]
     row, jpeg, meta = prep_run.process_record(rec, cfg)
     assert row["status"] == "ok" and row["key"] == rec.key and row["path"] == rec.relpath
-    assert jpeg == open(rec.path, "rb").read()  # an RGB JPEG needing no change is stored as it is
+    with open(rec.path, "rb") as f:
+        assert jpeg == f.read()  # an RGB JPEG needing no change is stored as it is
     m = schema.decode_meta(meta)
     assert (m["width"], m["height"]) == (row["width"], row["height"]) == (64, 96)
     assert m["boxes"].tolist() == row["boxes"] and row["kept_boxes"] == len(row["boxes"]) > 0

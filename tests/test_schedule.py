@@ -1,6 +1,7 @@
 """Schedules (pure functions of the step) and the optimizers built from the config."""
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ def test_lr_warmup_is_linear_then_cosine_to_zero():
     assert lrs[0] == pytest.approx(peak / warm)
     assert lrs[49] == pytest.approx(peak * 50 / warm)
     assert lrs[warm - 1] == pytest.approx(peak) and lrs[warm] == pytest.approx(peak)
-    assert all(a < b for a, b in zip(lrs[: warm - 1], lrs[1:warm]))
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))
+    assert all(a < b for a, b in pairwise(lrs[:warm]))
+    assert all(a >= b for a, b in pairwise(lrs[warm:]))
     assert lrs[warm + (total - warm) // 2] == pytest.approx(peak / 2)
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
     assert schedule.lr(5 * total, peak=peak, total=total, warmup=warm) == pytest.approx(0.0, abs=1e-12)
@@ -33,7 +34,7 @@ def test_momentum_rises_from_base_to_one_monotonically():
     assert taus[0] == pytest.approx(0.99)
     assert taus[-1] == pytest.approx(1.0)
     assert taus[total // 2] == pytest.approx(0.995)
-    assert all(a <= b for a, b in zip(taus, taus[1:]))
+    assert all(a <= b for a, b in pairwise(taus))
     assert schedule.momentum(2 * total, base=0.99, total=total) == pytest.approx(1.0)
 
 

@@ -75,7 +75,7 @@ def test_counts_and_percentiles():
 def test_stats_files_cross_checked():
     t, rows = hand_table(("s-000000", "s-000001"))
     by_shard = {"s-000000": [], "s-000001": []}
-    for r, sh in zip(rows, t["shard"].to_pylist()):
+    for r, sh in zip(rows, t["shard"].to_pylist(), strict=True):
         by_shard[sh].append(r)
     stats = [
         schema.make_stats(
@@ -221,7 +221,7 @@ def test_pair_counts_grid_and_codes_agree():
     batches.append((np.array([70_000, 3], np.int32), np.array([5, 2**31 - 1], np.int32)))  # huge boxes
     w = np.concatenate([b[0] for b in batches]).astype(np.int64)
     h = np.concatenate([b[1] for b in batches]).astype(np.int64)
-    want = dict(zip(*np.unique(w << 32 | h, return_counts=True)))
+    want = dict(zip(*np.unique(w << 32 | h, return_counts=True), strict=True))
     # the default grid (nearly all in it), a tiny one (most pairs as codes), and counts made in one sweep or many
     for counter in (
         stats_mod.PairCounts(),
@@ -231,14 +231,14 @@ def test_pair_counts_grid_and_codes_agree():
         for bw, bh in batches:
             counter.add(bw, bh)
         got_w, got_h, got_n = counter.items()
-        assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist())) == want
+        assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist(), strict=True)) == want
         assert counter.codes.size > 0
     halves = stats_mod.PairCounts(flush=900), stats_mod.PairCounts(flush=900)  # as two reading threads count
     for i, (bw, bh) in enumerate(batches):
         halves[i % 2].add(bw, bh)
     halves[0].merge(halves[1])
     got_w, got_h, got_n = halves[0].items()
-    assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist())) == want
+    assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist(), strict=True)) == want
 
 
 def write_output(directory, shards):

@@ -100,6 +100,6 @@ def test_train_step_updates_online_and_moves_target_by_ema(photo_sample):
     target0 = [p.detach().clone() for p in model.target.parameters()]
     out = train_step(model, model, opt, model_inputs(collated(photo_sample, cfg), cfg, torch.device("cpu")), tau=0.9)
     assert set(out) >= {"total", "z_std"} and torch.isfinite(out["total"])
-    for o0, t0, o1, t1 in zip(online0, target0, model.online.parameters(), model.target.parameters()):
+    for t0, o1, t1 in zip(target0, model.online.parameters(), model.target.parameters(), strict=True):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * o1)  # EMA with the updated online weights
-    assert any(not torch.equal(a, b) for a, b in zip(online0, model.online.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(online0, model.online.parameters(), strict=True))

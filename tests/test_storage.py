@@ -230,10 +230,10 @@ def test_atomic_file_keeps_the_old_content_on_error_and_follows_the_umask(tmp_pa
     with pytest.raises(RuntimeError), storage.atomic_file(path) as f:
         f.write(b"half")
         raise RuntimeError("killed mid-write")
-    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.json"]
+    assert (tmp_path / "f.json").read_bytes() == b"old" and os.listdir(tmp_path) == ["f.json"]
     with storage.atomic_file(path) as f:
         f.write(b"new")
-    assert open(path, "rb").read() == b"new" and os.stat(path).st_mode & 0o777 == 0o640
+    assert (tmp_path / "f.json").read_bytes() == b"new" and os.stat(path).st_mode & 0o777 == 0o640
 
 
 def test_staging_dir_is_one_per_output():

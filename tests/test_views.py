@@ -179,7 +179,7 @@ def test_algorithm1_deterministic_per_seed():
     boxes = random_boxes(500, 400, 30, np.random.default_rng(3))
     r1 = overlapping_crops(500, 400, boxes, np.random.default_rng(7), ViewConfig())
     r2 = overlapping_crops(500, 400, boxes, np.random.default_rng(7), ViewConfig())
-    for a, b in zip(r1, r2):
+    for a, b in zip(r1, r2, strict=True):
         assert np.array_equal(a, b)
 
 

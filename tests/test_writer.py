@@ -76,7 +76,8 @@ def test_round_trip_tarfile_and_stats(tmp_path):
             assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.isreg()) == (0, 0, 0, "", "", 0o644, True)
         for row, jpeg, meta in ok:
             assert tar.extractfile(row["key"] + ".jpg").read() == jpeg
-            decoded = schema.decode_meta(tar.extractfile(row["key"] + ".json").read())
+            assert tar.extractfile(row["key"] + ".json").read() == meta  # stored as given: canonical bytes
+            decoded = schema.decode_meta(meta)
             assert decoded["path"] == row["path"] and decoded["boxes"].tolist() == row["boxes"]
 
     on_disk = json.loads((tmp_path / (NAME + ".stats.json")).read_text())
@@ -123,7 +124,7 @@ def test_webdataset_reads_the_tar(tmp_path):
     got = list(wds.WebDataset(str(tmp_path / (NAME + ".tar")), shardshuffle=False))
     ok = [(r, j, m) for r, j, m in items if j is not None]
     assert [s["__key__"] for s in got] == [r["key"] for r, _, _ in ok]
-    for s, (_, jpeg, meta) in zip(got, ok):
+    for s, (_, jpeg, meta) in zip(got, ok, strict=True):
         assert s["jpg"] == jpeg and s["json"] == meta
         assert set(s) - {"__key__", "__url__", "__local_path__"} == {"jpg", "json"}
 
@@ -155,11 +156,13 @@ def test_two_writers_byte_identical(tmp_path):
 
 def test_exception_inside_context_leaves_nothing(tmp_path):
     items = samples(4)
-    with pytest.raises(RuntimeError, match="boom"):
-        with ShardWriter(str(tmp_path), NAME, config=CONFIG, fingerprint="f", min_boxes=4) as w:
-            for row, jpeg, meta in items[:2]:
-                w.write(row, jpeg, meta)
-            raise RuntimeError("boom")
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        ShardWriter(str(tmp_path), NAME, config=CONFIG, fingerprint="f", min_boxes=4) as w,
+    ):
+        for row, jpeg, meta in items[:2]:
+            w.write(row, jpeg, meta)
+        raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []  # no temporary files, no tar, no parquet, no stats
     assert not is_done(str(tmp_path), NAME)
 
@@ -167,11 +170,13 @@ def test_exception_inside_context_leaves_nothing(tmp_path):
 def test_exception_keeps_an_existing_done_shard(tmp_path):
     write_shard(tmp_path, samples(3))
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
-    with pytest.raises(ValueError, match="duplicate sample key"):
-        with ShardWriter(str(tmp_path), NAME, config=CONFIG, fingerprint="f", min_boxes=4) as w:
-            row, jpeg, meta = samples(1)[0]
-            w.write(row, jpeg, meta)
-            w.write(row, jpeg, meta)
+    with (
+        pytest.raises(ValueError, match="duplicate sample key"),
+        ShardWriter(str(tmp_path), NAME, config=CONFIG, fingerprint="f", min_boxes=4) as w,
+    ):
+        row, jpeg, meta = samples(1)[0]
+        w.write(row, jpeg, meta)
+        w.write(row, jpeg, meta)
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
 
 
@@ -185,9 +190,11 @@ def test_rewrite_replaces_shard(tmp_path):
 
 
 def test_unserialisable_config_fails_before_anything_moves(tmp_path):
-    with pytest.raises(TypeError):
-        with ShardWriter(str(tmp_path), NAME, config={"bad": object()}, fingerprint="f", min_boxes=4) as w:
-            w.write(*samples(1)[0])
+    with (
+        pytest.raises(TypeError),
+        ShardWriter(str(tmp_path), NAME, config={"bad": object()}, fingerprint="f", min_boxes=4) as w,
+    ):
+        w.write(*samples(1)[0])
     assert os.listdir(tmp_path) == []
 
 
@@ -205,9 +212,11 @@ def test_unserialisable_config_fails_before_anything_moves(tmp_path):
     ],
 )
 def test_write_validates(tmp_path, row, jpeg, meta, match):
-    with pytest.raises(ValueError, match=match):
-        with ShardWriter(str(tmp_path), NAME, config=CONFIG, fingerprint="f", min_boxes=4) as w:
-            w.write(row, jpeg, meta)
+    with (
+        pytest.raises(ValueError, match=match),
+        ShardWriter(str(tmp_path), NAME, config=CONFIG, fingerprint="f", min_boxes=4) as w,
+    ):
+        w.write(row, jpeg, meta)
     assert os.listdir(tmp_path) == []
 
 
