@@ -125,7 +125,7 @@ class Logger:
         path = os.path.join(cfg.out, "log.jsonl")
         if self.main:
             drop_rows_after(path, start)
-        self.file = open(path, "a") if self.main else None
+        self.file = open(path, "a") if self.main else None  # noqa: SIM115  (open for the run; close() closes it)
         self.proj_dim, self.collapse_warn, self.warned = cfg.proj_dim, cfg.collapse_warn, False
         self.reset()
 
@@ -162,7 +162,7 @@ class Logger:
         row = {
             "step": step,
             "loss": terms[0],
-            **{f"loss_{t}": v for t, v in zip(TERMS, terms[1:])},
+            **{f"loss_{t}": v for t, v in zip(TERMS, terms[1:-1], strict=True)},
             "z_std": terms[-1],
             "lr": lr,
             "momentum": tau,

@@ -111,7 +111,9 @@ class Labelled:
         return len(self.keys)
 
     def subset(self, mask: torch.Tensor) -> Labelled:
-        return Labelled(self.images[mask], self.labels[mask], [k for k, m in zip(self.keys, mask.tolist()) if m])
+        return Labelled(
+            self.images[mask], self.labels[mask], [k for k, m in zip(self.keys, mask.tolist(), strict=True) if m]
+        )
 
 
 # --- pixels --------------------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]] | _Fai
     for item in items:
         if isinstance(item, _Failure):
             return item
-    images, labels, keys = zip(*items)
+    images, labels, keys = zip(*items, strict=True)
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
 
 

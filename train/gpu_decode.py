@@ -92,7 +92,7 @@ def cut_views(
     for crops, flips in ((crops1, flips1), (crops2, flips2)):
         boxes = crops.round().to(torch.int64).tolist()  # host ints: slicing needs them, and they are exact
         out = []
-        for i, (img, box) in enumerate(zip(images, boxes)):
+        for i, (img, box) in enumerate(zip(images, boxes, strict=True)):
             _check(box, img.shape[2], img.shape[1], i)
             out.append(_resize(img[:, box[1] : box[3], box[0] : box[2]], size))
         views.append(_flip(torch.stack(out), flips))  # float32 [B, 3, S, S] -> uint8
@@ -107,7 +107,7 @@ def cut_instances(
     image pixels (``views.UniVIPTransform``'s ``inst_boxes``). B * K resize launches: the instances' cost."""
     ints = boxes.round().to(torch.int64).tolist()
     crops = []
-    for i, (img, img_boxes) in enumerate(zip(images, ints)):
+    for i, (img, img_boxes) in enumerate(zip(images, ints, strict=True)):
         for box in img_boxes:
             box = [box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1)]
             _check(box, img.shape[2], img.shape[1], i)

@@ -317,5 +317,5 @@ def update_target(model: nn.Module, momentum: float) -> None:
     if len(online) != len(target):
         raise RuntimeError(f"update_target: online has {len(online)} parameters, target {len(target)}")
     torch._foreach_lerp_(target, online, 1.0 - momentum)
-    for b_t, b_o in zip(model.target.buffers(), model.online.buffers()):
+    for b_t, b_o in zip(model.target.buffers(), model.online.buffers(), strict=True):
         b_t.copy_(b_o)

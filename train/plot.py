@@ -47,7 +47,7 @@ def plot(rows: list[dict], output: str, title: str = "") -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    for sub, key in zip(axes[1:, 0], extra):
+    for sub, key in zip(axes[1:, 0], extra, strict=True):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         sub.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key == "knn_top1" else None, ms=3)
         sub.set_ylabel(key)
