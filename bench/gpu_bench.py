@@ -444,7 +444,7 @@ def bench_loader(
             try:
                 return next(it)
             except StopIteration:  # not expected (one epoch covers the run), but the loop would start the next one
-                it = iter(loader)
+                it = iter(loader)  # noqa: F821  (bound above; pyflakes is misled by the `del` at the end)
                 return next(it)
 
         def run_step():

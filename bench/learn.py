@@ -111,7 +111,8 @@ def run(cmd: list[str], log: str | None = None, **kw) -> subprocess.CompletedPro
     if log:
         with open(log, "w") as f:
             r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True, **kw)
-        out = open(log).read()
+        with open(log) as f:
+            out = f.read()
     else:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, **kw)
         out = r.stdout + r.stderr
@@ -275,22 +276,16 @@ def train_all(
     while pending or active:
         while pending and len(active) < parallel:
             cmd, d = pending.pop(0)
-            active.append(
-                (
-                    subprocess.Popen(
-                        cmd, env=env, stdout=open(os.path.join(d, "train.out"), "w"), stderr=subprocess.STDOUT
-                    ),
-                    d,
-                    cmd,
-                )
-            )
+            with open(os.path.join(d, "train.out"), "w") as log:  # the child writes through its own descriptor
+                active.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), d, cmd))
         for proc, d, cmd in list(active):
             if proc.poll() is not None:
                 active.remove((proc, d, cmd))
                 if proc.returncode != 0:
                     for p, _, _ in active:
                         p.kill()
-                    tail = open(os.path.join(d, "train.out")).read()[-4000:]
+                    with open(os.path.join(d, "train.out")) as f:
+                        tail = f.read()[-4000:]
                     raise RuntimeError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
         time.sleep(0.5)
     return dirs
@@ -429,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(len(jobs) if m["device"] == "cuda" else 1) as pool:
         evals = list(pool.map(one, jobs))
     results = []
-    for (name, seed, _, _), ev in zip(jobs, evals):
+    for (name, seed, _, _), ev in zip(jobs, evals, strict=True):
         row = {"method": name, "seed": seed, **_acc(ev)}
         if name != "random-init":
             log = read_log(dirs[(name, seed)])

@@ -29,6 +29,7 @@ import resource
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -137,7 +138,7 @@ def modes_table(source, sides: list[int], modes: list[str], n: int, base: PrepCo
     for mode in modes:
         for side in sides:
             secs, raw, kept = [], [], []
-            for rec, rgb in zip(records, rgbs):
+            for rec, rgb in zip(records, rgbs, strict=True):
                 t0 = time.perf_counter()
                 boxes = proposals.selective_search(
                     rgb, mode=mode, ss_max_side=side, seed=proposals.image_seed(base.seed, rec.key)
@@ -221,7 +222,7 @@ def main() -> None:
     ss_in_run = sum(stats_mod.read_table(os.path.join(work, f"w1-{best}")).column("ss_seconds").to_pylist())
     t_bare, t_one, t_two = min(t_bare), min(t_one), min(t_two)
     same = all(
-        open(os.path.join(work, "w1-0", f), "rb").read() == open(os.path.join(work, f"w{w}-{r}", f), "rb").read()
+        Path(work, "w1-0", f).read_bytes() == Path(work, f"w{w}-{r}", f).read_bytes()
         for w in (1, 2)
         for r in range(args.rounds)
         for f in os.listdir(os.path.join(work, "w1-0"))

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -81,7 +82,7 @@ def synthesise(real: str, out: str, shards: int, rows: int, boxes_per_image: flo
         "shares": list(SCALE_SHARES),
     }
     tag = os.path.join(out, "synth.json")
-    if os.path.exists(done) and os.path.exists(tag) and json.load(open(tag)) == want:
+    if os.path.exists(done) and os.path.exists(tag) and json.loads(Path(tag).read_text()) == want:
         return
     os.makedirs(out, exist_ok=True)
     for n in os.listdir(out):
@@ -90,7 +91,7 @@ def synthesise(real: str, out: str, shards: int, rows: int, boxes_per_image: flo
     widths, heights = np.array(src["width"]), np.array(src["height"])
     real_boxes = src["boxes"]
     rng = np.random.default_rng(seed)
-    run_cfg = json.loads(open(os.path.join(real, schema.RUN_CONFIG_NAME)).read())
+    run_cfg = json.loads(Path(real, schema.RUN_CONFIG_NAME).read_text())
     stats = []
     for s in range(shards):
         name = schema.shard_name("imagenet", s)
@@ -157,7 +158,7 @@ def synthesise(real: str, out: str, shards: int, rows: int, boxes_per_image: flo
         )
         light = [
             {"status": st, "kept_boxes": int(kk), "ss_seconds": None if f else float(t)}
-            for st, kk, f, t in zip(status.tolist(), k, failed, ss)
+            for st, kk, f, t in zip(status.tolist(), k, failed, ss, strict=True)
         ]
         st = schema.make_stats(
             shard=name,
@@ -276,7 +277,7 @@ def main() -> None:
     out = os.path.join(args.work, f"out-{args.shards}x{args.rows}")
     t0 = time.perf_counter()
     synthesise(real_output(args.work), out, args.shards, args.rows, args.boxes_per_image)
-    totals = json.load(open(os.path.join(out, schema.MANIFEST_NAME)))["totals"]
+    totals = json.loads(Path(out, schema.MANIFEST_NAME).read_text())["totals"]
     print(
         f"output: {out}: {totals['shards']} shards, {totals['inputs']} inputs, {totals['boxes']} boxes "
         f"(ready in {time.perf_counter() - t0:.0f} s)"

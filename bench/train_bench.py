@@ -158,7 +158,7 @@ def measure(samples: list[dict], variants: int, rounds: int, seed: int) -> dict[
     items = [(i, j) for i in range(len(samples)) for j in range(variants)]
     best = {name: np.full(len(items), np.inf) for name in pipes}
     fallbacks = 0
-    for name, fn in pipes.items():  # warm-up (imports, first-call allocations)
+    for fn in pipes.values():  # warm-up (imports, first-call allocations)
         fn(samples[0], np.random.default_rng(0))
     for r in range(rounds):
         for n, (i, j) in enumerate(items):
