@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 DEMO   ?= demo_out
 WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: demo test test-fast bench clean-demo help
+.PHONY: demo lint test test-fast bench clean-demo help
 
 help:
 	@echo "make demo       set up .venv, build proposal shards from data/sample, train a few CPU steps, write pictures"
-	@echo "make test       set up .venv with the dev extras and run the whole test suite"
+	@echo "make lint       ruff format check and lint (prep shards train bench tests), mypy (shards prep)"
+	@echo "make test       set up .venv with the dev extras, run make lint, then the whole test suite"
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make bench      run the CPU benchmarks (see docs/benchmarks.md)"
 
@@ -35,8 +36,20 @@ demo: $(VENV)/.train
 	$(BIN)/python -m train.plot $(DEMO)/train/log.jsonl -o $(DEMO)/loss.png
 	@echo "demo done: $(DEMO)/proposals.png $(DEMO)/stats.png $(DEMO)/loss.png"
 
+LINT_PATHS := prep shards train bench tests
+TYPED_PATHS := shards prep
+
+# Part of `make test`, so CI runs it: a format or lint finding or a type error fails the build like a test.
+# All three run before it fails, so one run reports every finding.
+lint: $(VENV)/.dev
+	rc=0; \
+	$(BIN)/ruff format --check $(LINT_PATHS) || rc=1; \
+	$(BIN)/ruff check $(LINT_PATHS) || rc=1; \
+	$(BIN)/mypy $(TYPED_PATHS) || rc=1; \
+	exit $$rc
+
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
-test: $(VENV)/.dev
+test: $(VENV)/.dev lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
