@@ -40,6 +40,10 @@ class PrepConfig:
     prefix: str = ""  # shard name prefix; "" means the source kind
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            # one spelling per value: 3 from the Python API and 3.0 from the CLI must give the same fingerprint
+            if f.type == "float" and isinstance(getattr(self, f.name), int):
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
         if self.mode not in SS_MODES:

@@ -107,11 +107,6 @@ def test_equal_configs_have_equal_fingerprints():
     assert cfg().fingerprint() == schema.fingerprint({k: v for k, v in cfg().to_dict().items() if k != "root"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prep.config keeps a float setting given as an int (iou=1, max_aspect=3): the config compares equal but "
-    "its JSON, and so its fingerprint, differs from the CLI's 1.0 / 3.0 (fix: coerce in __post_init__)",
-)
 def test_a_float_setting_given_as_an_int_has_the_same_fingerprint():
     assert cfg(max_aspect=3) == cfg(max_aspect=3.0)
     assert cfg(max_aspect=3).fingerprint() == cfg(max_aspect=3.0).fingerprint()
