@@ -77,7 +77,8 @@ def is_valid_key(key: str) -> bool:
 
 
 def sanitize_key(text: str) -> str:
-    """A readable, WebDataset-safe key from a relative path: ``a b/ç.d.jpg`` -> ``a_b__d`` (unsafe characters become ``_``, stripped at the ends).
+    """A readable, WebDataset-safe key from a relative path: ``a b/ç.d.jpg`` -> ``a_b__d``
+    (unsafe characters become ``_``, stripped at the ends of each path part).
 
     Not injective (callers that need unique keys resolve collisions, see ``prep.sources``)."""
     stem = text.rsplit(".", 1)[0] if "." in text.rsplit("/", 1)[-1] else text
