@@ -451,12 +451,13 @@ def eval_proposals(out, annotations, as_json):
 
     Samples are matched to annotated images by image id, else by path; ground-truth boxes are scaled to the stored
     image (--max-side)."""
-    from prep import evaluate, inspect
+    from prep import evaluate
+    from shards import layout
 
     try:
         gt = evaluate.load_annotations(annotations)
-        result = evaluate.evaluate(out, gt, inspect.output_listing(out))
-    except (inspect.InspectError, OSError, ValueError) as e:  # AnnotationError is a ValueError; all name the file
+        result = evaluate.evaluate(out, gt, layout.listing(out))
+    except (OSError, ValueError) as e:  # AnnotationError is a ValueError; all name the file
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else evaluate.format_evaluation(result))
 

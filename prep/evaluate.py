@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards import schema, storage
+from shards import layout, schema, storage
 from shards import stats as shard_stats
 
 IOUS = (0.5, 0.7)
@@ -152,14 +152,18 @@ def evaluate(
     """Recall, ABO / MABO and seconds per image of the proposals in output ``out`` (local, ``s3://``, or
     ``http(s)://`` with ``listing``) against ``gt``; a JSON-able dict (``format_evaluation`` renders it)."""
     listing = set(storage.list_names(out) if listing is None else listing)
-    names = shard_stats.parquet_names(listing)
-    if not names:
+    shards = layout.shard_names(listing, schema.PARQUET_SUFFIX)
+    if not shards:
         raise FileNotFoundError(f"{storage.redact(out)}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     if threads is None:
         threads = shard_stats.REMOTE_THREADS if storage.is_remote(out) else shard_stats.LOCAL_THREADS
     parts = list(
         shard_stats.ordered_map(
-            lambda n: _shard_overlaps(shard_stats.read_parquet(storage.join(out, n), COLUMNS), gt), names, threads
+            lambda n: _shard_overlaps(
+                shard_stats.read_parquet(layout.shard_file(out, n, schema.PARQUET_SUFFIX), COLUMNS), gt
+            ),
+            shards,
+            threads,
         )
     )
     counts = {k: sum(p.counts[k] for p in parts) for k in parts[0].counts}

@@ -19,11 +19,11 @@ import os
 import random
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from shards import schema, storage
+from shards import layout, schema, storage
 
 # verify stops listing a shard's problems after this many (one broken shard should not bury the others)
 MAX_PROBLEMS_PER_SHARD = 20
@@ -31,26 +31,6 @@ MAX_PROBLEMS_PER_SHARD = 20
 
 class InspectError(RuntimeError):
     """The output cannot be inspected (no shards, unreadable Parquet); the message names the path."""
-
-
-# --- listing ---------------------------------------------------------------------------------------------------------
-def shard_names(out: str, listing: Iterable[str] | None = None) -> list[str]:
-    """Stems of the shards present in ``out`` (any of tar, parquet, stats), sorted; temporary files ignored.
-    ``listing``: ``storage.list_names(out)`` when the caller has it already."""
-    names = set()
-    for n in storage.list_names(out) if listing is None else listing:
-        if n.startswith("."):
-            continue
-        for suffix in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX):
-            if n.endswith(suffix):
-                stem = n[: -len(suffix)]
-                try:
-                    schema.parse_shard_name(stem)
-                except ValueError:
-                    break
-                names.add(stem)
-                break
-    return sorted(names)
 
 
 def _read_json(url: str) -> dict:
@@ -73,27 +53,6 @@ def _run_config(out: str) -> dict | None:
 
 
 # --- stats -----------------------------------------------------------------------------------------------------------
-def output_listing(out: str) -> set[str]:
-    """The file names of output ``out``: a listing where the storage has one; for ``http(s)://``, which has none, the
-    names the manifest (else the run config's plan) promises, minus the tars (no summary reads them)."""
-    if storage.scheme(out) not in ("http", "https"):
-        return set(storage.list_names(out))
-    manifest_url = storage.join(out, schema.MANIFEST_NAME)
-    if storage.exists(manifest_url):
-        # a manifest is written only when every shard is done: each has its parquet and stats file
-        names = [s["name"] for s in _read_json(manifest_url)["shards"]]
-        return {schema.MANIFEST_NAME} | {n + s for n in names for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
-    run_cfg = _run_config(out)
-    if run_cfg is None:
-        raise InspectError(
-            f"{storage.redact(out)}: neither {schema.MANIFEST_NAME} nor {schema.RUN_CONFIG_NAME} found "
-            "(an http(s) output cannot be listed: its shards are found through those files)"
-        )
-    # an unfinished run: ask for each planned shard's files (one HEAD each)
-    wanted = [n + s for n in run_cfg.get("shards", []) for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)]
-    return {schema.RUN_CONFIG_NAME} | {n for n in wanted if storage.exists(storage.join(out, n))}
-
-
 def stats(out: str, plot: str | None = None) -> dict:
     """``shards.stats.summarize_output`` of ``out`` (Parquet and stats files, streamed; never the tars), plus
     ``accounting``: planned inputs (run config) against Parquet rows = ok + failed, so a reader sees that every
@@ -106,7 +65,7 @@ def stats(out: str, plot: str | None = None) -> dict:
         )
         loader.start()
     try:
-        summary = shard_stats.summarize_output(out, output_listing(out))
+        summary = shard_stats.summarize_output(out, layout.listing(out))
     except (OSError, ValueError) as e:
         raise InspectError(str(e)) from None
     im = summary["images"]
@@ -152,7 +111,7 @@ def rank_colour(rank: int, count: int) -> tuple[int, int, int]:
 
 
 def _ok_keys(out: str, name: str) -> list[str]:
-    t = _read_parquet(storage.join(out, name + schema.PARQUET_SUFFIX), columns=["key", "status"])
+    t = _read_parquet(layout.shard_file(out, name, schema.PARQUET_SUFFIX), columns=["key", "status"])
     return [k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist()) if s == schema.STATUS_OK]
 
 
@@ -179,7 +138,7 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     from PIL import Image, ImageDraw, ImageFont
 
     listing = set(storage.list_names(out))
-    names = [s for s in shard_names(out, listing) if s + schema.TAR_SUFFIX in listing]
+    names = layout.shard_names(listing, schema.TAR_SUFFIX)
     pool = [(name, key) for name in names for key in _ok_keys(out, name)]
     if not pool:
         raise InspectError(f"{out}: no samples to show (no shards with ok rows)")
@@ -196,7 +155,7 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     font = ImageFont.load_default()
     drawn = []
     for name in sorted(wanted):
-        for key, group in _tar_samples(storage.join(out, name + schema.TAR_SUFFIX)):
+        for key, group in _tar_samples(layout.shard_file(out, name, schema.TAR_SUFFIX)):
             if key not in wanted[name]:
                 continue
             meta = schema.decode_meta(group[schema.META_EXT])
@@ -250,9 +209,11 @@ def verify_shard(
     def problem(msg: str) -> None:
         problems.append(f"{name}: {msg}")
 
-    base = storage.join(out, name)
+    def file(suffix: str) -> str:
+        return layout.shard_file(out, name, suffix)
+
     present = set(storage.list_names(out)) if listing is None else listing
-    missing = [s for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX) if name + s not in present]
+    missing = [s for s in layout.SHARD_SUFFIXES if name + s not in present]
     if missing:
         problem(
             f"missing {', '.join(name + s for s in missing)}"
@@ -260,12 +221,12 @@ def verify_shard(
         )
         return problems, None
     try:
-        st = _read_json(base + schema.STATS_SUFFIX)
+        st = _read_json(file(schema.STATS_SUFFIX))
     except ValueError as e:
         problem(f"stats file is not JSON: {e}")
         return problems, None
     try:
-        rows = _read_parquet(base + schema.PARQUET_SUFFIX).to_pylist()
+        rows = _read_parquet(file(schema.PARQUET_SUFFIX)).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
         problem(f"parquet unreadable: {e}")
         return problems, st
@@ -288,7 +249,7 @@ def verify_shard(
     if st.get("format_version", 1) >= 2:
         expect["fallback_images"] = sum(r["fallback_boxes"] is not None for r in ok_rows)
     for field, suffix in (("tar_bytes", schema.TAR_SUFFIX), ("parquet_bytes", schema.PARQUET_SUFFIX)):
-        size = _size(base + suffix)
+        size = _size(file(suffix))
         if size is not None:  # unknown for http(s) URLs
             expect[field] = size
     if fingerprint is not None:
@@ -301,7 +262,7 @@ def verify_shard(
     expected = iter(ok_rows)
     seen = 0
     try:
-        for key, group in _tar_samples(base + schema.TAR_SUFFIX):
+        for key, group in _tar_samples(file(schema.TAR_SUFFIX)):
             row = next(expected, None)
             if row is None:
                 problem(f"tar member {key}.* has no parquet row")
@@ -400,7 +361,7 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
 
     run_cfg = _run_config(out)
     listing = set(storage.list_names(out))
-    names = shard_names(out, listing)
+    names = layout.shard_names(listing)
     if run_cfg is not None:
         planned = run_cfg.get("shards", [])
         report([f"{n}: planned in {schema.RUN_CONFIG_NAME} but absent" for n in planned if n not in names])
@@ -416,7 +377,7 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
         if st is not None:
             all_stats.append(st)
         try:
-            keys = _read_parquet(storage.join(out, name + schema.PARQUET_SUFFIX), columns=["key"]).column("key")
+            keys = _read_parquet(layout.shard_file(out, name, schema.PARQUET_SUFFIX), columns=["key"]).column("key")
         except Exception:
             continue  # already reported by verify_shard
         dup = [f"{name}: key {k!r} also in {owner[k]}" for k in keys.to_pylist() if k in owner]

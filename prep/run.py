@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 from prep.config import PrepConfig
-from shards import schema, storage
+from shards import layout, schema, storage
 
 # Settings of the run config that identify a run but do not decide shard content.
 _NOT_CONTENT = ("root",)
@@ -268,42 +268,12 @@ def check_resume(out: str, old: dict, new: dict) -> None:
         )
 
 
-# Temporary names of the shard writer and of storage.write_bytes: ".{final name}.{anything}.tmp".
-_TEMP_RE = re.compile(r"^\.(?P<stem>.+-\d{%d})\..*\.tmp$" % schema.SHARD_DIGITS)
-
-
-def _shard_stem(name: str) -> str | None:
-    """The shard stem of a shard file or of a temporary file being written for one; None for anything else."""
-    m = _TEMP_RE.match(name)
-    if m:
-        return m.group("stem")
-    for suffix in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def _is_run_file(name: str, prefixes: set[str]) -> bool:
-    """Files a run owns: its shard tar/parquet/stats, leftover writer temp files, the manifest and the run config."""
-    if name in (schema.MANIFEST_NAME, schema.RUN_CONFIG_NAME):
-        return True
-    stem = _shard_stem(name)
-    if stem is None:
-        return False
-    try:
-        prefix, _ = schema.parse_shard_name(stem)
-    except ValueError:
-        return False
-    return prefix in prefixes
-
-
 def _leftover_temp_files(out: str, names: set[str]) -> list[str]:
     """Temporary files of shards in ``names`` left by a killed run (a live writer removes its own on error): in
     ``out`` and, for a remote output, in its local staging directory (full paths there)."""
 
     def temp_of(n: str) -> bool:
-        m = _TEMP_RE.match(n)
-        return bool(m) and m.group("stem") in names
+        return layout.temp_shard(n) in names
 
     found = [storage.join(out, n) for n in storage.list_names(out) if temp_of(n)]
     stage = storage.staging_dir(out)
@@ -314,7 +284,7 @@ def _leftover_temp_files(out: str, names: set[str]) -> list[str]:
 
 def clear_output(out: str, prefixes: set[str]) -> list[str]:
     """Delete what a previous run with one of ``prefixes`` wrote to ``out`` (and nothing else); returns the names."""
-    removed = [n for n in storage.list_names(out) if _is_run_file(n, prefixes)]
+    removed = layout.run_files(storage.list_names(out), prefixes)
     # run config first, so an interrupted clear never leaves shards without it looking resumable with new settings
     removed.sort(key=lambda n: n != schema.RUN_CONFIG_NAME)
     for n in removed:
@@ -323,7 +293,7 @@ def clear_output(out: str, prefixes: set[str]) -> list[str]:
 
 
 def read_stats(out: str, name: str) -> dict:
-    path = storage.join(out, name + schema.STATS_SUFFIX)
+    path = layout.shard_file(out, name, schema.STATS_SUFFIX)
     try:
         return json.loads(storage.read_bytes(path))
     except ValueError as e:
@@ -362,7 +332,6 @@ def run(
     Raises RunConfigError (other settings / inputs in ``out``) before any work, ShardsFailed after the other shards
     were written when some shard tasks failed."""
     from prep import executors
-    from shards.writer import done_shards
 
     if overwrite and tuple(part) != (0, 1):
         # every part of an array job would clear the whole output, deleting what the other parts had written
@@ -397,7 +366,7 @@ def run(
 
     # one listing decides what is done (on S3: one request, not three per shard); a shard with a tar or parquet but
     # no stats is partial and redone, its objects overwritten
-    finished = done_shards(out)
+    finished = layout.done_shards(out)
     done = [t for t in mine if t.name in finished]
     todo = [t for t in mine if t.name not in finished]
     # a killed run leaves temporary files of the shard it was writing (that shard is redone from scratch); other
@@ -420,7 +389,7 @@ def run(
     if failures:
         raise ShardsFailed(failures)
     manifest = None
-    finished = done_shards(out)
+    finished = layout.done_shards(out)
     if all(t.name in finished for t in tasks):
         manifest = finalize(out)
     return RunResult(planned=len(tasks), skipped=[t.name for t in done], written=written, manifest=manifest)
@@ -428,15 +397,13 @@ def run(
 
 def _check_orphan_stats(out: str, tasks: list[ShardTask], fp: str) -> None:
     """No run config but stats files of this plan: only resume if they were made with these settings."""
-    from shards.writer import done_shards
-
-    finished = done_shards(out)
+    finished = layout.done_shards(out)
     for t in tasks:
         if t.name in finished:
             st = read_stats(out, t.name)
             if st.get("fingerprint") != fp:
                 raise RunConfigError(
-                    f"{storage.join(out, t.name + schema.STATS_SUFFIX)} was made with other settings (fingerprint "
+                    f"{layout.shard_file(out, t.name, schema.STATS_SUFFIX)} was made with other settings (fingerprint "
                     f"{st.get('fingerprint')}, this run {fp}) and {schema.RUN_CONFIG_NAME} is missing; "
                     "use another --out or --overwrite."
                 )
@@ -448,8 +415,8 @@ def finalize(out: str) -> dict:
     if run_cfg is None:
         raise RunConfigError(f"{storage.join(out, schema.RUN_CONFIG_NAME)} not found: {out} is not a prep output")
     names = run_cfg["shards"]
-    present = set(storage.list_names(out))  # one listing, not one request per shard
-    missing = [n for n in names if n + schema.STATS_SUFFIX not in present]
+    finished = layout.done_shards(out)  # one listing, not one request per shard
+    missing = [n for n in names if n not in finished]
     if missing:
         shown = ", ".join(missing[:10]) + (f" … ({len(missing)} in all)" if len(missing) > 10 else "")
         raise RunConfigError(

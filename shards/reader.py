@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from shards import schema, storage
+from shards import layout, schema, storage
 
 
 class ShardError(ValueError):
@@ -63,11 +63,6 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _is_glob(spec: str) -> bool:
     return any(c in spec for c in "*?[")
-
-
-def _tar_names(names: Iterable[str]) -> list[str]:
-    # temporary files of a writer in progress start with '.', and only tars are shards
-    return [n for n in names if n.endswith(schema.TAR_SUFFIX) and not storage.basename(n).startswith(".")]
 
 
 def _manifest_shards(spec: str) -> list[tuple[str, int]]:
@@ -126,13 +121,13 @@ def expand_spec(spec: str) -> list[str]:
         urls = [spec]
     elif _is_glob(spec):
         if kind == "file":
-            urls = _tar_names(glob.glob(storage.local_path(spec)))
+            urls = layout.tars(glob.glob(storage.local_path(spec)))
         else:  # wildcards in the last component only: list the prefix, match names
             base, pattern = spec.rsplit("/", 1)
-            names = _tar_names(storage.list_names(base))
+            names = layout.tars(storage.list_names(base))
             urls = [storage.join(base, n) for n in names if fnmatch.fnmatchcase(n, pattern)]
     elif _is_output(spec):
-        urls = [storage.join(spec, n) for n in _tar_names(storage.list_names(spec))]
+        urls = [storage.join(spec, n) for n in layout.tars(storage.list_names(spec))]
     elif spec.endswith(schema.TAR_SUFFIX):
         if kind == "file" and not os.path.isfile(storage.local_path(spec)):
             raise SpecError(f"no shards matched {where!r}: no such file")
@@ -158,7 +153,7 @@ def shard_sizes(spec: str) -> dict[str, int] | None:
         if not url.endswith(schema.TAR_SUFFIX) or storage.scheme(url) == "pipe":
             return None
         try:
-            stats = json.loads(storage.read_bytes(url[: -len(schema.TAR_SUFFIX)] + schema.STATS_SUFFIX))
+            stats = json.loads(storage.read_bytes(layout.sibling(url, schema.STATS_SUFFIX)))
         except FileNotFoundError:
             return None
         sizes[url] = int(stats["samples"])

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shards import schema, storage
+from shards import layout, schema, storage
 
 PERCENTILES = (5, 25, 50, 75, 95)
 HIST_BINS = 20
@@ -43,11 +43,6 @@ LOCAL_THREADS = min(8, os.cpu_count() or 1)
 # Box (width, height) pairs below this on both sides are counted in a dense grid (PairCounts).
 PAIR_GRID_SIDE = 1024
 REMOTE_THREADS = 16
-
-
-def parquet_names(listing: Iterable[str]) -> list[str]:
-    """The shard Parquet file names among ``listing`` (file names of an output), sorted; temporary files ignored."""
-    return sorted(n for n in listing if n.endswith(schema.PARQUET_SUFFIX) and not n.startswith("."))
 
 
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
@@ -88,13 +83,12 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
 def read_table(out: str) -> pa.Table:
     """Every ``NAME.parquet`` of output ``out``, concatenated in shard order, with a ``shard`` column (NAME) added.
     Holds the whole output in memory: for summaries use ``summarize_output``, which streams."""
-    names = parquet_names(storage.list_names(out))
-    if not names:
+    shards = layout.shard_names(storage.list_names(out), schema.PARQUET_SUFFIX)
+    if not shards:
         raise FileNotFoundError(f"{out}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     tables = []
-    for n in names:
-        t = read_parquet(storage.join(out, n))
-        shard = n[: -len(schema.PARQUET_SUFFIX)]
+    for shard in shards:
+        t = read_parquet(layout.shard_file(out, shard, schema.PARQUET_SUFFIX))
         tables.append(t.append_column("shard", pa.array([shard] * t.num_rows, pa.string())))
     return pa.concat_tables(tables)
 
@@ -129,19 +123,14 @@ def summarize_output(
     listed). ``threads``: files read and reduced at once (default: cores, or ``REMOTE_THREADS`` for URLs). Raises
     FileNotFoundError when there is no Parquet file, ValueError naming a file that cannot be read."""
     listing = set(storage.list_names(out) if listing is None else listing)
-    names = parquet_names(listing)
-    if not names:
+    shards = layout.shard_names(listing, schema.PARQUET_SUFFIX)
+    if not shards:
         raise FileNotFoundError(f"{storage.redact(out)}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     if threads is None:
         threads = REMOTE_THREADS if storage.is_remote(out) else LOCAL_THREADS
     # the stats file of every done shard (a parquet without one is reported by the check)
-    stems = sorted(
-        n[: -len(schema.STATS_SUFFIX)]
-        for n in listing
-        if n.endswith(schema.STATS_SUFFIX) and not n.startswith(".") and _is_shard_name(n)
-    )
-    stats = list(ordered_map(lambda n: _read_stats(storage.join(out, n + schema.STATS_SUFFIX)), stems, threads))
-    shards = [n[: -len(schema.PARQUET_SUFFIX)] for n in names]
+    stems = layout.shard_names(listing, schema.STATS_SUFFIX)
+    stats = list(ordered_map(lambda n: _read_stats(layout.shard_file(out, n, schema.STATS_SUFFIX)), stems, threads))
     return _summarize_shards(out, shards, threads).result(stats, min_boxes)
 
 
@@ -156,23 +145,15 @@ def _summarize_shards(out: str, shards: list[str], threads: int) -> _Summary:
         if not hasattr(local, "pairs"):
             local.pairs = PairCounts(PAIR_GRID_SIDE)
             counters.append(local.pairs)
-        table = read_parquet(storage.join(out, shard + schema.PARQUET_SUFFIX), SUMMARY_COLUMNS)
+        table = read_parquet(layout.shard_file(out, shard, schema.PARQUET_SUFFIX), SUMMARY_COLUMNS)
         return _reduce_shard(shard, table, local.pairs)
 
     for part in ordered_map(reduce, shards, threads):
-        url = storage.join(out, part.shard + schema.PARQUET_SUFFIX)
+        url = layout.shard_file(out, part.shard, schema.PARQUET_SUFFIX)
         acc.add(part, keys=lambda url=url: read_parquet(url, ["key"])["key"])
     for counter in counters:
         acc.pairs.merge(counter)
     return acc
-
-
-def _is_shard_name(name: str) -> bool:
-    try:
-        schema.parse_shard_name(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _read_stats(url: str) -> dict[str, Any]:

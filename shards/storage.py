@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
@@ -176,36 +176,54 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
-def temp_file(directory: str, prefix: str) -> tuple[BinaryIO, str]:
-    """(binary file open for writing, its path): a new file ``{prefix}{random}.tmp`` in ``directory``, with the
-    permissions any new file gets there (0666 less the umask, default ACLs applied), unlike ``tempfile.mkstemp``'s
-    0600, which a rename would carry over to the final name and lock other users out of the output."""
+# A file being written is named ``.{final name}.{random}.tmp`` beside (or staged for) its final name: the leading dot
+# keeps it out of every listing of shards, and the final name in it tells which shard a leftover belongs to.
+_TEMP_RE = re.compile(r"^\.(?P<final>.+)\.[^.]+\.tmp$")
+
+
+def temp_target(name: str) -> str | None:
+    """The final name a temporary file ``name`` (``temp_file``) was being written for; None for any other name."""
+    m = _TEMP_RE.match(name)
+    return m.group("final") if m else None
+
+
+def temp_file(directory: str, name: str) -> tuple[BinaryIO, str]:
+    """(binary file open for writing, its path): a new temporary file for the final name ``name`` in ``directory``
+    (``.{name}.{random}.tmp``), with the permissions any new file gets there (0666 less the umask, default ACLs
+    applied), unlike ``tempfile.mkstemp``'s 0600, which a rename would carry over to the final name and lock other
+    users out of the output."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}.tmp")
+        path = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
         try:
             fd = os.open(path, flags, 0o666)  # the kernel applies the umask, as for any new file
         except FileExistsError:
             continue
         return os.fdopen(fd, "wb"), path
-    raise FileExistsError(f"{directory}: no free temporary name {prefix}*.tmp after 100 tries")
+    raise FileExistsError(f"{directory}: no free temporary name for {name} after 100 tries")
 
 
 @contextlib.contextmanager
-def atomic_file(path: str):
+def atomic_file(path: str) -> Iterator[BinaryIO]:
     """Write a local file atomically: yields a binary file (``temp_file`` beside ``path``), flushed to disk and
-    renamed to ``path`` when the block ends; an exception removes it and leaves ``path`` as it was."""
-    f, tmp = temp_file(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".")
+    renamed to ``path`` when the block ends; an exception removes it and leaves ``path`` as it was. The one way this
+    project writes a whole local file (shard files, run config, manifest, checkpoints, the training config)."""
+    f, tmp = temp_file(os.path.dirname(path) or ".", os.path.basename(path))
     try:
         with f:
             yield f
-            # fsync before the rename: after a power loss the name must not point at unwritten blocks
-            f.flush()
-            os.fsync(f.fileno())
+            sync(f)
         os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def sync(f: BinaryIO) -> None:
+    """Flush ``f`` to disk: before a rename, so that after a power loss the new name never points at unwritten
+    blocks."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -239,9 +257,8 @@ def put_file(local_file: str, url: str) -> None:
     try:
         os.replace(local_file, dst)
     except OSError:  # another filesystem: copy beside the destination, then rename
-        tmp = dst + f".{os.getpid()}.tmp"
-        shutil.copyfile(local_file, tmp)
-        os.replace(tmp, dst)
+        with atomic_file(dst) as f, open(local_file, "rb") as src:
+            shutil.copyfileobj(src, f)
         _unlink(local_file)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from shards import schema, storage
+from shards import layout, schema, storage
 
 # zstd: a little smaller than snappy on box lists (~5% on 1,000 rows of 50-100 boxes), and pyarrow, duckdb, pandas
 # and Spark all read it. The level is fixed so the bytes do not follow a library default.
@@ -49,9 +49,9 @@ class ShardWriter:
         storage.makedirs(out)
         self._stage = storage.staging_dir(out)
         os.makedirs(self._stage, exist_ok=True)
-        # A leading dot keeps temporary files out of every listing that matches shard names. They get the permissions
-        # of any new file (the umask's), which the rename into place keeps.
-        self._file, self._tar_tmp = storage.temp_file(self._stage, f".{name}{schema.TAR_SUFFIX}.")
+        # Hidden temporary names (out of every listing of shards) with the permissions of any new file (the umask's),
+        # which the rename into place keeps.
+        self._file, self._tar_tmp = storage.temp_file(self._stage, name + schema.TAR_SUFFIX)
         self._parquet_tmp: str | None = None
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
 
@@ -119,9 +119,10 @@ class ShardWriter:
             return self.stats
         try:
             self._tar.close()
-            _sync_close(self._file)
+            storage.sync(self._file)
+            self._file.close()
 
-            f, self._parquet_tmp = storage.temp_file(self._stage, f".{self.name}{schema.PARQUET_SUFFIX}.")
+            f, self._parquet_tmp = storage.temp_file(self._stage, self.name + schema.PARQUET_SUFFIX)
             with f:
                 pq.write_table(
                     schema.rows_to_table(self._rows),
@@ -129,8 +130,7 @@ class ShardWriter:
                     compression=PARQUET_COMPRESSION,
                     compression_level=PARQUET_COMPRESSION_LEVEL,
                 )
-                f.flush()
-                os.fsync(f.fileno())
+                storage.sync(f)
 
             stats = schema.make_stats(
                 shard=self.name,
@@ -144,12 +144,14 @@ class ShardWriter:
             stats["config"] = self.config
             stats_bytes = schema.dumps(stats)  # before anything moves: an unserialisable config fails here
 
-            base = storage.join(self.out, self.name)
+            def final(suffix: str) -> str:
+                return layout.shard_file(self.out, self.name, suffix)
+
             # A rewritten shard stops being done before its files change, so stats always describe the files beside them.
-            storage.remove(base + schema.STATS_SUFFIX)
-            storage.put_file(self._tar_tmp, base + schema.TAR_SUFFIX)
-            storage.put_file(self._parquet_tmp, base + schema.PARQUET_SUFFIX)
-            storage.write_bytes(base + schema.STATS_SUFFIX, stats_bytes)
+            storage.remove(final(schema.STATS_SUFFIX))
+            storage.put_file(self._tar_tmp, final(schema.TAR_SUFFIX))
+            storage.put_file(self._parquet_tmp, final(schema.PARQUET_SUFFIX))
+            storage.write_bytes(final(schema.STATS_SUFFIX), stats_bytes)
         except BaseException:
             self.abort()
             raise
@@ -169,26 +171,6 @@ class ShardWriter:
         for path in (self._tar_tmp, self._parquet_tmp):
             if path is not None:
                 _unlink(path)
-
-
-def is_done(out: str, name: str) -> bool:
-    """True when shard ``name`` has its stats file (the done marker) and the tar and parquet it describes."""
-    base = storage.join(out, name)
-    return all(storage.exists(base + s) for s in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX))
-
-
-def done_shards(out: str) -> set[str]:
-    """Names of the done shards of ``out`` (``is_done`` for all of them from one listing: one request on S3)."""
-    present = set(storage.list_names(out))
-    stems = {n[: -len(schema.STATS_SUFFIX)] for n in present if n.endswith(schema.STATS_SUFFIX)}
-    return {s for s in stems if s + schema.TAR_SUFFIX in present and s + schema.PARQUET_SUFFIX in present}
-
-
-def _sync_close(f) -> None:
-    # fsync before the rename: after a power loss the renamed name must not point at unwritten blocks.
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
 
 
 def _unlink(path: str) -> None:

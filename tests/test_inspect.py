@@ -19,7 +19,7 @@ from prep import inspect
 from prep import run as prep_run
 from prep.cli import prep
 from prep.config import PrepConfig
-from shards import reader, schema
+from shards import layout, reader, schema
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def downgrade_to_version_1(out: str) -> None:
         del meta["image_sha256"]
         return json.dumps({**meta, "format_version": 1}, sort_keys=True, separators=(",", ":")).encode()
 
-    for name in inspect.shard_names(out):
+    for name in layout.shard_names(os.listdir(out)):
         base = os.path.join(out, name)
         rewrite_tar(base + schema.TAR_SUFFIX, v1_member)
         pq.write_table(
