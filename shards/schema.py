@@ -186,6 +186,17 @@ ADDED_COLUMNS = {2: ("fallback_boxes", "image_sha256")}
 NONDETERMINISTIC_COLUMNS = ("ss_seconds",)
 
 
+def failure_counts(counts: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """``(status, n)`` pairs summed by failure reason, ok rows left out, in reason order: the ``failed`` of the stats
+    file, the manifest and every summary. ``(row["status"], 1) for row in rows`` counts rows; the items of several
+    ``failed`` dicts add them up."""
+    totals: dict[str, int] = {}
+    for status, n in counts:
+        if status != STATUS_OK:
+            totals[status] = totals.get(status, 0) + n
+    return dict(sorted(totals.items()))
+
+
 def make_row(key: str, path: str, status: str = STATUS_OK, **fields: Any) -> dict[str, Any]:
     """A parquet row with every column present (missing ones None); rejects unknown columns and statuses."""
     if status != STATUS_OK and status not in FAILURE_REASONS:
@@ -243,7 +254,6 @@ def make_stats(
     min_boxes: int,
 ) -> dict[str, Any]:
     """The ``NAME.stats.json`` content for a shard from its parquet rows."""
-    failed: dict[str, int] = {}
     ok = few = boxes = fallback = 0
     ss = 0.0
     for r in rows:
@@ -253,15 +263,13 @@ def make_stats(
             boxes += r["kept_boxes"] or 0
             few += (r["kept_boxes"] or 0) < min_boxes
             fallback += r.get("fallback_boxes") is not None
-        else:
-            failed[r["status"]] = failed.get(r["status"], 0) + 1
     return {
         "format_version": FORMAT_VERSION,
         "shard": shard,
         "fingerprint": config_fingerprint,
         "inputs": len(rows),
         "samples": ok,
-        "failed": dict(sorted(failed.items())),
+        "failed": failure_counts((r["status"], 1) for r in rows),
         "few_boxes": few,
         "min_boxes": min_boxes,
         "fallback_images": fallback,  # ok images whose first tier had fewer than min_boxes boxes (fallback tier ran)
@@ -284,10 +292,6 @@ def make_manifest(
 
     ``fallback_images`` is in the totals when every shard's stats have it (version 2 stats)."""
     stats = sorted(stats, key=lambda s: s["shard"])
-    failed: dict[str, int] = {}
-    for s in stats:
-        for reason, n in s["failed"].items():
-            failed[reason] = failed.get(reason, 0) + n
     fallback = (
         {"fallback_images": sum(s["fallback_images"] for s in stats)}
         if all("fallback_images" in s for s in stats)
@@ -307,7 +311,7 @@ def make_manifest(
             "shards": len(stats),
             "inputs": sum(s["inputs"] for s in stats),
             "samples": sum(s["samples"] for s in stats),
-            "failed": dict(sorted(failed.items())),
+            "failed": failure_counts(item for s in stats for item in s["failed"].items()),
             "few_boxes": sum(s["few_boxes"] for s in stats),
             **fallback,
             "boxes": sum(s["boxes"] for s in stats),

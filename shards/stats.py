@@ -203,7 +203,7 @@ def _reduce_shard(shard: str, table: pa.Table, pairs: PairCounts) -> _ShardPart:
     (width, height) of its valid boxes go to ``pairs``."""
     status = table["status"]
     counts = {d["values"]: d["counts"] for d in pc.value_counts(status).to_pylist()}
-    samples = counts.pop(schema.STATUS_OK, 0)
+    samples = counts.get(schema.STATUS_OK, 0)
     seconds = table["ss_seconds"].to_numpy().astype(np.float64)  # nulls become NaN
     # most shards hold only ok rows: then no mask, no filter and fewer calls (each costs more than its arithmetic)
     all_ok = samples == table.num_rows
@@ -246,7 +246,7 @@ def _reduce_shard(shard: str, table: pa.Table, pairs: PairCounts) -> _ShardPart:
         shard=shard,
         inputs=table.num_rows,
         samples=samples,
-        failed=counts,
+        failed=schema.failure_counts(counts.items()),
         image_bytes=int(pc.sum(table["image_bytes"]).as_py() or 0),
         seconds=seconds[np.isfinite(seconds)],
         kept=_int32(kept)[ok],
@@ -281,8 +281,7 @@ class _Summary:
         c = self.per_shard.setdefault(part.shard, {"inputs": 0, "samples": 0, "failed": {}, "bytes": 0})
         c["inputs"] += part.inputs
         c["samples"] += part.samples
-        for reason, n in part.failed.items():
-            c["failed"][reason] = c["failed"].get(reason, 0) + n
+        c["failed"] = schema.failure_counts([*c["failed"].items(), *part.failed.items()])
         c["bytes"] += part.image_bytes
         self.unknown.update(r for r in part.failed if r not in schema.FAILURE_REASONS)
         self.seconds.append(part.seconds)
@@ -302,10 +301,7 @@ class _Summary:
         kept = np.concatenate(self.kept) if self.kept else np.zeros(0, np.int32)
         raw = np.concatenate(self.raw) if self.raw else np.zeros(0, np.int32)
         ss = np.concatenate(self.seconds) if self.seconds else np.zeros(0)
-        failed: dict[str, int] = {}
-        for c in self.per_shard.values():
-            for reason, n in c["failed"].items():
-                failed[reason] = failed.get(reason, 0) + n
+        failed = schema.failure_counts(item for c in self.per_shard.values() for item in c["failed"].items())
         inputs = sum(c["inputs"] for c in self.per_shard.values())
         n_ok = sum(c["samples"] for c in self.per_shard.values())
         problems = self._count_problems(stats)
@@ -328,7 +324,7 @@ class _Summary:
             "images": {
                 "inputs": inputs,
                 "ok": n_ok,
-                "failed": dict(sorted(failed.items())),
+                "failed": failed,
                 "failed_total": inputs - n_ok,
                 "few_boxes": int((kept < min_boxes).sum()),
                 "min_boxes": min_boxes,
@@ -379,10 +375,8 @@ class _Summary:
             for field in ("inputs", "samples"):
                 if s[field] != c[field]:
                     problems.append(f"{name}: stats say {field}={s[field]}, parquet has {c[field]}")
-            if dict(s["failed"]) != dict(sorted(c["failed"].items())):
-                problems.append(
-                    f"{name}: stats say failed={dict(s['failed'])}, parquet has {dict(sorted(c['failed'].items()))}"
-                )
+            if dict(s["failed"]) != c["failed"]:
+                problems.append(f"{name}: stats say failed={dict(s['failed'])}, parquet has {c['failed']}")
         for name in sorted(set(self.per_shard) - seen):
             problems.append(f"{name}: parquet rows but no stats file (shard not done)")
         return problems

@@ -95,6 +95,30 @@ def test_stats_files_cross_checked():
     assert "COUNTS DO NOT ADD UP" in format_summary(s)
 
 
+def test_failure_counts_agree_in_stats_files_manifest_and_summary():
+    statuses = ["corrupt", "ok", "missing", "corrupt", "ok", "too_small", "missing", "corrupt"]
+    rows = [
+        schema.make_row(f"k{i}", f"k{i}.jpg", s, **({"kept_boxes": 1, "boxes": [[0, 0, 2, 3]]} if s == "ok" else {}))
+        for i, s in enumerate(statuses)
+    ]
+    counts = schema.failure_counts((s, 1) for s in statuses)
+    assert counts == {"corrupt": 3, "missing": 2, "too_small": 1} and list(counts) == sorted(counts)
+    assert schema.failure_counts([("missing", 2), ("ok", 5), ("corrupt", 1), ("missing", 3)]) == {
+        "corrupt": 1,
+        "missing": 5,
+    }
+    halves = {"s-000000": rows[:5], "s-000001": rows[5:]}
+    stats = [
+        schema.make_stats(shard=n, config_fingerprint="f", rows=r, tar_bytes=0, parquet_bytes=0, seconds=0, min_boxes=4)
+        for n, r in halves.items()
+    ]
+    assert [s["failed"] for s in stats] == [{"corrupt": 2, "missing": 1}, {"corrupt": 1, "missing": 1, "too_small": 1}]
+    manifest = schema.make_manifest(config={}, versions={}, classes=None, stats=stats)
+    t = schema.rows_to_table(rows).append_column("shard", pa.array(["s-000000"] * 5 + ["s-000001"] * 3))
+    summary = summarize(t, stats)
+    assert manifest["totals"]["failed"] == summary["images"]["failed"] == counts and summary["counts_add_up"]
+
+
 def test_inconsistent_rows_flagged():
     t, rows = hand_table()
     rows[5]["kept_boxes"] = 99
