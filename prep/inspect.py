@@ -17,13 +17,12 @@ import json
 import math
 import os
 import random
-import tarfile
 import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from shards import layout, schema, storage
+from shards import layout, reader, schema, storage
 
 # verify stops listing a shard's problems after this many (one broken shard should not bury the others)
 MAX_PROBLEMS_PER_SHARD = 20
@@ -115,21 +114,12 @@ def _ok_keys(out: str, name: str) -> list[str]:
     return [k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist()) if s == schema.STATUS_OK]
 
 
-def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a tar, in member order (members grouped by the key before the first dot)."""
-    key, group = None, {}
-    with storage.open_stream(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, _, ext = m.name.partition(".")
-            if key is not None and k != key:
-                yield key, group
-                group = {}
-            key = k
-            group[ext] = tar.extractfile(m).read()
-    if key is not None:
-        yield key, group
+def _samples(url: str) -> Iterator[dict]:
+    """The decoded samples of a shard (``shards.reader``), errors as InspectError naming the shard."""
+    try:
+        yield from map(reader.decode, reader.read_shard(url))
+    except reader.ShardError as e:
+        raise InspectError(str(e)) from None
 
 
 def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 20, cell: int = 256) -> list[str]:
@@ -153,13 +143,14 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     grid = Image.new("RGB", (cols * cell, rows * (cell + caption_h)), (32, 32, 32))
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
-    drawn = []
+    drawn: list[str] = []
     for name in sorted(wanted):
-        for key, group in _tar_samples(layout.shard_file(out, name, schema.TAR_SUFFIX)):
+        for sample in _samples(layout.shard_file(out, name, schema.TAR_SUFFIX)):
+            key = sample["__key__"]
             if key not in wanted[name]:
                 continue
-            meta = schema.decode_meta(group[schema.META_EXT])
-            img = Image.open(io.BytesIO(group[schema.IMAGE_EXT])).convert("RGB")
+            meta = sample["meta"]
+            img = Image.open(io.BytesIO(sample[schema.IMAGE_EXT])).convert("RGB")
             scale = min(cell / img.width, cell / img.height)
             thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
             i = len(drawn)
@@ -255,11 +246,14 @@ def verify_shard(
         if st.get(k) != v:
             problem(f"stats {k} = {st.get(k)!r}, but the shard has {v!r}")
 
-    # tar vs parquet ok rows, in order
+    # tar vs parquet ok rows, in order; samples as the reader finds them (its check of the end-of-archive marker
+    # included), incomplete ones too: _check_sample names what they lack
     expected = iter(ok_rows)
     seen = 0
     try:
-        for key, group in _tar_samples(file(schema.TAR_SUFFIX)):
+        for sample in reader.read_shard(file(schema.TAR_SUFFIX), require=()):
+            key = sample["__key__"]
+            group = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
             row = next(expected, None)
             if row is None:
                 problem(f"tar member {key}.* has no parquet row")
@@ -271,7 +265,7 @@ def verify_shard(
             _check_sample(key, group, row, problem, quick=quick)
             if len(problems) > MAX_PROBLEMS_PER_SHARD:
                 break
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (reader.ShardError, OSError) as e:
         problem(f"tar unreadable after {seen} samples: {e}")
     rest = [r["key"] for r in expected]
     if rest and len(problems) <= MAX_PROBLEMS_PER_SHARD:

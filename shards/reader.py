@@ -203,8 +203,17 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def group_by_key(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
-    """Consecutive members sharing a key -> ``{"__key__", "__url__", "jpg": bytes, "json": bytes}``."""
+# The members every sample of a shard has.
+SAMPLE_MEMBERS = (schema.IMAGE_EXT, schema.META_EXT)
+
+
+def group_by_key(
+    members: Iterable[tuple[str, bytes]], url: str, *, require: Iterable[str] = SAMPLE_MEMBERS
+) -> Iterator[dict[str, Any]]:
+    """Consecutive members sharing a key -> ``{"__key__", "__url__", "jpg": bytes, "json": bytes}``. A sample
+    without one of the extensions in ``require`` raises ShardError (``require=()``: yielded as it is, for a check
+    that names what is missing)."""
+    require = tuple(require)
     sample: dict[str, Any] | None = None
     for name, data in members:
         parts = split_name(name)
@@ -213,17 +222,17 @@ def group_by_key(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dic
         key, ext = parts
         if sample is None or key != sample["__key__"]:
             if sample is not None:
-                yield _complete(sample)
+                yield _complete(sample, require)
             sample = {"__key__": key, "__url__": url}
         if ext in sample:
             raise ShardError(f"{storage.redact(url)}: sample {key!r} has two {ext!r} members")
         sample[ext] = data
     if sample is not None:
-        yield _complete(sample)
+        yield _complete(sample, require)
 
 
-def _complete(sample: dict[str, Any]) -> dict[str, Any]:
-    missing = [ext for ext in (schema.IMAGE_EXT, schema.META_EXT) if ext not in sample]
+def _complete(sample: dict[str, Any], require: tuple[str, ...]) -> dict[str, Any]:
+    missing = [ext for ext in require if ext not in sample]
     if missing:
         raise ShardError(
             f"{storage.redact(sample['__url__'])}: sample {sample['__key__']!r} has no "
@@ -232,16 +241,16 @@ def _complete(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
-def read_shard(url: str, **open_kwargs) -> Iterator[dict[str, Any]]:
-    """Samples of one shard; ``open_kwargs`` go to ``storage.open_stream`` (retries, backoff, timeout, allow_pipe).
-    The stream is closed when the generator is exhausted or closed early."""
+def read_shard(url: str, *, require: Iterable[str] = SAMPLE_MEMBERS, **open_kwargs) -> Iterator[dict[str, Any]]:
+    """Samples of one shard (``require``: see ``group_by_key``); ``open_kwargs`` go to ``storage.open_stream``
+    (retries, backoff, timeout, allow_pipe). The stream is closed when the generator is exhausted or closed early."""
     with storage.open_stream(url, **open_kwargs) as stream:
-        yield from _stream_samples(stream, url)
+        yield from _stream_samples(stream, url, require)
 
 
-def _stream_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
+def _stream_samples(stream: BinaryIO, url: str, require: Iterable[str] = SAMPLE_MEMBERS) -> Iterator[dict[str, Any]]:
     try:
-        yield from group_by_key(tar_members(stream), url)
+        yield from group_by_key(tar_members(stream), url, require=require)
     except (tarfile.TarError, EOFError) as exc:
         raise ShardError(f"{storage.redact(url)}: not a readable tar: {exc}") from None
 
