@@ -36,7 +36,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from prep import executors, proposals  # noqa: E402
+from prep import executors, proposals, tasks  # noqa: E402
 from prep import run as prep_run  # noqa: E402
 from prep.config import PrepConfig  # noqa: E402
 from prep.sources import load_source  # noqa: E402
@@ -236,7 +236,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "opencv": prep_run.versions()["opencv"],
-            "start_method": executors.START_METHOD,
+            "start_method": tasks.START_METHOD,
         },
         "setup": {
             "images": n,

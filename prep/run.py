@@ -332,6 +332,7 @@ def run(
     Raises RunConfigError (other settings / inputs in ``out``) before any work, ShardsFailed after the other shards
     were written when some shard tasks failed."""
     from prep import executors
+    from prep.tasks import TasksFailed
 
     if overwrite and tuple(part) != (0, 1):
         # every part of an array job would clear the whole output, deleting what the other parts had written
@@ -383,7 +384,7 @@ def run(
         run_tasks(
             todo, partial(run_task, out, cfg, endpoint_url=storage.endpoint_url()), workers=workers, progress=progress
         )
-    except executors.TasksFailed as e:
+    except TasksFailed as e:
         failures = e.failures
     written = [t.name for t in todo if t.name not in {n for n, _ in failures}]
     if failures:
