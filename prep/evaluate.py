@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shards import layout, schema, storage
-from shards import stats as shard_stats
+from shards import summary as summaries
 
 IOUS = (0.5, 0.7)
 TOPS = (4, 20, None)  # first K kept boxes; None: all of them
@@ -156,11 +156,11 @@ def evaluate(
     if not shards:
         raise FileNotFoundError(f"{storage.redact(out)}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     if threads is None:
-        threads = shard_stats.REMOTE_THREADS if storage.is_remote(out) else shard_stats.LOCAL_THREADS
+        threads = summaries.REMOTE_THREADS if storage.is_remote(out) else summaries.LOCAL_THREADS
     parts = list(
-        shard_stats.ordered_map(
+        summaries.ordered_map(
             lambda n: _shard_overlaps(
-                shard_stats.read_parquet(layout.shard_file(out, n, schema.PARQUET_SUFFIX), COLUMNS), gt
+                summaries.read_parquet(layout.shard_file(out, n, schema.PARQUET_SUFFIX), COLUMNS), gt
             ),
             shards,
             threads,

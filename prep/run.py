@@ -292,7 +292,8 @@ def clear_output(out: str, prefixes: set[str]) -> list[str]:
     return removed
 
 
-def read_stats(out: str, name: str) -> dict:
+def read_shard_stats(out: str, name: str) -> dict:
+    """The ``NAME.stats.json`` of shard ``name`` (RunConfigError naming it when it is not JSON)."""
     path = layout.shard_file(out, name, schema.STATS_SUFFIX)
     try:
         return json.loads(storage.read_bytes(path))
@@ -401,7 +402,7 @@ def _check_orphan_stats(out: str, tasks: list[ShardTask], fp: str) -> None:
     finished = layout.done_shards(out)
     for t in tasks:
         if t.name in finished:
-            st = read_stats(out, t.name)
+            st = read_shard_stats(out, t.name)
             if st.get("fingerprint") != fp:
                 raise RunConfigError(
                     f"{layout.shard_file(out, t.name, schema.STATS_SUFFIX)} was made with other settings (fingerprint "
@@ -423,8 +424,8 @@ def finalize(out: str) -> dict:
         raise RunConfigError(
             f"cannot finalize {out}: {len(missing)} of {len(names)} planned shards are not done: {shown}"
         )
-    stats = [read_stats(out, n) for n in names]
-    other = [s["shard"] for s in stats if s.get("fingerprint") != run_cfg["fingerprint"]]
+    shard_stats = [read_shard_stats(out, n) for n in names]
+    other = [s["shard"] for s in shard_stats if s.get("fingerprint") != run_cfg["fingerprint"]]
     if other:
         raise RunConfigError(f"cannot finalize {out}: shards made with other settings: {', '.join(other)}")
     # config without the root, so manifest["fingerprint"] equals every shard's stats fingerprint
@@ -432,7 +433,7 @@ def finalize(out: str) -> dict:
         config=_content_config(run_cfg["config"]),
         versions=run_cfg["versions"],
         classes=run_cfg.get("classes"),
-        stats=stats,
+        stats=shard_stats,
     )
     storage.write_bytes(storage.join(out, schema.MANIFEST_NAME), schema.dumps(manifest))
     return manifest

@@ -246,7 +246,7 @@ def test_failed_shard_is_reported_and_others_are_kept(images, tmp_path):
 
 
 def test_bad_inputs_all_end_up_as_samples_or_error_rows(tmp_path):
-    from prep import inspect
+    from prep import check
 
     root = tmp_path / "bad"
     expected = write_bad_inputs(str(root))
@@ -261,12 +261,12 @@ def test_bad_inputs_all_end_up_as_samples_or_error_rows(tmp_path):
     n_ok = sum(s == "ok" for s in expected.values())
     assert (totals["inputs"], totals["samples"]) == (len(expected), n_ok)
     assert sum(totals["failed"].values()) == len(expected) - n_ok
-    summary = inspect.stats(out)
+    summary = check.summarize(out)
     assert summary["counts_add_up"] and summary["accounting"]["adds_up"]
-    text = inspect.format_stats(summary)
+    text = check.format_summary(summary)
     assert "counts add up" in text and f"{len(expected)} planned = {n_ok} ok + {len(expected) - n_ok} failed" in text
     assert "failed too_large: 1" in text and "failed empty: 1" in text
-    problems, _ = inspect.verify(out, echo=lambda line: None)
+    problems, _ = check.verify(out, echo=lambda line: None)
     assert problems == []
 
 

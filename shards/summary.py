@@ -1,4 +1,6 @@
-"""Summaries of an output read from its Parquet files only: counts by status, box and size distributions, timing.
+"""Summaries of an output (what ``prep stats`` reports) read from its Parquet and stats files only: counts by status,
+box and size distributions, timing. A *stats file* here is one shard's ``NAME.stats.json``, whose counts are checked
+against that shard's rows.
 
 ``summarize_output`` streams an output shard by shard (local path, ``s3://`` or ``http(s)://``; Parquet and stats
 files, never the tars) and returns plain JSON-able data (``prep stats --json``); ``summarize`` does the same for a
@@ -130,8 +132,10 @@ def summarize_output(
         threads = REMOTE_THREADS if storage.is_remote(out) else LOCAL_THREADS
     # the stats file of every done shard (a parquet without one is reported by the check)
     stems = layout.shard_names(listing, schema.STATS_SUFFIX)
-    stats = list(ordered_map(lambda n: _read_stats(layout.shard_file(out, n, schema.STATS_SUFFIX)), stems, threads))
-    return _summarize_shards(out, shards, threads).result(stats, min_boxes)
+    shard_stats = list(
+        ordered_map(lambda n: _read_shard_stats(layout.shard_file(out, n, schema.STATS_SUFFIX)), stems, threads)
+    )
+    return _summarize_shards(out, shards, threads).result(shard_stats, min_boxes)
 
 
 def _summarize_shards(out: str, shards: list[str], threads: int) -> _Summary:
@@ -156,7 +160,7 @@ def _summarize_shards(out: str, shards: list[str], threads: int) -> _Summary:
     return acc
 
 
-def _read_stats(url: str) -> dict[str, Any]:
+def _read_shard_stats(url: str) -> dict[str, Any]:
     try:
         return json.loads(storage.read_bytes(url))
     except ValueError as e:
@@ -164,11 +168,11 @@ def _read_stats(url: str) -> dict[str, Any]:
 
 
 def summarize(
-    table: pa.Table, stats: Iterable[Mapping[str, Any]] | None = None, *, min_boxes: int | None = None
+    table: pa.Table, shard_stats: Iterable[Mapping[str, Any]] | None = None, *, min_boxes: int | None = None
 ) -> dict[str, Any]:
     """A JSON-able summary of ``table`` (``read_table`` output; without a ``shard`` column it counts as one shard).
 
-    ``stats``: optional per-shard ``NAME.stats.json`` dicts; their counts are checked against the table and their
+    ``shard_stats``: optional per-shard ``NAME.stats.json`` dicts; their counts are checked against the table and their
     ``min_boxes`` used for the few-box count (else ``min_boxes``, else ``DEFAULT_MIN_BOXES``)."""
     acc = _Summary()
     if "shard" in table.column_names:
@@ -178,7 +182,7 @@ def summarize(
             acc.add(_reduce_shard(name, rows, acc.pairs), keys=lambda rows=rows: rows["key"])
     else:
         acc.add(_reduce_shard("", table, acc.pairs), keys=lambda: table["key"])
-    return acc.result(None if stats is None else list(stats), min_boxes)
+    return acc.result(None if shard_stats is None else list(shard_stats), min_boxes)
 
 
 @dataclass
@@ -294,9 +298,9 @@ class _Summary:
         if part.box_problem:
             self.box_problems.append(part.box_problem)
 
-    def result(self, stats: list[Mapping[str, Any]] | None, min_boxes: int | None) -> dict[str, Any]:
+    def result(self, shard_stats: list[Mapping[str, Any]] | None, min_boxes: int | None) -> dict[str, Any]:
         if min_boxes is None:
-            found = {s["min_boxes"] for s in stats or []}
+            found = {s["min_boxes"] for s in shard_stats or []}
             min_boxes = found.pop() if len(found) == 1 else DEFAULT_MIN_BOXES
         kept = np.concatenate(self.kept) if self.kept else np.zeros(0, np.int32)
         raw = np.concatenate(self.raw) if self.raw else np.zeros(0, np.int32)
@@ -304,7 +308,7 @@ class _Summary:
         failed = schema.failure_counts(item for c in self.per_shard.values() for item in c["failed"].items())
         inputs = sum(c["inputs"] for c in self.per_shard.values())
         n_ok = sum(c["samples"] for c in self.per_shard.values())
-        problems = self._count_problems(stats)
+        problems = self._count_problems(shard_stats)
 
         # every box statistic from the (w, h) pair counts: values in ascending order, each with its count
         w, h, n = self.pairs.items()
@@ -352,7 +356,7 @@ class _Summary:
             },
         }
 
-    def _count_problems(self, stats: list[Mapping[str, Any]] | None) -> list[str]:
+    def _count_problems(self, shard_stats: list[Mapping[str, Any]] | None) -> list[str]:
         """Why the counts do not add up: every input must be ok or a known failure, ok rows must carry their boxes,
         and (when stats files are given) each shard's stats must match its parquet rows."""
         problems = []
@@ -362,10 +366,10 @@ class _Summary:
             problems.append(
                 f"{self.bad_rows} ok rows whose kept_boxes differs from their boxes (first: {self.first_bad})"
             )
-        if stats is None:
+        if shard_stats is None:
             return problems
         seen = set()
-        for s in stats:
+        for s in shard_stats:
             name = s["shard"]
             seen.add(name)
             c = self.per_shard.get(name)

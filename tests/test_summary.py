@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from shards import schema
-from shards import stats as stats_mod
-from shards.stats import format_summary, ordered_map, plot_summary, read_table, summarize, summarize_output
+from shards import summary as summaries
+from shards.summary import format_summary, ordered_map, plot_summary, read_table, summarize, summarize_output
 
 
 def hand_table(shard_names=("s-000000",)):
@@ -213,8 +213,8 @@ def naive_box_stats(rows):
     h = (boxes[:, 3] - boxes[:, 1]).astype(np.float64)
     side, aspect = np.sqrt(w * h), w / h
     return (
-        stats_mod._distribution(side, stats_mod._linear_edges(side)),
-        stats_mod._distribution(aspect, stats_mod._log_edges(aspect)),
+        summaries._distribution(side, summaries._linear_edges(side)),
+        summaries._distribution(aspect, summaries._log_edges(aspect)),
     )
 
 
@@ -230,10 +230,10 @@ def test_percentiles_from_counts_are_numpys_floats():
     for x in cases:
         values, counts = np.unique(x, return_counts=True)
         assert np.array_equal(
-            stats_mod._percentiles(values, counts, stats_mod.PERCENTILES), np.percentile(x, stats_mod.PERCENTILES)
+            summaries._percentiles(values, counts, summaries.PERCENTILES), np.percentile(x, summaries.PERCENTILES)
         )
-        edges = stats_mod._linear_edges(x)
-        assert stats_mod._distribution(values, edges, counts) == stats_mod._distribution(x, edges)
+        edges = summaries._linear_edges(x)
+        assert summaries._distribution(values, edges, counts) == summaries._distribution(x, edges)
 
 
 def test_pair_counts_grid_and_codes_agree():
@@ -248,16 +248,16 @@ def test_pair_counts_grid_and_codes_agree():
     want = dict(zip(*np.unique(w << 32 | h, return_counts=True)))
     # the default grid (nearly all in it), a tiny one (most pairs as codes), and counts made in one sweep or many
     for counter in (
-        stats_mod.PairCounts(),
-        stats_mod.PairCounts(dense_side=64, flush=700),
-        stats_mod.PairCounts(dense_side=256, flush=10**9),
+        summaries.PairCounts(),
+        summaries.PairCounts(dense_side=64, flush=700),
+        summaries.PairCounts(dense_side=256, flush=10**9),
     ):
         for bw, bh in batches:
             counter.add(bw, bh)
         got_w, got_h, got_n = counter.items()
         assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist())) == want
         assert counter.codes.size > 0
-    halves = stats_mod.PairCounts(flush=900), stats_mod.PairCounts(flush=900)  # as two reading threads count
+    halves = summaries.PairCounts(flush=900), summaries.PairCounts(flush=900)  # as two reading threads count
     for i, (bw, bh) in enumerate(batches):
         halves[i % 2].add(bw, bh)
     halves[0].merge(halves[1])

@@ -1,4 +1,8 @@
-"""Look at an output: ``stats`` (Parquet only), ``show`` (boxes drawn on samples), ``verify`` (tar vs Parquet vs stats).
+"""Check an output: ``summarize`` (``prep stats``: Parquet and stats files only), ``show`` (boxes drawn on samples),
+``verify`` (tar vs Parquet vs stats files).
+
+Names: a *stats file* is one shard's ``NAME.stats.json`` (its done marker); a *summary* is what ``prep stats`` reports
+of a whole output (``shards.summary``).
 
 ``verify`` is the check a consumer can run before a training job: every claim the Parquet rows, the stats files and the
 manifest make about the tars is checked against the tar bytes themselves, down to the SHA-256 of every stored image
@@ -28,8 +32,8 @@ from shards import layout, reader, schema, storage
 MAX_PROBLEMS_PER_SHARD = 20
 
 
-class InspectError(RuntimeError):
-    """The output cannot be inspected (no shards, unreadable Parquet); the message names the path."""
+class CheckError(RuntimeError):
+    """The output cannot be looked at (no shards, unreadable Parquet); the message names the path."""
 
 
 def _read_json(url: str) -> dict:
@@ -52,11 +56,11 @@ def _run_config(out: str) -> dict | None:
 
 
 # --- stats -----------------------------------------------------------------------------------------------------------
-def stats(out: str, plot: str | None = None) -> dict:
-    """``shards.stats.summarize_output`` of ``out`` (Parquet and stats files, streamed; never the tars), plus
+def summarize(out: str, plot: str | None = None) -> dict:
+    """``shards.summary.summarize_output`` of ``out`` (Parquet and stats files, streamed; never the tars), plus
     ``accounting``: planned inputs (run config) against Parquet rows = ok + failed, so a reader sees that every
     input ended up somewhere."""
-    from shards import stats as shard_stats
+    from shards import summary as summaries
 
     if plot:  # matplotlib takes ~0.7 s to import: load it while the shards are read (decoding runs without the GIL)
         loader = threading.Thread(
@@ -64,9 +68,9 @@ def stats(out: str, plot: str | None = None) -> dict:
         )
         loader.start()
     try:
-        summary = shard_stats.summarize_output(out, layout.listing(out))
+        summary = summaries.summarize_output(out, layout.listing(out))
     except (OSError, ValueError) as e:
-        raise InspectError(str(e)) from None
+        raise CheckError(str(e)) from None
     im = summary["images"]
     run_cfg = _run_config(out)
     planned = run_cfg["source"]["inputs"] if run_cfg and "source" in run_cfg else None
@@ -79,12 +83,13 @@ def stats(out: str, plot: str | None = None) -> dict:
     }
     if plot:
         loader.join()
-        shard_stats.plot_summary(summary, plot)
+        summaries.plot_summary(summary, plot)
     return summary
 
 
-def format_stats(summary: dict) -> str:
-    from shards import stats as shard_stats
+def format_summary(summary: dict) -> str:
+    """``summarize``'s result as text: ``shards.summary.format_summary`` and the accounting line."""
+    from shards import summary as summaries
 
     a = summary["accounting"]
     if a["planned_inputs"] is None:
@@ -98,7 +103,7 @@ def format_stats(summary: dict) -> str:
             f"inputs: {a['planned_inputs']} planned but {a['rows']} rows ({a['ok']} ok + {a['failed']} failed): "
             "the run is not finished (rerun it) or shards are missing"
         )
-    return shard_stats.format_summary(summary).rstrip() + "\n" + line
+    return summaries.format_summary(summary).rstrip() + "\n" + line
 
 
 # --- show ------------------------------------------------------------------------------------------------------------
@@ -115,11 +120,11 @@ def _ok_keys(out: str, name: str) -> list[str]:
 
 
 def _samples(url: str) -> Iterator[dict]:
-    """The decoded samples of a shard (``shards.reader``), errors as InspectError naming the shard."""
+    """The decoded samples of a shard (``shards.reader``), errors as CheckError naming the shard."""
     try:
         yield from map(reader.decode, reader.read_shard(url))
     except reader.ShardError as e:
-        raise InspectError(str(e)) from None
+        raise CheckError(str(e)) from None
 
 
 def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 20, cell: int = 256) -> list[str]:
@@ -131,7 +136,7 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     names = layout.shard_names(listing, schema.TAR_SUFFIX)
     pool = [(name, key) for name in names for key in _ok_keys(out, name)]
     if not pool:
-        raise InspectError(f"{out}: no samples to show (no shards with ok rows)")
+        raise CheckError(f"{out}: no samples to show (no shards with ok rows)")
     chosen = sorted(random.Random(seed).sample(pool, min(n, len(pool))))
     wanted: dict[str, set[str]] = {}
     for name, key in chosen:
@@ -360,13 +365,13 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
     if not names:
         report([f"{out}: no shards"])
     fingerprint = run_cfg.get("fingerprint") if run_cfg else None
-    all_stats = []
+    shard_stats = []
     owner: dict[str, str] = {}
     for name in names:
         shard_problems, st = verify_shard(out, name, fingerprint, listing, quick=quick)
         report(shard_problems)
         if st is not None:
-            all_stats.append(st)
+            shard_stats.append(st)
         try:
             keys = _read_parquet(layout.shard_file(out, name, schema.PARQUET_SUFFIX), columns=["key"]).column("key")
         except Exception:
@@ -377,18 +382,18 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
 
     manifest_url = storage.join(out, schema.MANIFEST_NAME)
     if schema.MANIFEST_NAME in listing:
-        report(_check_manifest(_read_json(manifest_url), all_stats, run_cfg))
+        report(_check_manifest(_read_json(manifest_url), shard_stats, run_cfg))
     totals = {
         "shards": len(names),
-        "samples": sum(s.get("samples", 0) for s in all_stats),
-        "inputs": sum(s.get("inputs", 0) for s in all_stats),
+        "samples": sum(s.get("samples", 0) for s in shard_stats),
+        "inputs": sum(s.get("inputs", 0) for s in shard_stats),
     }
     return problems, totals
 
 
-def _check_manifest(manifest: dict, all_stats: list[dict], run_cfg: dict | None) -> list[str]:
+def _check_manifest(manifest: dict, shard_stats: list[dict], run_cfg: dict | None) -> list[str]:
     lines = []
-    recomputed = schema.make_manifest(config={}, versions={}, classes=None, stats=all_stats)
+    recomputed = schema.make_manifest(config={}, versions={}, classes=None, stats=shard_stats)
     if [s["name"] for s in manifest.get("shards", [])] != [s["name"] for s in recomputed["shards"]]:
         lines.append(f"{schema.MANIFEST_NAME}: shard list differs from the shards present")
     else:
