@@ -116,7 +116,11 @@ def rank_colour(rank: int, count: int) -> tuple[int, int, int]:
 
 def _ok_keys(out: str, name: str) -> list[str]:
     t = _read_parquet(layout.shard_file(out, name, schema.PARQUET_SUFFIX), columns=["key", "status"])
-    return [k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist()) if s == schema.STATUS_OK]
+    return [
+        k
+        for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist(), strict=True)
+        if s == schema.STATUS_OK
+    ]
 
 
 def _samples(url: str) -> Iterator[dict]:
@@ -157,7 +161,9 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
             meta = sample["meta"]
             img = Image.open(io.BytesIO(sample[schema.IMAGE_EXT])).convert("RGB")
             scale = min(cell / img.width, cell / img.height)
-            thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+            thumb = img.resize(
+                (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR
+            )
             i = len(drawn)
             x0, y0 = (i % cols) * cell, (i // cols) * (cell + caption_h)
             ox, oy = x0 + (cell - thumb.width) // 2, y0 + (cell - thumb.height) // 2
@@ -397,7 +403,7 @@ def _check_manifest(manifest: dict, shard_stats: list[dict], run_cfg: dict | Non
     if [s["name"] for s in manifest.get("shards", [])] != [s["name"] for s in recomputed["shards"]]:
         lines.append(f"{schema.MANIFEST_NAME}: shard list differs from the shards present")
     else:
-        for m, r in zip(manifest["shards"], recomputed["shards"]):
+        for m, r in zip(manifest["shards"], recomputed["shards"], strict=True):
             if (m.get("samples"), m.get("inputs")) != (r["samples"], r["inputs"]):
                 lines.append(
                     f"{schema.MANIFEST_NAME}: {m['name']} samples/inputs {m.get('samples')}/{m.get('inputs')}"

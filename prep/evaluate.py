@@ -84,7 +84,7 @@ def load_annotations(path: str) -> GroundTruth:
         crowd = len(data.get("annotations", [])) - len(anns)
         image = np.searchsorted(ids, np.array([a["image_id"] for a in anns], np.int64)).astype(np.int64)
         bbox = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-        area = np.array([a.get("area", w * h) for a, (_, _, w, h) in zip(anns, bbox)], np.float64)
+        area = np.array([a.get("area", w * h) for a, (_, _, w, h) in zip(anns, bbox, strict=True)], np.float64)
         category = np.array([a.get("category_id", 0) for a in anns], np.int64)
     except (KeyError, TypeError, ValueError) as e:
         raise AnnotationError(f"{path}: malformed image or annotation entry ({type(e).__name__}: {e})") from None

@@ -120,7 +120,7 @@ def _connect(address: str | None, workers: int) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     local = address is None
     env = {**code_env(local), **_storage_env()}
-    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # worker output would tear the progress bar
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}  # output would tear the bar
     if local:
         init_local(num_cpus=max(1, workers), include_dashboard=False, runtime_env=env or None, **quiet)
         return True

@@ -347,17 +347,17 @@ def run(
     mine = select_part(tasks, part)
     storage.makedirs(out)
     new = make_run_config(cfg, source, tasks)
+    old: dict | None = None
     if overwrite:
         try:
-            old = read_run_config(out) or {}
+            previous = read_run_config(out) or {}
         except RunConfigError:  # an unreadable run config is one more thing --overwrite replaces
-            old = {}
-        old_cfg = old.get("config") or {}
+            previous = {}
+        old_cfg = previous.get("config") or {}
         prefixes = {cfg.shard_prefix, old_cfg.get("prefix") or old_cfg.get("kind") or cfg.shard_prefix}
         removed = clear_output(out, prefixes)
         if removed:
             log(f"--overwrite: removed {len(removed)} files of the previous run in {out}")
-        old = None
     else:
         old = read_run_config(out)
     if old is not None:

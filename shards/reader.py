@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import io
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import tarfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import Any
 
 from shards import layout, schema, storage
 
@@ -161,7 +162,7 @@ def shard_sizes(spec: str) -> dict[str, int] | None:
 
 
 # --- stream -> members -> samples ------------------------------------------------------------------------------------
-def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+def tar_members(stream: storage.Stream) -> Iterator[tuple[str, bytes]]:
     """(name, content) of each regular file in a tar stream, in order, reading forward only.
 
     Reads the stream to its end and raises ``tarfile.ReadError`` when the end-of-archive marker is missing: tarfile
@@ -169,8 +170,9 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     watched = _TailWatch(stream)
     with tarfile.open(fileobj=watched, mode="r|") as tar:
         for member in tar:
-            if member.isfile():
-                yield member.name, tar.extractfile(member).read()
+            content = tar.extractfile(member) if member.isfile() else None  # None for anything but a regular file
+            if content is not None:
+                yield member.name, content.read()
     while watched.read(1 << 16):
         pass
     if watched.tail != bytes(_END_MARKER):
@@ -180,14 +182,15 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
 _END_MARKER = 2 * tarfile.BLOCKSIZE  # two zero blocks end every tar; record padding after them is zeros too
 
 
-class _TailWatch:
-    """A read-only stream wrapper that remembers the last bytes read."""
+class _TailWatch(io.BufferedIOBase):
+    """A read-only stream wrapper that remembers the last bytes read (a file object that cannot write or seek, as
+    tarfile expects of one)."""
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: storage.Stream):
         self._stream, self.tail = stream, b""
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n)
+    def read(self, n: int | None = -1, /) -> bytes:
+        data = self._stream.read(-1 if n is None else n)
         if data:
             self.tail = (self.tail + data[-_END_MARKER:])[-_END_MARKER:]
         return data
@@ -248,7 +251,9 @@ def read_shard(url: str, *, require: Iterable[str] = SAMPLE_MEMBERS, **open_kwar
         yield from _stream_samples(stream, url, require)
 
 
-def _stream_samples(stream: BinaryIO, url: str, require: Iterable[str] = SAMPLE_MEMBERS) -> Iterator[dict[str, Any]]:
+def _stream_samples(
+    stream: storage.Stream, url: str, require: Iterable[str] = SAMPLE_MEMBERS
+) -> Iterator[dict[str, Any]]:
     try:
         yield from group_by_key(tar_members(stream), url, require=require)
     except (tarfile.TarError, EOFError) as exc:

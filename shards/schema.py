@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ MANIFEST_NAME = "manifest.json"
 RUN_CONFIG_NAME = "prep_config.json"
 SHARD_DIGITS = 6
 
-_SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{%d})$" % SHARD_DIGITS)
+_SHARD_RE = re.compile(rf"^(?P<prefix>.+)-(?P<index>\d{{{SHARD_DIGITS}}})$")
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -68,7 +68,7 @@ def parse_shard_name(name: str) -> tuple[str, int]:
 # WebDataset splits a member name into key and extension at the *first* dot, so a key must not hold one; slashes
 # would make directories inside the tar. USTAR names are limited to 100 bytes, so keys stay short and ASCII.
 KEY_MAX_LEN = 80
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,%d}$" % KEY_MAX_LEN)
+_KEY_RE = re.compile(rf"^[A-Za-z0-9_\-]{{1,{KEY_MAX_LEN}}}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
@@ -204,7 +204,7 @@ def make_row(key: str, path: str, status: str = STATUS_OK, **fields: Any) -> dic
     unknown = set(fields) - set(PARQUET_SCHEMA.names)
     if unknown:
         raise ValueError(f"unknown parquet columns {sorted(unknown)}")
-    row = {name: None for name in PARQUET_SCHEMA.names}
+    row: dict[str, Any] = dict.fromkeys(PARQUET_SCHEMA.names)
     row.update(fields, key=key, path=path, status=status)
     if row["boxes"] is not None:
         row["boxes"] = np.asarray(row["boxes"], dtype=np.int64).reshape(-1, 4).tolist()
@@ -247,7 +247,7 @@ def make_stats(
     *,
     shard: str,
     config_fingerprint: str,
-    rows: list[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
     tar_bytes: int,
     parquet_bytes: int,
     seconds: float,
@@ -286,7 +286,7 @@ def make_manifest(
     config: Mapping[str, Any],
     versions: Mapping[str, str],
     classes: list[str] | None,
-    stats: list[Mapping[str, Any]],
+    stats: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
     """``manifest.json``: config, versions, class list, every shard with its sample count, totals.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -154,10 +155,15 @@ def _summarize_shards(out: str, shards: list[str], threads: int) -> _Summary:
 
     for part in ordered_map(reduce, shards, threads):
         url = layout.shard_file(out, part.shard, schema.PARQUET_SUFFIX)
-        acc.add(part, keys=lambda url=url: read_parquet(url, ["key"])["key"])
+        acc.add(part, keys=functools.partial(_key_column, url))
     for counter in counters:
         acc.pairs.merge(counter)
     return acc
+
+
+def _key_column(url: str) -> pa.ChunkedArray:
+    """The ``key`` column of a shard's Parquet (read only to name an inconsistent row)."""
+    return read_parquet(url, ["key"])["key"]
 
 
 def _read_shard_stats(url: str) -> dict[str, Any]:
@@ -179,9 +185,9 @@ def summarize(
         shard = table["shard"]
         for name in pc.unique(shard).to_pylist():
             rows = table.filter(pc.equal(shard, name))
-            acc.add(_reduce_shard(name, rows, acc.pairs), keys=lambda rows=rows: rows["key"])
+            acc.add(_reduce_shard(name, rows, acc.pairs), keys=functools.partial(rows.column, "key"))
     else:
-        acc.add(_reduce_shard("", table, acc.pairs), keys=lambda: table["key"])
+        acc.add(_reduce_shard("", table, acc.pairs), keys=functools.partial(table.column, "key"))
     return acc.result(None if shard_stats is None else list(shard_stats), min_boxes)
 
 
@@ -318,7 +324,8 @@ class _Summary:
         side, side_n = side[by_side], n[by_side]
         aspect, aspect_n = aspect[by_aspect], n[by_aspect]
 
-        p50, p95 = np.percentile(ss, [50, 95]) if ss.size else (None, None)  # one partition of 1.28 M values, not two
+        # one partition of 1.28 M values, not two
+        p50, p95 = (_round(p) for p in np.percentile(ss, [50, 95])) if ss.size else (None, None)
         bytes_by_shard = {name: c["bytes"] for name, c in sorted(self.per_shard.items())}
         total_bytes = sum(bytes_by_shard.values())
         return {
@@ -352,7 +359,8 @@ class _Summary:
                 "count": int(ss.size),
                 "total": round(float(ss.sum()), 3),
                 "mean": _round(ss.mean()) if ss.size else None,
-                **({"p50": _round(p50), "p95": _round(p95)} if ss.size else {"p50": None, "p95": None}),
+                "p50": p50,
+                "p95": p95,
             },
         }
 
@@ -497,7 +505,7 @@ def _distribution(x: np.ndarray, edges: np.ndarray, counts: np.ndarray | None = 
         "mean": _round(mean),
         "min": _round(lo),
         "max": _round(hi),
-        **{f"p{p}": _round(v) for p, v in zip(PERCENTILES, ps)},
+        **{f"p{p}": _round(v) for p, v in zip(PERCENTILES, ps, strict=True)},
         "histogram": {"edges": [_round(e) for e in edges], "counts": hist.tolist()},
     }
 
@@ -609,7 +617,7 @@ def _text_hist(h: Mapping[str, list], integer: bool = False, width: int = 40) ->
     first = next(i for i, c in enumerate(counts) if c)
     last = max(i for i, c in enumerate(counts) if c) + 1
     out = []
-    for c, lo, hi in zip(counts[first:last], edges[first:last], edges[first + 1 : last + 1]):
+    for c, lo, hi in zip(counts[first:last], edges[first:last], edges[first + 1 : last + 1], strict=True):
         label = f"{int(lo):>5}-{int(hi) - 1:<5}" if integer else f"{lo:>8.2f}-{hi:<8.2f}"
         out.append(f"  {label} {'#' * round(width * c / top):<{width}} {c}")
     return out

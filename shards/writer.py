@@ -15,6 +15,7 @@ import os
 import tarfile
 import time
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -53,17 +54,19 @@ class ShardWriter:
         # which the rename into place keeps.
         self._file, self._tar_tmp = storage.temp_file(self._stage, name + schema.TAR_SUFFIX)
         self._parquet_tmp: str | None = None
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        # open for the writer's whole life, closed by close() or abort(): no with-block can hold it
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is not None:
             self.abort()
         elif not self._closed:
             self.close()
-        return False
 
     def write(self, row: Mapping[str, Any], jpeg: bytes | None = None, meta: bytes | None = None) -> None:
         """Add one input's parquet row (from ``schema.make_row``); an ok row also needs its ``KEY.jpg`` bytes and
@@ -79,13 +82,13 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"shard {self.name}: duplicate sample key {key!r}")
         ok = row["status"] == schema.STATUS_OK
-        if ok and (jpeg is None or meta is None):
-            raise ValueError(f"shard {self.name}: ok row {key!r} needs both jpeg and meta bytes")
         if not ok and (jpeg is not None or meta is not None):
             raise ValueError(f"shard {self.name}: failed row {key!r} ({row['status']}) must not carry jpeg or meta")
 
         row = dict(row)
         if ok:
+            if jpeg is None or meta is None:
+                raise ValueError(f"shard {self.name}: ok row {key!r} needs both jpeg and meta bytes")
             if row["image_bytes"] is None:
                 row["image_bytes"] = len(jpeg)
             elif row["image_bytes"] != len(jpeg):

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import tempfile
+from types import TracebackType
 from typing import Any, Protocol
 
 from shards.storage import http, local, pipe, s3
@@ -70,7 +71,9 @@ class Stream(Protocol):
 
     def __enter__(self) -> Stream: ...
 
-    def __exit__(self, *exc: object) -> object: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
+    ) -> None: ...
 
 
 def _read_only(url: str, what: str) -> NotImplementedError:

@@ -21,7 +21,8 @@ def configure(*, endpoint_url: str | None = None, allow_pipe: bool = False) -> N
 
     endpoint_url: S3 API endpoint of an S3-compatible store (``None``: the environment's, else AWS).
     allow_pipe: accept ``pipe:`` URLs in ``open_stream`` (they run a shell command)."""
-    _config.update(endpoint_url=endpoint_url or None, allow_pipe=bool(allow_pipe))
+    _config["endpoint_url"] = endpoint_url or None
+    _config["allow_pipe"] = bool(allow_pipe)
 
 
 def settings() -> dict[str, Any]:
