@@ -2,8 +2,9 @@
 
 One output directory holds one run: ``OUT/prep_config.json`` (``schema.RUN_CONFIG_NAME``) records its settings,
 fingerprint, versions, class list and shard plan. A later run into the same output must have the same fingerprint and
-the same inputs (else ``RunConfigError``, or ``overwrite=True`` to start over). Shards with a stats file are done and
-skipped; anything else is (re)written from scratch, so a killed run resumed gives the same bytes as an uninterrupted one.
+the same inputs (else ``RunConfigError``, or ``overwrite=True`` to start over). Done shards (``shards.layout.done``: the
+stats file with the tar and parquet it describes) are skipped; anything else is (re)written from scratch, so a killed
+run resumed gives the same bytes as an uninterrupted one.
 
 ``out`` may be an ``s3://bucket/prefix`` URL (anything ``shards.storage`` can write): the run config, manifest and shard
 objects go there, each shard built locally and uploaded whole, its stats object last; resume lists the prefix once.
