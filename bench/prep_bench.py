@@ -37,11 +37,11 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from prep import executors, proposals  # noqa: E402
+from prep import executors, proposals, tasks  # noqa: E402
 from prep import run as prep_run  # noqa: E402
 from prep.config import PrepConfig  # noqa: E402
 from prep.sources import load_source  # noqa: E402
-from shards import stats as stats_mod  # noqa: E402
+from shards import summary as summaries  # noqa: E402
 
 
 def make_images(directory: str, n: int, long_side: int) -> list[str]:
@@ -219,7 +219,7 @@ def main() -> None:
     # (a') the same overhead without the run-to-run noise: the best 1-worker run ÷ the selective-search seconds that
     # run itself recorded (Parquet ss_seconds). Stricter than (a): decoding counts as overhead here.
     best = min(range(args.rounds), key=lambda r: t_one[r])
-    ss_in_run = sum(stats_mod.read_table(os.path.join(work, f"w1-{best}")).column("ss_seconds").to_pylist())
+    ss_in_run = sum(summaries.read_table(os.path.join(work, f"w1-{best}")).column("ss_seconds").to_pylist())
     t_bare, t_one, t_two = min(t_bare), min(t_one), min(t_two)
     same = all(
         Path(work, "w1-0", f).read_bytes() == Path(work, f"w{w}-{r}", f).read_bytes()
@@ -237,7 +237,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "opencv": prep_run.versions()["opencv"],
-            "start_method": executors.START_METHOD,
+            "start_method": tasks.START_METHOD,
         },
         "setup": {
             "images": n,

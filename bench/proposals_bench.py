@@ -31,7 +31,7 @@ import scenes  # noqa: E402
 from prep import evaluate  # noqa: E402
 from prep import run as prep_run  # noqa: E402
 from prep.config import PrepConfig  # noqa: E402
-from shards import stats as shard_stats  # noqa: E402
+from shards import summary as summaries  # noqa: E402
 
 SCENE_SIZES = (160, 320, 640)
 FULL = 1 << 16  # --ss-max-side larger than any image: selective search on the image itself
@@ -114,7 +114,7 @@ def main() -> None:
                 s_out, _ = run_setting(
                     args.work, "sample", os.path.join(SAMPLE, "images"), sample_ann, mode, side, args.workers
                 )
-                s = shard_stats.summarize_output(s_out)
+                s = summaries.summarize_output(s_out)
                 row["sample_seconds_per_image"] = s["seconds_per_image"]["mean"]
                 row["sample_kept_boxes"] = s["boxes_per_image"]["mean"]
             rec = r["recall"]["0.5"]["all"]["all"]

@@ -392,7 +392,7 @@ def _out_arg(f):
 def _check_summary_out(ctx, param, value):
     from shards import storage
 
-    # http(s) cannot be listed, but a summary needs no listing: the manifest names the shards (prep.inspect)
+    # http(s) cannot be listed, but a summary needs no listing: the manifest names the shards (shards.layout)
     if storage.scheme(value) in ("http", "https"):
         return value
     return _check_out(ctx, param, value)
@@ -421,16 +421,16 @@ def finalize(out):
 def stats(out, as_json, plot):
     """Summary of an output from its Parquet and stats files (never the tars): ok / failed by reason, boxes, sizes,
     bytes, timing. OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
-    from prep import inspect
+    from prep import check
 
     try:
-        summary = inspect.stats(out, plot=plot)
-    except (inspect.InspectError, OSError) as e:
+        summary = check.summarize(out, plot=plot)
+    except (check.CheckError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
     else:
-        click.echo(inspect.format_stats(summary))
+        click.echo(check.format_summary(summary))
     if plot:
         click.echo(f"plot written to {plot}", err=True)
 
@@ -451,12 +451,13 @@ def eval_proposals(out, annotations, as_json):
 
     Samples are matched to annotated images by image id, else by path; ground-truth boxes are scaled to the stored
     image (--max-side)."""
-    from prep import evaluate, inspect
+    from prep import evaluate
+    from shards import layout
 
     try:
         gt = evaluate.load_annotations(annotations)
-        result = evaluate.evaluate(out, gt, inspect.output_listing(out))
-    except (inspect.InspectError, OSError, ValueError) as e:  # AnnotationError is a ValueError; all name the file
+        result = evaluate.evaluate(out, gt, layout.listing(out))
+    except (OSError, ValueError) as e:  # AnnotationError is a ValueError; all name the file
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else evaluate.format_evaluation(result))
 
@@ -479,11 +480,11 @@ def eval_proposals(out, annotations, as_json):
 @click.option("--cell", type=click.IntRange(min=64), default=256, show_default=True, help="Cell size (px).")
 def show(out, count, output, seed, max_boxes, cell):
     """Draw the proposal boxes of N random samples onto a grid PNG (key as caption)."""
-    from prep import inspect
+    from prep import check
 
     try:
-        keys = inspect.show(out, output, n=count, seed=seed, max_boxes=max_boxes, cell=cell)
-    except (inspect.InspectError, OSError) as e:
+        keys = check.show(out, output, n=count, seed=seed, max_boxes=max_boxes, cell=cell)
+    except (check.CheckError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{output}: {len(keys)} samples")
 
@@ -496,10 +497,10 @@ def verify(out, quick):
     SHA-256 (format 2); and the manifest.
 
     Prints one line per problem; exit status 1 if there is any."""
-    from prep import inspect
+    from prep import check
 
     try:
-        problems, summary = inspect.verify(out, echo=lambda line: click.echo(line), quick=quick)
+        problems, summary = check.verify(out, echo=lambda line: click.echo(line), quick=quick)
     except OSError as e:  # the output itself unreachable (a broken shard is a problem line, not this)
         raise click.ClickException(str(e)) from None
     if problems:

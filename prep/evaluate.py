@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards import schema, storage
-from shards import stats as shard_stats
+from shards import layout, schema, storage
+from shards import summary as summaries
 
 IOUS = (0.5, 0.7)
 TOPS = (4, 20, None)  # first K kept boxes; None: all of them
@@ -84,7 +84,7 @@ def load_annotations(path: str) -> GroundTruth:
         crowd = len(data.get("annotations", [])) - len(anns)
         image = np.searchsorted(ids, np.array([a["image_id"] for a in anns], np.int64)).astype(np.int64)
         bbox = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-        area = np.array([a.get("area", w * h) for a, (_, _, w, h) in zip(anns, bbox)], np.float64)
+        area = np.array([a.get("area", w * h) for a, (_, _, w, h) in zip(anns, bbox, strict=True)], np.float64)
         category = np.array([a.get("category_id", 0) for a in anns], np.int64)
     except (KeyError, TypeError, ValueError) as e:
         raise AnnotationError(f"{path}: malformed image or annotation entry ({type(e).__name__}: {e})") from None
@@ -152,14 +152,18 @@ def evaluate(
     """Recall, ABO / MABO and seconds per image of the proposals in output ``out`` (local, ``s3://``, or
     ``http(s)://`` with ``listing``) against ``gt``; a JSON-able dict (``format_evaluation`` renders it)."""
     listing = set(storage.list_names(out) if listing is None else listing)
-    names = shard_stats.parquet_names(listing)
-    if not names:
+    shards = layout.shard_names(listing, schema.PARQUET_SUFFIX)
+    if not shards:
         raise FileNotFoundError(f"{storage.redact(out)}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     if threads is None:
-        threads = shard_stats.REMOTE_THREADS if storage.is_remote(out) else shard_stats.LOCAL_THREADS
+        threads = summaries.REMOTE_THREADS if storage.is_remote(out) else summaries.LOCAL_THREADS
     parts = list(
-        shard_stats.ordered_map(
-            lambda n: _shard_overlaps(shard_stats.read_parquet(storage.join(out, n), COLUMNS), gt), names, threads
+        summaries.ordered_map(
+            lambda n: _shard_overlaps(
+                summaries.read_parquet(layout.shard_file(out, n, schema.PARQUET_SUFFIX), COLUMNS), gt
+            ),
+            shards,
+            threads,
         )
     )
     counts = {k: sum(p.counts[k] for p in parts) for k in parts[0].counts}

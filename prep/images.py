@@ -173,7 +173,8 @@ def load_image(
 
     with _pil_guards_for_us():
         try:
-            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            # the base class: the transposed, converted and resized images replace it below
+            im: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except Image.UnidentifiedImageError:
             raise ImageError("not_image", f"{path}: not a recognised image ({', '.join(ALLOWED_FORMATS)})") from None
         except Exception as e:  # a recognised format with a broken header

@@ -7,13 +7,13 @@ process already connected to Ray (``ray.init`` done) keeps its connection. The l
 only (``init_local``): nothing on the network can reach it; joining a cluster is left to the cluster's settings.
 
 Failures: a task whose worker dies (segfault, OOM kill, lost node) is retried ``max_retries`` times by Ray; a task that
-raises a transient network error (``TRANSIENT``) is retried as well; any other exception is final at once (retrying a
+raises a transient network error (``transient_errors``) is retried as well; any other exception is final at once (retrying a
 full disk or a bug only wastes the cluster). Retrying is safe because a shard task is idempotent: the writer writes
 temporary names, renames, and writes the stats file last, so a rerun of a half-written shard gives the same bytes.
 After every task ran, ``TasksFailed`` names the failed shards, as the local executor does.
 
-Determinism: each shard runs in a child process of the Ray worker, forked from a clean single-threaded server (as the
-local executor's workers are) and kept for that worker's next shards. Ray worker processes run threads that call the C
+Determinism: each shard runs in a child process of the Ray worker (a ``prep.tasks.Worker``, as the local executor's
+workers are: forked from a clean single-threaded server) and kept for that worker's next shards. Ray worker processes run threads that call the C
 library's ``rand()``, and selective search draws from that same process-wide generator after ``srand(seed)``
 (prep.proposals): run in the Ray worker itself, 2 of 36 repeated calls on one image gave other boxes (Ray 2.60). A child
 that dies (segfault, OOM kill) raises ``ShardProcessDied``, which is retried like a dead Ray worker.
@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import multiprocessing as mp
 import os
 import pickle
-import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from prep.executors import _PRELOAD, START_METHOD, TasksFailed, _bar, _format, _report
+from prep.tasks import Progress, Task, TaskFn, Tick, Worker, context, load_exception, raise_failures
 
 _settings: dict[str, Any] = {"address": None, "max_retries": 3}
 REPORT_EVERY = 0.25  # s between progress reports of one task: cheap (an actor call), still a smooth bar
@@ -122,7 +120,7 @@ def _connect(address: str | None, workers: int) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     local = address is None
     env = {**code_env(local), **_storage_env()}
-    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)  # worker output would tear the progress bar
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}  # output would tear the bar
     if local:
         init_local(num_cpus=max(1, workers), include_dashboard=False, runtime_env=env or None, **quiet)
         return True
@@ -183,14 +181,14 @@ def run_tasks(
     max_retries = _settings["max_retries"] if max_retries is None else max_retries
     started = _connect(address, workers)
     try:
-        with _bar(tasks, progress) as bar:
+        with Progress(tasks, progress) as bar:
             return _run(ray, tasks, fn, bar, max_retries)
     finally:
         if started:
             ray.shutdown()  # stops the local instance started here; for a cluster, only disconnects
 
 
-class _Progress:
+class _ImageCounts:
     """Images done per task index (the highest count any attempt reported: a retry restarts at 0)."""
 
     def __init__(self):
@@ -219,85 +217,55 @@ def _task(fn: Callable, task, index: int, tracker) -> Any:
     return run_in_child(fn, task, tick)
 
 
-def _child_loop(conn) -> None:
-    """The shard process: runs ``(fn, task)`` payloads one after the other until its Ray worker closes the pipe."""
-    # the Ray worker handles Ctrl-C and cancellation; this process works until its pipe closes or it is terminated
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while True:
-        try:
-            fn, task = pickle.loads(conn.recv_bytes())
-        except EOFError:
-            return
-        try:
-            result = fn(task, lambda n=1: conn.send(("tick", n)))
-        except Exception as e:
-            text = _format(e)
-            try:
-                conn.send(("error", e, text))  # the exception itself, so that Ray can tell a transient one
-            except Exception:  # an exception that does not pickle: its text only
-                conn.send(("error", RuntimeError(text.strip().splitlines()[-1]), text))
-        else:
-            conn.send(("done", result))
-
-
-def _dumps(fn: Callable, task) -> bytes:
+def _dumps(payload: Any) -> bytes:
     try:
-        return pickle.dumps((fn, task))
+        return pickle.dumps(payload)
     except (pickle.PicklingError, AttributeError, TypeError):
         # a function Ray shipped by value (defined in a driver script or a test): only cloudpickle can send it on
         from ray import cloudpickle
 
-        return cloudpickle.dumps((fn, task))
+        return cloudpickle.dumps(payload)
 
 
 # In a Ray worker: its shard process, kept for the next task, so OpenCV's one-off set-up (~0.25 s) and the imports are
 # paid once per worker, as in the local executor's workers, not once per shard.
-_shard_process: dict[str, Any] = {}
+_shard_process: dict[str, Worker] = {}
 
 
 def _stop_shard_process() -> None:
-    proc, conn = _shard_process.pop("proc", None), _shard_process.pop("conn", None)
-    if conn is not None:
-        conn.close()
-    if proc is not None:
-        if proc.is_alive():
-            proc.terminate()
-        proc.join()
+    worker = _shard_process.pop("worker", None)
+    if worker is not None:
+        worker.kill()
 
 
-def run_in_child(fn: Callable, task, tick: Callable[[int], None]) -> Any:
-    """``fn(task, tick)`` in this process's shard process (started on first use from a clean forkserver); its exception
-    re-raised here with the child's traceback as the cause; ``ShardProcessDied`` if it dies."""
-    proc = _shard_process.get("proc")
-    if proc is None or not proc.is_alive():
+def run_in_child(fn: TaskFn, task: Task, tick: Tick) -> Any:
+    """``fn(task, tick)`` in this process's shard process (a ``prep.tasks.Worker``, started on first use from a clean
+    forkserver); its exception re-raised here with the child's traceback as the cause; ``ShardProcessDied`` if it
+    dies."""
+    worker = _shard_process.get("worker")
+    if worker is None or not worker.proc.is_alive():
         _stop_shard_process()
-        ctx = mp.get_context(START_METHOD)
-        if START_METHOD == "forkserver":
-            ctx.set_forkserver_preload(_PRELOAD)
-        conn, child_conn = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=_child_loop, args=(child_conn,), daemon=True, name="prep-shard")
-        proc.start()
-        child_conn.close()
-        _shard_process.update(proc=proc, conn=conn)
-    conn = _shard_process["conn"]
+        worker = _shard_process["worker"] = Worker(context(), "prep-shard")
     try:
-        conn.send_bytes(_dumps(fn, task))
+        worker.send(0, fn, task, dumps=_dumps)  # one task at a time: its index says nothing here
         while True:
             try:
-                msg = conn.recv()
+                msg = worker.conn.recv()
             except (EOFError, OSError):
-                proc.join()
-                code = proc.exitcode
+                worker.proc.join()
+                code = worker.proc.exitcode
                 _stop_shard_process()
                 raise ShardProcessDied(
-                    f"process {proc.pid} writing shard {task.name} died (exit code {code})"
+                    f"process {worker.proc.pid} writing shard {task.name} died (exit code {code})"
                 ) from None
             if msg[0] == "tick":
                 tick(msg[1])
             elif msg[0] == "done":
-                return msg[1]
+                return msg[2]
             else:
-                raise msg[1] from RemoteTraceback(msg[2])
+                _, _, text, pickled = msg
+                # the exception itself when it pickles, so that Ray can tell a transient one
+                raise load_exception(pickled, text) from RemoteTraceback(text)
     except (KeyboardInterrupt, SystemExit):
         # cancelled while the child works: stop it (its shard leaves only temporary files), a later task starts anew
         _stop_shard_process()
@@ -313,9 +281,9 @@ def _describe(ray, e: BaseException, name: str, max_retries: int) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _run(ray, tasks: list, fn: Callable, bar, max_retries: int) -> list[Any]:
+def _run(ray: Any, tasks: list[Task], fn: TaskFn, bar: Progress, max_retries: int) -> list[Any]:
     remote = ray.remote(_task).options(num_cpus=1, max_retries=max_retries, retry_exceptions=list(transient_errors()))
-    tracker = None if bar.disable else ray.remote(_Progress).options(num_cpus=0).remote()
+    tracker = None if not bar.enabled else ray.remote(_ImageCounts).options(num_cpus=0).remote()
     fn_ref = ray.put(fn)  # once, not once per task
     # a bounded number of tasks in flight: each carries its records, and a plan can have thousands of shards
     limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -324,11 +292,11 @@ def _run(ray, tasks: list, fn: Callable, bar, max_retries: int) -> list[Any]:
     shown = [0] * len(tasks)
     inflight: dict = {}  # ObjectRef -> task index
     counts = None  # the pending question to the progress actor
-    nxt = finished = 0
+    nxt = 0
 
     def show(index: int, n: int) -> None:
         if n > shown[index]:
-            bar.update(n - shown[index])
+            bar.images(n - shown[index])
             shown[index] = n
 
     try:
@@ -341,12 +309,12 @@ def _run(ray, tasks: list, fn: Callable, bar, max_retries: int) -> list[Any]:
                 i = inflight.pop(ref)
                 try:
                     results[i] = ray.get(ref)
-                    show(i, len(tasks[i]))
                 except Exception as e:
                     failures[i] = _describe(ray, e, tasks[i].name, max_retries)
-                    _report(tasks[i].name, failures[i])
-                finished += 1
-                bar.set_postfix_str(f"shards {finished}/{len(tasks)}", refresh=False)
+                    bar.failed(tasks[i].name, failures[i])
+                else:
+                    show(i, len(tasks[i]))
+                    bar.done()
             if tracker is not None and inflight:
                 # never wait for the actor (it may still be starting): read the last answer once it is there
                 if counts is None:
@@ -363,6 +331,5 @@ def _run(ray, tasks: list, fn: Callable, bar, max_retries: int) -> list[Any]:
         for ref in inflight:
             ray.cancel(ref, force=True)
         raise
-    if failures:
-        raise TasksFailed([(tasks[i].name, failures[i]) for i in sorted(failures)], results)
+    raise_failures(tasks, failures, results)
     return results

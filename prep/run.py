@@ -2,8 +2,9 @@
 
 One output directory holds one run: ``OUT/prep_config.json`` (``schema.RUN_CONFIG_NAME``) records its settings,
 fingerprint, versions, class list and shard plan. A later run into the same output must have the same fingerprint and
-the same inputs (else ``RunConfigError``, or ``overwrite=True`` to start over). Shards with a stats file are done and
-skipped; anything else is (re)written from scratch, so a killed run resumed gives the same bytes as an uninterrupted one.
+the same inputs (else ``RunConfigError``, or ``overwrite=True`` to start over). Done shards (``shards.layout.done``: the
+stats file with the tar and parquet it describes) are skipped; anything else is (re)written from scratch, so a killed
+run resumed gives the same bytes as an uninterrupted one.
 
 ``out`` may be an ``s3://bucket/prefix`` URL (anything ``shards.storage`` can write): the run config, manifest and shard
 objects go there, each shard built locally and uploaded whole, its stats object last; resume lists the prefix once.
@@ -23,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from prep.config import PrepConfig
-from shards import schema, storage
+from shards import layout, schema, storage
 
 # Settings of the run config that identify a run but do not decide shard content.
 _NOT_CONTENT = ("root",)
@@ -268,42 +269,12 @@ def check_resume(out: str, old: dict, new: dict) -> None:
         )
 
 
-# Temporary names of the shard writer and of storage.write_bytes: ".{final name}.{anything}.tmp".
-_TEMP_RE = re.compile(r"^\.(?P<stem>.+-\d{%d})\..*\.tmp$" % schema.SHARD_DIGITS)
-
-
-def _shard_stem(name: str) -> str | None:
-    """The shard stem of a shard file or of a temporary file being written for one; None for anything else."""
-    m = _TEMP_RE.match(name)
-    if m:
-        return m.group("stem")
-    for suffix in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def _is_run_file(name: str, prefixes: set[str]) -> bool:
-    """Files a run owns: its shard tar/parquet/stats, leftover writer temp files, the manifest and the run config."""
-    if name in (schema.MANIFEST_NAME, schema.RUN_CONFIG_NAME):
-        return True
-    stem = _shard_stem(name)
-    if stem is None:
-        return False
-    try:
-        prefix, _ = schema.parse_shard_name(stem)
-    except ValueError:
-        return False
-    return prefix in prefixes
-
-
 def _leftover_temp_files(out: str, names: set[str]) -> list[str]:
     """Temporary files of shards in ``names`` left by a killed run (a live writer removes its own on error): in
     ``out`` and, for a remote output, in its local staging directory (full paths there)."""
 
     def temp_of(n: str) -> bool:
-        m = _TEMP_RE.match(n)
-        return bool(m) and m.group("stem") in names
+        return layout.temp_shard(n) in names
 
     found = [storage.join(out, n) for n in storage.list_names(out) if temp_of(n)]
     stage = storage.staging_dir(out)
@@ -314,7 +285,7 @@ def _leftover_temp_files(out: str, names: set[str]) -> list[str]:
 
 def clear_output(out: str, prefixes: set[str]) -> list[str]:
     """Delete what a previous run with one of ``prefixes`` wrote to ``out`` (and nothing else); returns the names."""
-    removed = [n for n in storage.list_names(out) if _is_run_file(n, prefixes)]
+    removed = layout.run_files(storage.list_names(out), prefixes)
     # run config first, so an interrupted clear never leaves shards without it looking resumable with new settings
     removed.sort(key=lambda n: n != schema.RUN_CONFIG_NAME)
     for n in removed:
@@ -322,8 +293,9 @@ def clear_output(out: str, prefixes: set[str]) -> list[str]:
     return removed
 
 
-def read_stats(out: str, name: str) -> dict:
-    path = storage.join(out, name + schema.STATS_SUFFIX)
+def read_shard_stats(out: str, name: str) -> dict:
+    """The ``NAME.stats.json`` of shard ``name`` (RunConfigError naming it when it is not JSON)."""
+    path = layout.shard_file(out, name, schema.STATS_SUFFIX)
     try:
         return json.loads(storage.read_bytes(path))
     except ValueError as e:
@@ -362,7 +334,7 @@ def run(
     Raises RunConfigError (other settings / inputs in ``out``) before any work, ShardsFailed after the other shards
     were written when some shard tasks failed."""
     from prep import executors
-    from shards.writer import done_shards
+    from prep.tasks import TasksFailed
 
     if overwrite and tuple(part) != (0, 1):
         # every part of an array job would clear the whole output, deleting what the other parts had written
@@ -376,17 +348,17 @@ def run(
     mine = select_part(tasks, part)
     storage.makedirs(out)
     new = make_run_config(cfg, source, tasks)
+    old: dict | None = None
     if overwrite:
         try:
-            old = read_run_config(out) or {}
+            previous = read_run_config(out) or {}
         except RunConfigError:  # an unreadable run config is one more thing --overwrite replaces
-            old = {}
-        old_cfg = old.get("config") or {}
+            previous = {}
+        old_cfg = previous.get("config") or {}
         prefixes = {cfg.shard_prefix, old_cfg.get("prefix") or old_cfg.get("kind") or cfg.shard_prefix}
         removed = clear_output(out, prefixes)
         if removed:
             log(f"--overwrite: removed {len(removed)} files of the previous run in {out}")
-        old = None
     else:
         old = read_run_config(out)
     if old is not None:
@@ -397,7 +369,7 @@ def run(
 
     # one listing decides what is done (on S3: one request, not three per shard); a shard with a tar or parquet but
     # no stats is partial and redone, its objects overwritten
-    finished = done_shards(out)
+    finished = layout.done_shards(out)
     done = [t for t in mine if t.name in finished]
     todo = [t for t in mine if t.name not in finished]
     # a killed run leaves temporary files of the shard it was writing (that shard is redone from scratch); other
@@ -414,13 +386,13 @@ def run(
         run_tasks(
             todo, partial(run_task, out, cfg, endpoint_url=storage.endpoint_url()), workers=workers, progress=progress
         )
-    except executors.TasksFailed as e:
+    except TasksFailed as e:
         failures = e.failures
     written = [t.name for t in todo if t.name not in {n for n, _ in failures}]
     if failures:
         raise ShardsFailed(failures)
     manifest = None
-    finished = done_shards(out)
+    finished = layout.done_shards(out)
     if all(t.name in finished for t in tasks):
         manifest = finalize(out)
     return RunResult(planned=len(tasks), skipped=[t.name for t in done], written=written, manifest=manifest)
@@ -428,15 +400,13 @@ def run(
 
 def _check_orphan_stats(out: str, tasks: list[ShardTask], fp: str) -> None:
     """No run config but stats files of this plan: only resume if they were made with these settings."""
-    from shards.writer import done_shards
-
-    finished = done_shards(out)
+    finished = layout.done_shards(out)
     for t in tasks:
         if t.name in finished:
-            st = read_stats(out, t.name)
+            st = read_shard_stats(out, t.name)
             if st.get("fingerprint") != fp:
                 raise RunConfigError(
-                    f"{storage.join(out, t.name + schema.STATS_SUFFIX)} was made with other settings (fingerprint "
+                    f"{layout.shard_file(out, t.name, schema.STATS_SUFFIX)} was made with other settings (fingerprint "
                     f"{st.get('fingerprint')}, this run {fp}) and {schema.RUN_CONFIG_NAME} is missing; "
                     "use another --out or --overwrite."
                 )
@@ -448,15 +418,15 @@ def finalize(out: str) -> dict:
     if run_cfg is None:
         raise RunConfigError(f"{storage.join(out, schema.RUN_CONFIG_NAME)} not found: {out} is not a prep output")
     names = run_cfg["shards"]
-    present = set(storage.list_names(out))  # one listing, not one request per shard
-    missing = [n for n in names if n + schema.STATS_SUFFIX not in present]
+    finished = layout.done_shards(out)  # one listing, not one request per shard
+    missing = [n for n in names if n not in finished]
     if missing:
         shown = ", ".join(missing[:10]) + (f" … ({len(missing)} in all)" if len(missing) > 10 else "")
         raise RunConfigError(
             f"cannot finalize {out}: {len(missing)} of {len(names)} planned shards are not done: {shown}"
         )
-    stats = [read_stats(out, n) for n in names]
-    other = [s["shard"] for s in stats if s.get("fingerprint") != run_cfg["fingerprint"]]
+    shard_stats = [read_shard_stats(out, n) for n in names]
+    other = [s["shard"] for s in shard_stats if s.get("fingerprint") != run_cfg["fingerprint"]]
     if other:
         raise RunConfigError(f"cannot finalize {out}: shards made with other settings: {', '.join(other)}")
     # config without the root, so manifest["fingerprint"] equals every shard's stats fingerprint
@@ -464,7 +434,7 @@ def finalize(out: str) -> dict:
         config=_content_config(run_cfg["config"]),
         versions=run_cfg["versions"],
         classes=run_cfg.get("classes"),
-        stats=stats,
+        stats=shard_stats,
     )
     storage.write_bytes(storage.join(out, schema.MANIFEST_NAME), schema.dumps(manifest))
     return manifest

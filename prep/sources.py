@@ -124,7 +124,10 @@ def _coco_entry(entry: Any) -> tuple[int | None, str]:
 # --- folders -----------------------------------------------------------------------------------------------------
 def _folder_records(root: str) -> list[Record]:
     rels = _walk_images(root, "")
-    return [Record(key=k, path=os.path.join(root, *r.split("/")), relpath=r) for k, r in zip(unique_keys(rels), rels)]
+    return [
+        Record(key=k, path=os.path.join(root, *r.split("/")), relpath=r)
+        for k, r in zip(unique_keys(rels), rels, strict=True)
+    ]
 
 
 def _imagenet_records(root: str) -> tuple[list[str], list[Record]]:
@@ -141,7 +144,7 @@ def _imagenet_records(root: str) -> tuple[list[str], list[Record]]:
     keys = unique_keys(rels)
     records = [
         Record(key=k, path=os.path.join(root, *r.split("/")), relpath=r, label=lab)
-        for k, r, lab in zip(keys, rels, labels)
+        for k, r, lab in zip(keys, rels, labels, strict=True)
     ]
     return classes, records
 
@@ -190,7 +193,7 @@ def unique_keys(relpaths: list[str]) -> list[str]:
     for k in base:
         count[k.lower()] = count.get(k.lower(), 0) + 1
     keys = []
-    for k, rel in zip(base, relpaths):
+    for k, rel in zip(base, relpaths, strict=True):
         if count[k.lower()] > 1:
             k = _with_digest(k, rel, 8)
         keys.append(k)
@@ -200,7 +203,7 @@ def unique_keys(relpaths: list[str]) -> list[str]:
         seen.setdefault(k.lower(), i)
     if len(seen) != len(keys):
         taken: set[str] = set()
-        for i, (k, rel) in enumerate(zip(keys, relpaths)):
+        for i, (k, rel) in enumerate(zip(keys, relpaths, strict=True)):
             if k.lower() in taken:
                 k = keys[i] = _with_digest(base[i], rel, 20)
             if k.lower() in taken:

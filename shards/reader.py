@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import io
 import json
 import os
 import re
@@ -21,9 +22,9 @@ import tarfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import Any
 
-from shards import schema, storage
+from shards import layout, schema, storage
 
 
 class ShardError(ValueError):
@@ -63,11 +64,6 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _is_glob(spec: str) -> bool:
     return any(c in spec for c in "*?[")
-
-
-def _tar_names(names: Iterable[str]) -> list[str]:
-    # temporary files of a writer in progress start with '.', and only tars are shards
-    return [n for n in names if n.endswith(schema.TAR_SUFFIX) and not storage.basename(n).startswith(".")]
 
 
 def _manifest_shards(spec: str) -> list[tuple[str, int]]:
@@ -126,13 +122,13 @@ def expand_spec(spec: str) -> list[str]:
         urls = [spec]
     elif _is_glob(spec):
         if kind == "file":
-            urls = _tar_names(glob.glob(storage.local_path(spec)))
+            urls = layout.tars(glob.glob(storage.local_path(spec)))
         else:  # wildcards in the last component only: list the prefix, match names
             base, pattern = spec.rsplit("/", 1)
-            names = _tar_names(storage.list_names(base))
+            names = layout.tars(storage.list_names(base))
             urls = [storage.join(base, n) for n in names if fnmatch.fnmatchcase(n, pattern)]
     elif _is_output(spec):
-        urls = [storage.join(spec, n) for n in _tar_names(storage.list_names(spec))]
+        urls = [storage.join(spec, n) for n in layout.tars(storage.list_names(spec))]
     elif spec.endswith(schema.TAR_SUFFIX):
         if kind == "file" and not os.path.isfile(storage.local_path(spec)):
             raise SpecError(f"no shards matched {where!r}: no such file")
@@ -158,7 +154,7 @@ def shard_sizes(spec: str) -> dict[str, int] | None:
         if not url.endswith(schema.TAR_SUFFIX) or storage.scheme(url) == "pipe":
             return None
         try:
-            stats = json.loads(storage.read_bytes(url[: -len(schema.TAR_SUFFIX)] + schema.STATS_SUFFIX))
+            stats = json.loads(storage.read_bytes(layout.sibling(url, schema.STATS_SUFFIX)))
         except FileNotFoundError:
             return None
         sizes[url] = int(stats["samples"])
@@ -166,7 +162,7 @@ def shard_sizes(spec: str) -> dict[str, int] | None:
 
 
 # --- stream -> members -> samples ------------------------------------------------------------------------------------
-def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+def tar_members(stream: storage.Stream) -> Iterator[tuple[str, bytes]]:
     """(name, content) of each regular file in a tar stream, in order, reading forward only.
 
     Reads the stream to its end and raises ``tarfile.ReadError`` when the end-of-archive marker is missing: tarfile
@@ -174,8 +170,9 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     watched = _TailWatch(stream)
     with tarfile.open(fileobj=watched, mode="r|") as tar:
         for member in tar:
-            if member.isfile():
-                yield member.name, tar.extractfile(member).read()
+            content = tar.extractfile(member) if member.isfile() else None  # None for anything but a regular file
+            if content is not None:
+                yield member.name, content.read()
     while watched.read(1 << 16):
         pass
     if watched.tail != bytes(_END_MARKER):
@@ -185,14 +182,15 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
 _END_MARKER = 2 * tarfile.BLOCKSIZE  # two zero blocks end every tar; record padding after them is zeros too
 
 
-class _TailWatch:
-    """A read-only stream wrapper that remembers the last bytes read."""
+class _TailWatch(io.BufferedIOBase):
+    """A read-only stream wrapper that remembers the last bytes read (a file object that cannot write or seek, as
+    tarfile expects of one)."""
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: storage.Stream):
         self._stream, self.tail = stream, b""
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n)
+    def read(self, n: int | None = -1, /) -> bytes:
+        data = self._stream.read(-1 if n is None else n)
         if data:
             self.tail = (self.tail + data[-_END_MARKER:])[-_END_MARKER:]
         return data
@@ -208,8 +206,17 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def group_by_key(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
-    """Consecutive members sharing a key -> ``{"__key__", "__url__", "jpg": bytes, "json": bytes}``."""
+# The members every sample of a shard has.
+SAMPLE_MEMBERS = (schema.IMAGE_EXT, schema.META_EXT)
+
+
+def group_by_key(
+    members: Iterable[tuple[str, bytes]], url: str, *, require: Iterable[str] = SAMPLE_MEMBERS
+) -> Iterator[dict[str, Any]]:
+    """Consecutive members sharing a key -> ``{"__key__", "__url__", "jpg": bytes, "json": bytes}``. A sample
+    without one of the extensions in ``require`` raises ShardError (``require=()``: yielded as it is, for a check
+    that names what is missing)."""
+    require = tuple(require)
     sample: dict[str, Any] | None = None
     for name, data in members:
         parts = split_name(name)
@@ -218,17 +225,17 @@ def group_by_key(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dic
         key, ext = parts
         if sample is None or key != sample["__key__"]:
             if sample is not None:
-                yield _complete(sample)
+                yield _complete(sample, require)
             sample = {"__key__": key, "__url__": url}
         if ext in sample:
             raise ShardError(f"{storage.redact(url)}: sample {key!r} has two {ext!r} members")
         sample[ext] = data
     if sample is not None:
-        yield _complete(sample)
+        yield _complete(sample, require)
 
 
-def _complete(sample: dict[str, Any]) -> dict[str, Any]:
-    missing = [ext for ext in (schema.IMAGE_EXT, schema.META_EXT) if ext not in sample]
+def _complete(sample: dict[str, Any], require: tuple[str, ...]) -> dict[str, Any]:
+    missing = [ext for ext in require if ext not in sample]
     if missing:
         raise ShardError(
             f"{storage.redact(sample['__url__'])}: sample {sample['__key__']!r} has no "
@@ -237,16 +244,18 @@ def _complete(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
-def read_shard(url: str, **open_kwargs) -> Iterator[dict[str, Any]]:
-    """Samples of one shard; ``open_kwargs`` go to ``storage.open_stream`` (retries, backoff, timeout, allow_pipe).
-    The stream is closed when the generator is exhausted or closed early."""
+def read_shard(url: str, *, require: Iterable[str] = SAMPLE_MEMBERS, **open_kwargs) -> Iterator[dict[str, Any]]:
+    """Samples of one shard (``require``: see ``group_by_key``); ``open_kwargs`` go to ``storage.open_stream``
+    (retries, backoff, timeout, allow_pipe). The stream is closed when the generator is exhausted or closed early."""
     with storage.open_stream(url, **open_kwargs) as stream:
-        yield from _stream_samples(stream, url)
+        yield from _stream_samples(stream, url, require)
 
 
-def _stream_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
+def _stream_samples(
+    stream: storage.Stream, url: str, require: Iterable[str] = SAMPLE_MEMBERS
+) -> Iterator[dict[str, Any]]:
     try:
-        yield from group_by_key(tar_members(stream), url)
+        yield from group_by_key(tar_members(stream), url, require=require)
     except (tarfile.TarError, EOFError) as exc:
         raise ShardError(f"{storage.redact(url)}: not a readable tar: {exc}") from None
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ MANIFEST_NAME = "manifest.json"
 RUN_CONFIG_NAME = "prep_config.json"
 SHARD_DIGITS = 6
 
-_SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{%d})$" % SHARD_DIGITS)
+_SHARD_RE = re.compile(rf"^(?P<prefix>.+)-(?P<index>\d{{{SHARD_DIGITS}}})$")
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -68,7 +68,7 @@ def parse_shard_name(name: str) -> tuple[str, int]:
 # WebDataset splits a member name into key and extension at the *first* dot, so a key must not hold one; slashes
 # would make directories inside the tar. USTAR names are limited to 100 bytes, so keys stay short and ASCII.
 KEY_MAX_LEN = 80
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,%d}$" % KEY_MAX_LEN)
+_KEY_RE = re.compile(rf"^[A-Za-z0-9_\-]{{1,{KEY_MAX_LEN}}}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
@@ -187,6 +187,17 @@ ADDED_COLUMNS = {2: ("fallback_boxes", "image_sha256")}
 NONDETERMINISTIC_COLUMNS = ("ss_seconds",)
 
 
+def failure_counts(counts: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """``(status, n)`` pairs summed by failure reason, ok rows left out, in reason order: the ``failed`` of the stats
+    file, the manifest and every summary. ``(row["status"], 1) for row in rows`` counts rows; the items of several
+    ``failed`` dicts add them up."""
+    totals: dict[str, int] = {}
+    for status, n in counts:
+        if status != STATUS_OK:
+            totals[status] = totals.get(status, 0) + n
+    return dict(sorted(totals.items()))
+
+
 def make_row(key: str, path: str, status: str = STATUS_OK, **fields: Any) -> dict[str, Any]:
     """A parquet row with every column present (missing ones None); rejects unknown columns and statuses."""
     if status != STATUS_OK and status not in FAILURE_REASONS:
@@ -194,7 +205,7 @@ def make_row(key: str, path: str, status: str = STATUS_OK, **fields: Any) -> dic
     unknown = set(fields) - set(PARQUET_SCHEMA.names)
     if unknown:
         raise ValueError(f"unknown parquet columns {sorted(unknown)}")
-    row = {name: None for name in PARQUET_SCHEMA.names}
+    row: dict[str, Any] = dict.fromkeys(PARQUET_SCHEMA.names)
     row.update(fields, key=key, path=path, status=status)
     if row["boxes"] is not None:
         row["boxes"] = np.asarray(row["boxes"], dtype=np.int64).reshape(-1, 4).tolist()
@@ -237,14 +248,13 @@ def make_stats(
     *,
     shard: str,
     config_fingerprint: str,
-    rows: list[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
     tar_bytes: int,
     parquet_bytes: int,
     seconds: float,
     min_boxes: int,
 ) -> dict[str, Any]:
     """The ``NAME.stats.json`` content for a shard from its parquet rows."""
-    failed: dict[str, int] = {}
     ok = few = boxes = fallback = 0
     ss = 0.0
     for r in rows:
@@ -254,15 +264,13 @@ def make_stats(
             boxes += r["kept_boxes"] or 0
             few += (r["kept_boxes"] or 0) < min_boxes
             fallback += r.get("fallback_boxes") is not None
-        else:
-            failed[r["status"]] = failed.get(r["status"], 0) + 1
     return {
         "format_version": FORMAT_VERSION,
         "shard": shard,
         "fingerprint": config_fingerprint,
         "inputs": len(rows),
         "samples": ok,
-        "failed": dict(sorted(failed.items())),
+        "failed": failure_counts((r["status"], 1) for r in rows),
         "few_boxes": few,
         "min_boxes": min_boxes,
         "fallback_images": fallback,  # ok images whose first tier had fewer than min_boxes boxes (fallback tier ran)
@@ -279,16 +287,12 @@ def make_manifest(
     config: Mapping[str, Any],
     versions: Mapping[str, str],
     classes: list[str] | None,
-    stats: list[Mapping[str, Any]],
+    stats: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
     """``manifest.json``: config, versions, class list, every shard with its sample count, totals.
 
     ``fallback_images`` is in the totals when every shard's stats have it (version 2 stats)."""
     stats = sorted(stats, key=lambda s: s["shard"])
-    failed: dict[str, int] = {}
-    for s in stats:
-        for reason, n in s["failed"].items():
-            failed[reason] = failed.get(reason, 0) + n
     fallback = (
         {"fallback_images": sum(s["fallback_images"] for s in stats)}
         if all("fallback_images" in s for s in stats)
@@ -308,7 +312,7 @@ def make_manifest(
             "shards": len(stats),
             "inputs": sum(s["inputs"] for s in stats),
             "samples": sum(s["samples"] for s in stats),
-            "failed": dict(sorted(failed.items())),
+            "failed": failure_counts(item for s in stats for item in s["failed"].items()),
             "few_boxes": sum(s["few_boxes"] for s in stats),
             **fallback,
             "boxes": sum(s["boxes"] for s in stats),

@@ -15,11 +15,12 @@ import os
 import tarfile
 import time
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from shards import schema, storage
+from shards import layout, schema, storage
 
 # zstd: a little smaller than snappy on box lists (~5% on 1,000 rows of 50-100 boxes), and pyarrow, duckdb, pandas
 # and Spark all read it. The level is fixed so the bytes do not follow a library default.
@@ -49,21 +50,23 @@ class ShardWriter:
         storage.makedirs(out)
         self._stage = storage.staging_dir(out)
         os.makedirs(self._stage, exist_ok=True)
-        # A leading dot keeps temporary files out of every listing that matches shard names. They get the permissions
-        # of any new file (the umask's), which the rename into place keeps.
-        self._file, self._tar_tmp = storage.temp_file(self._stage, f".{name}{schema.TAR_SUFFIX}.")
+        # Hidden temporary names (out of every listing of shards) with the permissions of any new file (the umask's),
+        # which the rename into place keeps.
+        self._file, self._tar_tmp = storage.temp_file(self._stage, name + schema.TAR_SUFFIX)
         self._parquet_tmp: str | None = None
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        # open for the writer's whole life, closed by close() or abort(): no with-block can hold it
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is not None:
             self.abort()
         elif not self._closed:
             self.close()
-        return False
 
     def write(self, row: Mapping[str, Any], jpeg: bytes | None = None, meta: bytes | None = None) -> None:
         """Add one input's parquet row (from ``schema.make_row``); an ok row also needs its ``KEY.jpg`` bytes and
@@ -79,13 +82,13 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"shard {self.name}: duplicate sample key {key!r}")
         ok = row["status"] == schema.STATUS_OK
-        if ok and (jpeg is None or meta is None):
-            raise ValueError(f"shard {self.name}: ok row {key!r} needs both jpeg and meta bytes")
         if not ok and (jpeg is not None or meta is not None):
             raise ValueError(f"shard {self.name}: failed row {key!r} ({row['status']}) must not carry jpeg or meta")
 
         row = dict(row)
         if ok:
+            if jpeg is None or meta is None:
+                raise ValueError(f"shard {self.name}: ok row {key!r} needs both jpeg and meta bytes")
             if row["image_bytes"] is None:
                 row["image_bytes"] = len(jpeg)
             elif row["image_bytes"] != len(jpeg):
@@ -119,9 +122,10 @@ class ShardWriter:
             return self.stats
         try:
             self._tar.close()
-            _sync_close(self._file)
+            storage.sync(self._file)
+            self._file.close()
 
-            f, self._parquet_tmp = storage.temp_file(self._stage, f".{self.name}{schema.PARQUET_SUFFIX}.")
+            f, self._parquet_tmp = storage.temp_file(self._stage, self.name + schema.PARQUET_SUFFIX)
             with f:
                 pq.write_table(
                     schema.rows_to_table(self._rows),
@@ -129,8 +133,7 @@ class ShardWriter:
                     compression=PARQUET_COMPRESSION,
                     compression_level=PARQUET_COMPRESSION_LEVEL,
                 )
-                f.flush()
-                os.fsync(f.fileno())
+                storage.sync(f)
 
             stats = schema.make_stats(
                 shard=self.name,
@@ -144,12 +147,14 @@ class ShardWriter:
             stats["config"] = self.config
             stats_bytes = schema.dumps(stats)  # before anything moves: an unserialisable config fails here
 
-            base = storage.join(self.out, self.name)
+            def final(suffix: str) -> str:
+                return layout.shard_file(self.out, self.name, suffix)
+
             # A rewritten shard stops being done before its files change, so stats always describe the files beside them.
-            storage.remove(base + schema.STATS_SUFFIX)
-            storage.put_file(self._tar_tmp, base + schema.TAR_SUFFIX)
-            storage.put_file(self._parquet_tmp, base + schema.PARQUET_SUFFIX)
-            storage.write_bytes(base + schema.STATS_SUFFIX, stats_bytes)
+            storage.remove(final(schema.STATS_SUFFIX))
+            storage.put_file(self._tar_tmp, final(schema.TAR_SUFFIX))
+            storage.put_file(self._parquet_tmp, final(schema.PARQUET_SUFFIX))
+            storage.write_bytes(final(schema.STATS_SUFFIX), stats_bytes)
         except BaseException:
             self.abort()
             raise
@@ -169,26 +174,6 @@ class ShardWriter:
         for path in (self._tar_tmp, self._parquet_tmp):
             if path is not None:
                 _unlink(path)
-
-
-def is_done(out: str, name: str) -> bool:
-    """True when shard ``name`` has its stats file (the done marker) and the tar and parquet it describes."""
-    base = storage.join(out, name)
-    return all(storage.exists(base + s) for s in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX))
-
-
-def done_shards(out: str) -> set[str]:
-    """Names of the done shards of ``out`` (``is_done`` for all of them from one listing: one request on S3)."""
-    present = set(storage.list_names(out))
-    stems = {n[: -len(schema.STATS_SUFFIX)] for n in present if n.endswith(schema.STATS_SUFFIX)}
-    return {s for s in stems if s + schema.TAR_SUFFIX in present and s + schema.PARQUET_SUFFIX in present}
-
-
-def _sync_close(f) -> None:
-    # fsync before the rename: after a power loss the renamed name must not point at unwritten blocks.
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
 
 
 def _unlink(path: str) -> None:

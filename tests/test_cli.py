@@ -229,8 +229,8 @@ def test_verify_fails_on_damage(images, tmp_path):
 
 def test_import_prep_and_shards_loads_no_torch():
     code = (
-        "import sys, prep, shards, prep.cli, prep.run, prep.executors, prep.inspect, prep.images, "
-        "prep.proposals, prep.sources, shards.schema, shards.storage, shards.writer, shards.stats; "
+        "import sys, prep, shards, prep.cli, prep.run, prep.executors, prep.tasks, prep.check, prep.images, "
+        "prep.proposals, prep.sources, shards.schema, shards.storage, shards.writer, shards.layout, shards.summary; "
         "prep.cli.prep.make_context('prep', ['folder', '--help'], resilient_parsing=True); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]; "
         "print(bad); sys.exit(1 if bad else 0)"

@@ -21,9 +21,10 @@ import pytest
 from click.testing import CliRunner
 from test_run import assert_same_output, parquet_rows, shard_files, small_cfg, write_images
 
-from prep import executors, ray_executor
+from prep import ray_executor
 from prep import run as prep_run
 from prep.cli import prep
+from prep.tasks import TasksFailed
 from shards import schema
 
 pytestmark = pytest.mark.slow  # the cluster start alone takes ~10 s
@@ -223,7 +224,7 @@ def test_final_failures_are_named_and_the_other_shards_written(cluster, images, 
     tasks = prep_run.plan(prep_run.load_source_for(cfg).records, cfg)
 
     # a deterministic error is not retried: one attempt, reported with the remote traceback
-    with pytest.raises(executors.TasksFailed) as e:
+    with pytest.raises(TasksFailed) as e:
         ray_executor.run_tasks(
             tasks,
             lambda t, tick: flaky(out, cfg, str(marks), ("value", 99), "folder-000001", t, tick),
@@ -235,7 +236,7 @@ def test_final_failures_are_named_and_the_other_shards_written(cluster, images, 
     assert [r and r["shard"] for r in e.value.results] == ["folder-000000", None, "folder-000002", "folder-000003"]
 
     # a process that dies on every attempt: max_retries retries, then a failure naming the shard
-    with pytest.raises(executors.TasksFailed) as e:
+    with pytest.raises(TasksFailed) as e:
         ray_executor.run_tasks(
             tasks[3:],
             lambda t, tick: flaky(out, cfg, str(marks), ("die", 99), "folder-000003", t, tick),

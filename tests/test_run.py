@@ -1,4 +1,4 @@
-"""prep.run and prep.executors: planning, one record, resume, settings checks, --part, failures, reproducibility."""
+"""prep.run: planning, one record, resume, settings checks, --part, failures, reproducibility."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 from imagegen import jpeg_bytes, textured_image, write_bad_inputs
 
-from prep import executors
 from prep import run as prep_run
 from prep.config import PrepConfig
 from prep.sources import Record, load_source
@@ -248,7 +247,7 @@ def test_failed_shard_is_reported_and_others_are_kept(images, tmp_path):
 
 
 def test_bad_inputs_all_end_up_as_samples_or_error_rows(tmp_path):
-    from prep import inspect
+    from prep import check
 
     root = tmp_path / "bad"
     expected = write_bad_inputs(str(root))
@@ -263,12 +262,12 @@ def test_bad_inputs_all_end_up_as_samples_or_error_rows(tmp_path):
     n_ok = sum(s == "ok" for s in expected.values())
     assert (totals["inputs"], totals["samples"]) == (len(expected), n_ok)
     assert sum(totals["failed"].values()) == len(expected) - n_ok
-    summary = inspect.stats(out)
+    summary = check.summarize(out)
     assert summary["counts_add_up"] and summary["accounting"]["adds_up"]
-    text = inspect.format_stats(summary)
+    text = check.format_summary(summary)
     assert "counts add up" in text and f"{len(expected)} planned = {n_ok} ok + {len(expected) - n_ok} failed" in text
     assert "failed too_large: 1" in text and "failed empty: 1" in text
-    problems, _ = inspect.verify(out, echo=lambda line: None)
+    problems, _ = check.verify(out, echo=lambda line: None)
     assert problems == []
 
 
@@ -287,25 +286,6 @@ def test_error_rows_do_not_depend_on_where_the_source_root_is(tmp_path):
     assert rows == parquet_rows(outs[1])
 
 
-# --- the local executor ----------------------------------------------------------------------------------------------
-class Job:
-    def __init__(self, name: str, n: int, action: str = "ok"):
-        self.name, self.n, self.action = name, n, action
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def job_fn(job: Job, tick) -> dict:
-    for _ in range(job.n):
-        tick(1)
-    if job.action == "raise":
-        raise ValueError(f"bad input in {job.name}")
-    if job.action == "die":
-        os._exit(7)  # what a segfault in native code or an OOM kill looks like from outside
-    return {"name": job.name, "pid": os.getpid()}
-
-
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_outputs_get_the_permissions_of_the_umask(images, tmp_path, umask, mask):
     # temporary files are renamed into place: they must not keep the 0600 of tempfile.mkstemp
@@ -321,47 +301,6 @@ def test_outputs_get_the_permissions_of_the_umask(images, tmp_path, umask, mask)
         "folder-000000.stats.json",
     } <= set(modes)
     assert modes == dict.fromkeys(modes, 0o666 & ~mask), modes
-
-
-def test_executor_keeps_order_reports_failures_and_dead_workers():
-    jobs = [Job(f"s{i}", 2, a) for i, a in enumerate(["ok", "raise", "ok", "die", "ok", "ok"])]
-    for workers in (1, 2):
-        run_jobs = jobs if workers == 2 else [j for j in jobs if j.action != "die"]
-        with pytest.raises(executors.TasksFailed) as e:
-            executors.run_local(run_jobs, job_fn, workers=workers, progress=False)
-        names = [n for n, _ in e.value.failures]
-        assert names == (["s1", "s3"] if workers == 2 else ["s1"])
-        assert "ValueError: bad input in s1" in e.value.failures[0][1]
-        if workers == 2:
-            assert "died (exit code 7) while writing s3" in e.value.failures[1][1]
-        ok = [r["name"] for r in e.value.results if r is not None]
-        assert ok == [j.name for j in run_jobs if j.action == "ok"]
-    results = executors.run_local([Job(f"s{i}", 1) for i in range(5)], job_fn, workers=2, progress=False)
-    assert [r["name"] for r in results] == ["s0", "s1", "s2", "s3", "s4"]
-    assert len({r["pid"] for r in results}) == 2 and os.getpid() not in {r["pid"] for r in results}
-    assert executors.run_local([Job("a", 1)], job_fn, workers=1, progress=False)[0]["pid"] == os.getpid()
-
-
-def test_worker_exits_quietly_when_the_main_process_is_gone(capfd):
-    # kill -9 or an OOM kill of the main process: its workers find the pipe closed and must just stop (their shard
-    # writer has removed its temporary files), not print two tracebacks each over the user's terminal
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")  # inherits this test's captured stderr
-    main_end, worker_end = ctx.Pipe(duplex=True)
-    proc = ctx.Process(target=executors._worker, args=(job_fn, worker_end), daemon=True)
-    proc.start()
-    worker_end.close()
-    main_end.send((0, Job("s0", 200)))
-    main_end.close()  # gone before reading a single tick
-    proc.join(60)
-    assert proc.exitcode == 0
-    assert "Traceback" not in capfd.readouterr().err
-
-
-def test_unknown_executor_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown executor 'nope'; known: local"):
-        executors.get("nope")
 
 
 def test_versions_name_every_library():

@@ -236,6 +236,29 @@ def test_atomic_file_keeps_the_old_content_on_error_and_follows_the_umask(tmp_pa
     assert (tmp_path / "f.json").read_bytes() == b"new" and os.stat(path).st_mode & 0o777 == 0o640
 
 
+def test_put_file_across_filesystems_copies_atomically(tmp_path, umask, monkeypatch):
+    # a staging directory on another filesystem than the output: rename fails with EXDEV, the copy must still
+    # appear whole under the final name with the umask's permissions, and leave no temporary file
+    import errno
+
+    umask(0o027)
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    stage.mkdir()
+    out.mkdir()
+    (stage / "a.tar").write_bytes(b"x" * 100_000)
+    replace = os.replace
+
+    def cross_device(src, dst):
+        if os.path.dirname(src) == str(stage):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    storage.put_file(str(stage / "a.tar"), str(out / "a.tar"))
+    assert os.listdir(stage) == [] and os.listdir(out) == ["a.tar"]
+    assert (out / "a.tar").read_bytes() == b"x" * 100_000 and os.stat(out / "a.tar").st_mode & 0o777 == 0o640
+
+
 def test_staging_dir_is_one_per_output():
     # the shard writer builds files there and a rerun removes what a killed run left: same directory every call
     url = "s3://bucket/run"

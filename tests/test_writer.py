@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from shards import schema
-from shards.writer import ShardWriter, is_done
+from shards.layout import is_done
+from shards.writer import ShardWriter
 
 NAME = "coco-000000"
 CONFIG = {"kind": "coco", "mode": "fast", "seed": 0}

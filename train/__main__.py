@@ -103,10 +103,8 @@ def drop_rows_after(path: str, step: int) -> None:
         lines = f.readlines()
     keep = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
     if len(keep) < len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        with storage.atomic_file(path) as f:
+            f.write("".join(keep).encode())
 
 
 class Logger:
@@ -259,8 +257,8 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
     dist.barrier()  # every rank sees the directory (and no rank has written checkpoints yet) before the check
     ckpt, ckpt_path = open_run(cfg, world)
     if dist.is_main():
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+        with storage.atomic_file(os.path.join(cfg.out, "config.json")) as f:
+            f.write(cfg.to_json().encode())
 
     # data: the stream is a pure function of (seed, epoch, rank, streams); the checkpoint says where it stood
     vcfg = view_config(cfg)

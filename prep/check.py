@@ -1,4 +1,8 @@
-"""Look at an output: ``stats`` (Parquet only), ``show`` (boxes drawn on samples), ``verify`` (tar vs Parquet vs stats).
+"""Check an output: ``summarize`` (``prep stats``: Parquet and stats files only), ``show`` (boxes drawn on samples),
+``verify`` (tar vs Parquet vs stats files).
+
+Names: a *stats file* is one shard's ``NAME.stats.json`` (its done marker); a *summary* is what ``prep stats`` reports
+of a whole output (``shards.summary``).
 
 ``verify`` is the check a consumer can run before a training job: every claim the Parquet rows, the stats files and the
 manifest make about the tars is checked against the tar bytes themselves, down to the SHA-256 of every stored image
@@ -17,40 +21,19 @@ import json
 import math
 import os
 import random
-import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from shards import schema, storage
+from shards import layout, reader, schema, storage
 
 # verify stops listing a shard's problems after this many (one broken shard should not bury the others)
 MAX_PROBLEMS_PER_SHARD = 20
 
 
-class InspectError(RuntimeError):
-    """The output cannot be inspected (no shards, unreadable Parquet); the message names the path."""
-
-
-# --- listing ---------------------------------------------------------------------------------------------------------
-def shard_names(out: str, listing: Iterable[str] | None = None) -> list[str]:
-    """Stems of the shards present in ``out`` (any of tar, parquet, stats), sorted; temporary files ignored.
-    ``listing``: ``storage.list_names(out)`` when the caller has it already."""
-    names = set()
-    for n in storage.list_names(out) if listing is None else listing:
-        if n.startswith("."):
-            continue
-        for suffix in (schema.STATS_SUFFIX, schema.TAR_SUFFIX, schema.PARQUET_SUFFIX):
-            if n.endswith(suffix):
-                stem = n[: -len(suffix)]
-                try:
-                    schema.parse_shard_name(stem)
-                except ValueError:
-                    break
-                names.add(stem)
-                break
-    return sorted(names)
+class CheckError(RuntimeError):
+    """The output cannot be looked at (no shards, unreadable Parquet); the message names the path."""
 
 
 def _read_json(url: str) -> dict:
@@ -73,32 +56,11 @@ def _run_config(out: str) -> dict | None:
 
 
 # --- stats -----------------------------------------------------------------------------------------------------------
-def output_listing(out: str) -> set[str]:
-    """The file names of output ``out``: a listing where the storage has one; for ``http(s)://``, which has none, the
-    names the manifest (else the run config's plan) promises, minus the tars (no summary reads them)."""
-    if storage.scheme(out) not in ("http", "https"):
-        return set(storage.list_names(out))
-    manifest_url = storage.join(out, schema.MANIFEST_NAME)
-    if storage.exists(manifest_url):
-        # a manifest is written only when every shard is done: each has its parquet and stats file
-        names = [s["name"] for s in _read_json(manifest_url)["shards"]]
-        return {schema.MANIFEST_NAME} | {n + s for n in names for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
-    run_cfg = _run_config(out)
-    if run_cfg is None:
-        raise InspectError(
-            f"{storage.redact(out)}: neither {schema.MANIFEST_NAME} nor {schema.RUN_CONFIG_NAME} found "
-            "(an http(s) output cannot be listed: its shards are found through those files)"
-        )
-    # an unfinished run: ask for each planned shard's files (one HEAD each)
-    wanted = [n + s for n in run_cfg.get("shards", []) for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)]
-    return {schema.RUN_CONFIG_NAME} | {n for n in wanted if storage.exists(storage.join(out, n))}
-
-
-def stats(out: str, plot: str | None = None) -> dict:
-    """``shards.stats.summarize_output`` of ``out`` (Parquet and stats files, streamed; never the tars), plus
+def summarize(out: str, plot: str | None = None) -> dict:
+    """``shards.summary.summarize_output`` of ``out`` (Parquet and stats files, streamed; never the tars), plus
     ``accounting``: planned inputs (run config) against Parquet rows = ok + failed, so a reader sees that every
     input ended up somewhere."""
-    from shards import stats as shard_stats
+    from shards import summary as summaries
 
     if plot:  # matplotlib takes ~0.7 s to import: load it while the shards are read (decoding runs without the GIL)
         loader = threading.Thread(
@@ -106,9 +68,9 @@ def stats(out: str, plot: str | None = None) -> dict:
         )
         loader.start()
     try:
-        summary = shard_stats.summarize_output(out, output_listing(out))
+        summary = summaries.summarize_output(out, layout.listing(out))
     except (OSError, ValueError) as e:
-        raise InspectError(str(e)) from None
+        raise CheckError(str(e)) from None
     im = summary["images"]
     run_cfg = _run_config(out)
     planned = run_cfg["source"]["inputs"] if run_cfg and "source" in run_cfg else None
@@ -121,12 +83,13 @@ def stats(out: str, plot: str | None = None) -> dict:
     }
     if plot:
         loader.join()
-        shard_stats.plot_summary(summary, plot)
+        summaries.plot_summary(summary, plot)
     return summary
 
 
-def format_stats(summary: dict) -> str:
-    from shards import stats as shard_stats
+def format_summary(summary: dict) -> str:
+    """``summarize``'s result as text: ``shards.summary.format_summary`` and the accounting line."""
+    from shards import summary as summaries
 
     a = summary["accounting"]
     if a["planned_inputs"] is None:
@@ -140,7 +103,7 @@ def format_stats(summary: dict) -> str:
             f"inputs: {a['planned_inputs']} planned but {a['rows']} rows ({a['ok']} ok + {a['failed']} failed): "
             "the run is not finished (rerun it) or shards are missing"
         )
-    return shard_stats.format_summary(summary).rstrip() + "\n" + line
+    return summaries.format_summary(summary).rstrip() + "\n" + line
 
 
 # --- show ------------------------------------------------------------------------------------------------------------
@@ -152,25 +115,20 @@ def rank_colour(rank: int, count: int) -> tuple[int, int, int]:
 
 
 def _ok_keys(out: str, name: str) -> list[str]:
-    t = _read_parquet(storage.join(out, name + schema.PARQUET_SUFFIX), columns=["key", "status"])
-    return [k for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist()) if s == schema.STATUS_OK]
+    t = _read_parquet(layout.shard_file(out, name, schema.PARQUET_SUFFIX), columns=["key", "status"])
+    return [
+        k
+        for k, s in zip(t.column("key").to_pylist(), t.column("status").to_pylist(), strict=True)
+        if s == schema.STATUS_OK
+    ]
 
 
-def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a tar, in member order (members grouped by the key before the first dot)."""
-    key, group = None, {}
-    with storage.open_stream(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, _, ext = m.name.partition(".")
-            if key is not None and k != key:
-                yield key, group
-                group = {}
-            key = k
-            group[ext] = tar.extractfile(m).read()
-    if key is not None:
-        yield key, group
+def _samples(url: str) -> Iterator[dict]:
+    """The decoded samples of a shard (``shards.reader``), errors as CheckError naming the shard."""
+    try:
+        yield from map(reader.decode, reader.read_shard(url))
+    except reader.ShardError as e:
+        raise CheckError(str(e)) from None
 
 
 def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 20, cell: int = 256) -> list[str]:
@@ -179,10 +137,10 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     from PIL import Image, ImageDraw, ImageFont
 
     listing = set(storage.list_names(out))
-    names = [s for s in shard_names(out, listing) if s + schema.TAR_SUFFIX in listing]
+    names = layout.shard_names(listing, schema.TAR_SUFFIX)
     pool = [(name, key) for name in names for key in _ok_keys(out, name)]
     if not pool:
-        raise InspectError(f"{out}: no samples to show (no shards with ok rows)")
+        raise CheckError(f"{out}: no samples to show (no shards with ok rows)")
     chosen = sorted(random.Random(seed).sample(pool, min(n, len(pool))))
     wanted: dict[str, set[str]] = {}
     for name, key in chosen:
@@ -194,15 +152,18 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     grid = Image.new("RGB", (cols * cell, rows * (cell + caption_h)), (32, 32, 32))
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
-    drawn = []
+    drawn: list[str] = []
     for name in sorted(wanted):
-        for key, group in _tar_samples(storage.join(out, name + schema.TAR_SUFFIX)):
+        for sample in _samples(layout.shard_file(out, name, schema.TAR_SUFFIX)):
+            key = sample["__key__"]
             if key not in wanted[name]:
                 continue
-            meta = schema.decode_meta(group[schema.META_EXT])
-            img = Image.open(io.BytesIO(group[schema.IMAGE_EXT])).convert("RGB")
+            meta = sample["meta"]
+            img = Image.open(io.BytesIO(sample[schema.IMAGE_EXT])).convert("RGB")
             scale = min(cell / img.width, cell / img.height)
-            thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+            thumb = img.resize(
+                (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR
+            )
             i = len(drawn)
             x0, y0 = (i % cols) * cell, (i // cols) * (cell + caption_h)
             ox, oy = x0 + (cell - thumb.width) // 2, y0 + (cell - thumb.height) // 2
@@ -250,9 +211,11 @@ def verify_shard(
     def problem(msg: str) -> None:
         problems.append(f"{name}: {msg}")
 
-    base = storage.join(out, name)
+    def file(suffix: str) -> str:
+        return layout.shard_file(out, name, suffix)
+
     present = set(storage.list_names(out)) if listing is None else listing
-    missing = [s for s in (schema.TAR_SUFFIX, schema.PARQUET_SUFFIX, schema.STATS_SUFFIX) if name + s not in present]
+    missing = [s for s in layout.SHARD_SUFFIXES if name + s not in present]
     if missing:
         problem(
             f"missing {', '.join(name + s for s in missing)}"
@@ -260,35 +223,32 @@ def verify_shard(
         )
         return problems, None
     try:
-        st = _read_json(base + schema.STATS_SUFFIX)
+        st = _read_json(file(schema.STATS_SUFFIX))
     except ValueError as e:
         problem(f"stats file is not JSON: {e}")
         return problems, None
     try:
-        rows = _read_parquet(base + schema.PARQUET_SUFFIX).to_pylist()
+        rows = _read_parquet(file(schema.PARQUET_SUFFIX)).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
         problem(f"parquet unreadable: {e}")
         return problems, st
 
     # stats vs parquet vs file sizes
     ok_rows = [r for r in rows if r["status"] == schema.STATUS_OK]
-    failed: dict[str, int] = {}
     for r in rows:
-        if r["status"] != schema.STATUS_OK:
-            failed[r["status"]] = failed.get(r["status"], 0) + 1
-            if r["status"] not in schema.FAILURE_REASONS:
-                problem(f"row {r['key']}: unknown status {r['status']!r}")
+        if r["status"] != schema.STATUS_OK and r["status"] not in schema.FAILURE_REASONS:
+            problem(f"row {r['key']}: unknown status {r['status']!r}")
     expect = {
         "shard": name,
         "inputs": len(rows),
         "samples": len(ok_rows),
-        "failed": dict(sorted(failed.items())),
+        "failed": schema.failure_counts((r["status"], 1) for r in rows),
         "boxes": sum(r["kept_boxes"] or 0 for r in ok_rows),
     }
     if st.get("format_version", 1) >= 2:
         expect["fallback_images"] = sum(r["fallback_boxes"] is not None for r in ok_rows)
     for field, suffix in (("tar_bytes", schema.TAR_SUFFIX), ("parquet_bytes", schema.PARQUET_SUFFIX)):
-        size = _size(base + suffix)
+        size = _size(file(suffix))
         if size is not None:  # unknown for http(s) URLs
             expect[field] = size
     if fingerprint is not None:
@@ -297,11 +257,14 @@ def verify_shard(
         if st.get(k) != v:
             problem(f"stats {k} = {st.get(k)!r}, but the shard has {v!r}")
 
-    # tar vs parquet ok rows, in order
+    # tar vs parquet ok rows, in order; samples as the reader finds them (its check of the end-of-archive marker
+    # included), incomplete ones too: _check_sample names what they lack
     expected = iter(ok_rows)
     seen = 0
     try:
-        for key, group in _tar_samples(base + schema.TAR_SUFFIX):
+        for sample in reader.read_shard(file(schema.TAR_SUFFIX), require=()):
+            key = sample["__key__"]
+            group = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
             row = next(expected, None)
             if row is None:
                 problem(f"tar member {key}.* has no parquet row")
@@ -313,7 +276,7 @@ def verify_shard(
             _check_sample(key, group, row, problem, quick=quick)
             if len(problems) > MAX_PROBLEMS_PER_SHARD:
                 break
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (reader.ShardError, OSError) as e:
         problem(f"tar unreadable after {seen} samples: {e}")
     rest = [r["key"] for r in expected]
     if rest and len(problems) <= MAX_PROBLEMS_PER_SHARD:
@@ -400,7 +363,7 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
 
     run_cfg = _run_config(out)
     listing = set(storage.list_names(out))
-    names = shard_names(out, listing)
+    names = layout.shard_names(listing)
     if run_cfg is not None:
         planned = run_cfg.get("shards", [])
         report([f"{n}: planned in {schema.RUN_CONFIG_NAME} but absent" for n in planned if n not in names])
@@ -408,15 +371,15 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
     if not names:
         report([f"{out}: no shards"])
     fingerprint = run_cfg.get("fingerprint") if run_cfg else None
-    all_stats = []
+    shard_stats = []
     owner: dict[str, str] = {}
     for name in names:
         shard_problems, st = verify_shard(out, name, fingerprint, listing, quick=quick)
         report(shard_problems)
         if st is not None:
-            all_stats.append(st)
+            shard_stats.append(st)
         try:
-            keys = _read_parquet(storage.join(out, name + schema.PARQUET_SUFFIX), columns=["key"]).column("key")
+            keys = _read_parquet(layout.shard_file(out, name, schema.PARQUET_SUFFIX), columns=["key"]).column("key")
         except Exception:
             continue  # already reported by verify_shard
         dup = [f"{name}: key {k!r} also in {owner[k]}" for k in keys.to_pylist() if k in owner]
@@ -425,22 +388,22 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
 
     manifest_url = storage.join(out, schema.MANIFEST_NAME)
     if schema.MANIFEST_NAME in listing:
-        report(_check_manifest(_read_json(manifest_url), all_stats, run_cfg))
+        report(_check_manifest(_read_json(manifest_url), shard_stats, run_cfg))
     totals = {
         "shards": len(names),
-        "samples": sum(s.get("samples", 0) for s in all_stats),
-        "inputs": sum(s.get("inputs", 0) for s in all_stats),
+        "samples": sum(s.get("samples", 0) for s in shard_stats),
+        "inputs": sum(s.get("inputs", 0) for s in shard_stats),
     }
     return problems, totals
 
 
-def _check_manifest(manifest: dict, all_stats: list[dict], run_cfg: dict | None) -> list[str]:
+def _check_manifest(manifest: dict, shard_stats: list[dict], run_cfg: dict | None) -> list[str]:
     lines = []
-    recomputed = schema.make_manifest(config={}, versions={}, classes=None, stats=all_stats)
+    recomputed = schema.make_manifest(config={}, versions={}, classes=None, stats=shard_stats)
     if [s["name"] for s in manifest.get("shards", [])] != [s["name"] for s in recomputed["shards"]]:
         lines.append(f"{schema.MANIFEST_NAME}: shard list differs from the shards present")
     else:
-        for m, r in zip(manifest["shards"], recomputed["shards"]):
+        for m, r in zip(manifest["shards"], recomputed["shards"], strict=True):
             if (m.get("samples"), m.get("inputs")) != (r["samples"], r["inputs"]):
                 lines.append(
                     f"{schema.MANIFEST_NAME}: {m['name']} samples/inputs {m.get('samples')}/{m.get('inputs')}"

@@ -1,4 +1,6 @@
-"""Summaries of an output read from its Parquet files only: counts by status, box and size distributions, timing.
+"""Summaries of an output (what ``prep stats`` reports) read from its Parquet and stats files only: counts by status,
+box and size distributions, timing. A *stats file* here is one shard's ``NAME.stats.json``, whose counts are checked
+against that shard's rows.
 
 ``summarize_output`` streams an output shard by shard (local path, ``s3://`` or ``http(s)://``; Parquet and stats
 files, never the tars) and returns plain JSON-able data (``prep stats --json``); ``summarize`` does the same for a
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -28,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shards import schema, storage
+from shards import layout, schema, storage
 
 PERCENTILES = (5, 25, 50, 75, 95)
 HIST_BINS = 20
@@ -43,11 +46,6 @@ LOCAL_THREADS = min(8, os.cpu_count() or 1)
 # Box (width, height) pairs below this on both sides are counted in a dense grid (PairCounts).
 PAIR_GRID_SIDE = 1024
 REMOTE_THREADS = 16
-
-
-def parquet_names(listing: Iterable[str]) -> list[str]:
-    """The shard Parquet file names among ``listing`` (file names of an output), sorted; temporary files ignored."""
-    return sorted(n for n in listing if n.endswith(schema.PARQUET_SUFFIX) and not n.startswith("."))
 
 
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
@@ -88,13 +86,12 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
 def read_table(out: str) -> pa.Table:
     """Every ``NAME.parquet`` of output ``out``, concatenated in shard order, with a ``shard`` column (NAME) added.
     Holds the whole output in memory: for summaries use ``summarize_output``, which streams."""
-    names = parquet_names(storage.list_names(out))
-    if not names:
+    shards = layout.shard_names(storage.list_names(out), schema.PARQUET_SUFFIX)
+    if not shards:
         raise FileNotFoundError(f"{out}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     tables = []
-    for n in names:
-        t = read_parquet(storage.join(out, n))
-        shard = n[: -len(schema.PARQUET_SUFFIX)]
+    for shard in shards:
+        t = read_parquet(layout.shard_file(out, shard, schema.PARQUET_SUFFIX))
         tables.append(t.append_column("shard", pa.array([shard] * t.num_rows, pa.string())))
     return pa.concat_tables(tables)
 
@@ -129,20 +126,17 @@ def summarize_output(
     listed). ``threads``: files read and reduced at once (default: cores, or ``REMOTE_THREADS`` for URLs). Raises
     FileNotFoundError when there is no Parquet file, ValueError naming a file that cannot be read."""
     listing = set(storage.list_names(out) if listing is None else listing)
-    names = parquet_names(listing)
-    if not names:
+    shards = layout.shard_names(listing, schema.PARQUET_SUFFIX)
+    if not shards:
         raise FileNotFoundError(f"{storage.redact(out)}: no shard parquet files (*{schema.PARQUET_SUFFIX}) found")
     if threads is None:
         threads = REMOTE_THREADS if storage.is_remote(out) else LOCAL_THREADS
     # the stats file of every done shard (a parquet without one is reported by the check)
-    stems = sorted(
-        n[: -len(schema.STATS_SUFFIX)]
-        for n in listing
-        if n.endswith(schema.STATS_SUFFIX) and not n.startswith(".") and _is_shard_name(n)
+    stems = layout.shard_names(listing, schema.STATS_SUFFIX)
+    shard_stats = list(
+        ordered_map(lambda n: _read_shard_stats(layout.shard_file(out, n, schema.STATS_SUFFIX)), stems, threads)
     )
-    stats = list(ordered_map(lambda n: _read_stats(storage.join(out, n + schema.STATS_SUFFIX)), stems, threads))
-    shards = [n[: -len(schema.PARQUET_SUFFIX)] for n in names]
-    return _summarize_shards(out, shards, threads).result(stats, min_boxes)
+    return _summarize_shards(out, shards, threads).result(shard_stats, min_boxes)
 
 
 def _summarize_shards(out: str, shards: list[str], threads: int) -> _Summary:
@@ -156,26 +150,23 @@ def _summarize_shards(out: str, shards: list[str], threads: int) -> _Summary:
         if not hasattr(local, "pairs"):
             local.pairs = PairCounts(PAIR_GRID_SIDE)
             counters.append(local.pairs)
-        table = read_parquet(storage.join(out, shard + schema.PARQUET_SUFFIX), SUMMARY_COLUMNS)
+        table = read_parquet(layout.shard_file(out, shard, schema.PARQUET_SUFFIX), SUMMARY_COLUMNS)
         return _reduce_shard(shard, table, local.pairs)
 
     for part in ordered_map(reduce, shards, threads):
-        url = storage.join(out, part.shard + schema.PARQUET_SUFFIX)
-        acc.add(part, keys=lambda url=url: read_parquet(url, ["key"])["key"])
+        url = layout.shard_file(out, part.shard, schema.PARQUET_SUFFIX)
+        acc.add(part, keys=functools.partial(_key_column, url))
     for counter in counters:
         acc.pairs.merge(counter)
     return acc
 
 
-def _is_shard_name(name: str) -> bool:
-    try:
-        schema.parse_shard_name(name)
-    except ValueError:
-        return False
-    return True
+def _key_column(url: str) -> pa.ChunkedArray:
+    """The ``key`` column of a shard's Parquet (read only to name an inconsistent row)."""
+    return read_parquet(url, ["key"])["key"]
 
 
-def _read_stats(url: str) -> dict[str, Any]:
+def _read_shard_stats(url: str) -> dict[str, Any]:
     try:
         return json.loads(storage.read_bytes(url))
     except ValueError as e:
@@ -183,21 +174,21 @@ def _read_stats(url: str) -> dict[str, Any]:
 
 
 def summarize(
-    table: pa.Table, stats: Iterable[Mapping[str, Any]] | None = None, *, min_boxes: int | None = None
+    table: pa.Table, shard_stats: Iterable[Mapping[str, Any]] | None = None, *, min_boxes: int | None = None
 ) -> dict[str, Any]:
     """A JSON-able summary of ``table`` (``read_table`` output; without a ``shard`` column it counts as one shard).
 
-    ``stats``: optional per-shard ``NAME.stats.json`` dicts; their counts are checked against the table and their
+    ``shard_stats``: optional per-shard ``NAME.stats.json`` dicts; their counts are checked against the table and their
     ``min_boxes`` used for the few-box count (else ``min_boxes``, else ``DEFAULT_MIN_BOXES``)."""
     acc = _Summary()
     if "shard" in table.column_names:
         shard = table["shard"]
         for name in pc.unique(shard).to_pylist():
             rows = table.filter(pc.equal(shard, name))
-            acc.add(_reduce_shard(name, rows, acc.pairs), keys=lambda rows=rows: rows["key"])
+            acc.add(_reduce_shard(name, rows, acc.pairs), keys=functools.partial(rows.column, "key"))
     else:
-        acc.add(_reduce_shard("", table, acc.pairs), keys=lambda: table["key"])
-    return acc.result(None if stats is None else list(stats), min_boxes)
+        acc.add(_reduce_shard("", table, acc.pairs), keys=functools.partial(table.column, "key"))
+    return acc.result(None if shard_stats is None else list(shard_stats), min_boxes)
 
 
 @dataclass
@@ -222,7 +213,7 @@ def _reduce_shard(shard: str, table: pa.Table, pairs: PairCounts) -> _ShardPart:
     (width, height) of its valid boxes go to ``pairs``."""
     status = table["status"]
     counts = {d["values"]: d["counts"] for d in pc.value_counts(status).to_pylist()}
-    samples = counts.pop(schema.STATUS_OK, 0)
+    samples = counts.get(schema.STATUS_OK, 0)
     seconds = table["ss_seconds"].to_numpy().astype(np.float64)  # nulls become NaN
     # most shards hold only ok rows: then no mask, no filter and fewer calls (each costs more than its arithmetic)
     all_ok = samples == table.num_rows
@@ -265,7 +256,7 @@ def _reduce_shard(shard: str, table: pa.Table, pairs: PairCounts) -> _ShardPart:
         shard=shard,
         inputs=table.num_rows,
         samples=samples,
-        failed=counts,
+        failed=schema.failure_counts(counts.items()),
         image_bytes=int(pc.sum(table["image_bytes"]).as_py() or 0),
         seconds=seconds[np.isfinite(seconds)],
         kept=_int32(kept)[ok],
@@ -300,8 +291,7 @@ class _Summary:
         c = self.per_shard.setdefault(part.shard, {"inputs": 0, "samples": 0, "failed": {}, "bytes": 0})
         c["inputs"] += part.inputs
         c["samples"] += part.samples
-        for reason, n in part.failed.items():
-            c["failed"][reason] = c["failed"].get(reason, 0) + n
+        c["failed"] = schema.failure_counts([*c["failed"].items(), *part.failed.items()])
         c["bytes"] += part.image_bytes
         self.unknown.update(r for r in part.failed if r not in schema.FAILURE_REASONS)
         self.seconds.append(part.seconds)
@@ -314,20 +304,17 @@ class _Summary:
         if part.box_problem:
             self.box_problems.append(part.box_problem)
 
-    def result(self, stats: list[Mapping[str, Any]] | None, min_boxes: int | None) -> dict[str, Any]:
+    def result(self, shard_stats: list[Mapping[str, Any]] | None, min_boxes: int | None) -> dict[str, Any]:
         if min_boxes is None:
-            found = {s["min_boxes"] for s in stats or []}
+            found = {s["min_boxes"] for s in shard_stats or []}
             min_boxes = found.pop() if len(found) == 1 else DEFAULT_MIN_BOXES
         kept = np.concatenate(self.kept) if self.kept else np.zeros(0, np.int32)
         raw = np.concatenate(self.raw) if self.raw else np.zeros(0, np.int32)
         ss = np.concatenate(self.seconds) if self.seconds else np.zeros(0)
-        failed: dict[str, int] = {}
-        for c in self.per_shard.values():
-            for reason, n in c["failed"].items():
-                failed[reason] = failed.get(reason, 0) + n
+        failed = schema.failure_counts(item for c in self.per_shard.values() for item in c["failed"].items())
         inputs = sum(c["inputs"] for c in self.per_shard.values())
         n_ok = sum(c["samples"] for c in self.per_shard.values())
-        problems = self._count_problems(stats)
+        problems = self._count_problems(shard_stats)
 
         # every box statistic from the (w, h) pair counts: values in ascending order, each with its count
         w, h, n = self.pairs.items()
@@ -337,7 +324,8 @@ class _Summary:
         side, side_n = side[by_side], n[by_side]
         aspect, aspect_n = aspect[by_aspect], n[by_aspect]
 
-        p50, p95 = np.percentile(ss, [50, 95]) if ss.size else (None, None)  # one partition of 1.28 M values, not two
+        # one partition of 1.28 M values, not two
+        p50, p95 = (_round(p) for p in np.percentile(ss, [50, 95])) if ss.size else (None, None)
         bytes_by_shard = {name: c["bytes"] for name, c in sorted(self.per_shard.items())}
         total_bytes = sum(bytes_by_shard.values())
         return {
@@ -347,7 +335,7 @@ class _Summary:
             "images": {
                 "inputs": inputs,
                 "ok": n_ok,
-                "failed": dict(sorted(failed.items())),
+                "failed": failed,
                 "failed_total": inputs - n_ok,
                 "few_boxes": int((kept < min_boxes).sum()),
                 "min_boxes": min_boxes,
@@ -371,11 +359,12 @@ class _Summary:
                 "count": int(ss.size),
                 "total": round(float(ss.sum()), 3),
                 "mean": _round(ss.mean()) if ss.size else None,
-                **({"p50": _round(p50), "p95": _round(p95)} if ss.size else {"p50": None, "p95": None}),
+                "p50": p50,
+                "p95": p95,
             },
         }
 
-    def _count_problems(self, stats: list[Mapping[str, Any]] | None) -> list[str]:
+    def _count_problems(self, shard_stats: list[Mapping[str, Any]] | None) -> list[str]:
         """Why the counts do not add up: every input must be ok or a known failure, ok rows must carry their boxes,
         and (when stats files are given) each shard's stats must match its parquet rows."""
         problems = []
@@ -385,10 +374,10 @@ class _Summary:
             problems.append(
                 f"{self.bad_rows} ok rows whose kept_boxes differs from their boxes (first: {self.first_bad})"
             )
-        if stats is None:
+        if shard_stats is None:
             return problems
         seen = set()
-        for s in stats:
+        for s in shard_stats:
             name = s["shard"]
             seen.add(name)
             c = self.per_shard.get(name)
@@ -398,10 +387,8 @@ class _Summary:
             for field in ("inputs", "samples"):
                 if s[field] != c[field]:
                     problems.append(f"{name}: stats say {field}={s[field]}, parquet has {c[field]}")
-            if dict(s["failed"]) != dict(sorted(c["failed"].items())):
-                problems.append(
-                    f"{name}: stats say failed={dict(s['failed'])}, parquet has {dict(sorted(c['failed'].items()))}"
-                )
+            if dict(s["failed"]) != c["failed"]:
+                problems.append(f"{name}: stats say failed={dict(s['failed'])}, parquet has {c['failed']}")
         for name in sorted(set(self.per_shard) - seen):
             problems.append(f"{name}: parquet rows but no stats file (shard not done)")
         return problems
@@ -518,7 +505,7 @@ def _distribution(x: np.ndarray, edges: np.ndarray, counts: np.ndarray | None = 
         "mean": _round(mean),
         "min": _round(lo),
         "max": _round(hi),
-        **{f"p{p}": _round(v) for p, v in zip(PERCENTILES, ps)},
+        **{f"p{p}": _round(v) for p, v in zip(PERCENTILES, ps, strict=True)},
         "histogram": {"edges": [_round(e) for e in edges], "counts": hist.tolist()},
     }
 
@@ -630,7 +617,7 @@ def _text_hist(h: Mapping[str, list], integer: bool = False, width: int = 40) ->
     first = next(i for i, c in enumerate(counts) if c)
     last = max(i for i, c in enumerate(counts) if c) + 1
     out = []
-    for c, lo, hi in zip(counts[first:last], edges[first:last], edges[first + 1 : last + 1]):
+    for c, lo, hi in zip(counts[first:last], edges[first:last], edges[first + 1 : last + 1], strict=True):
         label = f"{int(lo):>5}-{int(hi) - 1:<5}" if integer else f"{lo:>8.2f}-{hi:<8.2f}"
         out.append(f"  {label} {'#' * round(width * c / top):<{width}} {c}")
     return out

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from shards import schema
-from shards import stats as stats_mod
-from shards.stats import format_summary, ordered_map, plot_summary, read_table, summarize, summarize_output
+from shards import summary as summaries
+from shards.summary import format_summary, ordered_map, plot_summary, read_table, summarize, summarize_output
 
 
 def hand_table(shard_names=("s-000000",)):
@@ -93,6 +93,30 @@ def test_stats_files_cross_checked():
     text = "\n".join(s["count_problems"])
     assert "s-000001: stats say inputs=" in text and "s-000009: has a stats file but no parquet rows" in text
     assert "COUNTS DO NOT ADD UP" in format_summary(s)
+
+
+def test_failure_counts_agree_in_stats_files_manifest_and_summary():
+    statuses = ["corrupt", "ok", "missing", "corrupt", "ok", "too_small", "missing", "corrupt"]
+    rows = [
+        schema.make_row(f"k{i}", f"k{i}.jpg", s, **({"kept_boxes": 1, "boxes": [[0, 0, 2, 3]]} if s == "ok" else {}))
+        for i, s in enumerate(statuses)
+    ]
+    counts = schema.failure_counts((s, 1) for s in statuses)
+    assert counts == {"corrupt": 3, "missing": 2, "too_small": 1} and list(counts) == sorted(counts)
+    assert schema.failure_counts([("missing", 2), ("ok", 5), ("corrupt", 1), ("missing", 3)]) == {
+        "corrupt": 1,
+        "missing": 5,
+    }
+    halves = {"s-000000": rows[:5], "s-000001": rows[5:]}
+    stats = [
+        schema.make_stats(shard=n, config_fingerprint="f", rows=r, tar_bytes=0, parquet_bytes=0, seconds=0, min_boxes=4)
+        for n, r in halves.items()
+    ]
+    assert [s["failed"] for s in stats] == [{"corrupt": 2, "missing": 1}, {"corrupt": 1, "missing": 1, "too_small": 1}]
+    manifest = schema.make_manifest(config={}, versions={}, classes=None, stats=stats)
+    t = schema.rows_to_table(rows).append_column("shard", pa.array(["s-000000"] * 5 + ["s-000001"] * 3))
+    summary = summarize(t, stats)
+    assert manifest["totals"]["failed"] == summary["images"]["failed"] == counts and summary["counts_add_up"]
 
 
 def test_inconsistent_rows_flagged():
@@ -189,8 +213,8 @@ def naive_box_stats(rows):
     h = (boxes[:, 3] - boxes[:, 1]).astype(np.float64)
     side, aspect = np.sqrt(w * h), w / h
     return (
-        stats_mod._distribution(side, stats_mod._linear_edges(side)),
-        stats_mod._distribution(aspect, stats_mod._log_edges(aspect)),
+        summaries._distribution(side, summaries._linear_edges(side)),
+        summaries._distribution(aspect, summaries._log_edges(aspect)),
     )
 
 
@@ -206,10 +230,10 @@ def test_percentiles_from_counts_are_numpys_floats():
     for x in cases:
         values, counts = np.unique(x, return_counts=True)
         assert np.array_equal(
-            stats_mod._percentiles(values, counts, stats_mod.PERCENTILES), np.percentile(x, stats_mod.PERCENTILES)
+            summaries._percentiles(values, counts, summaries.PERCENTILES), np.percentile(x, summaries.PERCENTILES)
         )
-        edges = stats_mod._linear_edges(x)
-        assert stats_mod._distribution(values, edges, counts) == stats_mod._distribution(x, edges)
+        edges = summaries._linear_edges(x)
+        assert summaries._distribution(values, edges, counts) == summaries._distribution(x, edges)
 
 
 def test_pair_counts_grid_and_codes_agree():
@@ -224,16 +248,16 @@ def test_pair_counts_grid_and_codes_agree():
     want = dict(zip(*np.unique(w << 32 | h, return_counts=True), strict=True))
     # the default grid (nearly all in it), a tiny one (most pairs as codes), and counts made in one sweep or many
     for counter in (
-        stats_mod.PairCounts(),
-        stats_mod.PairCounts(dense_side=64, flush=700),
-        stats_mod.PairCounts(dense_side=256, flush=10**9),
+        summaries.PairCounts(),
+        summaries.PairCounts(dense_side=64, flush=700),
+        summaries.PairCounts(dense_side=256, flush=10**9),
     ):
         for bw, bh in batches:
             counter.add(bw, bh)
         got_w, got_h, got_n = counter.items()
         assert dict(zip((got_w << 32 | got_h).tolist(), got_n.tolist(), strict=True)) == want
         assert counter.codes.size > 0
-    halves = stats_mod.PairCounts(flush=900), stats_mod.PairCounts(flush=900)  # as two reading threads count
+    halves = summaries.PairCounts(flush=900), summaries.PairCounts(flush=900)  # as two reading threads count
     for i, (bw, bh) in enumerate(batches):
         halves[i % 2].add(bw, bh)
     halves[0].merge(halves[1])

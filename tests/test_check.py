@@ -1,4 +1,4 @@
-"""prep.inspect: verify catches each kind of damage (and passes clean output), show draws chosen samples, stats
+"""prep.check: verify catches each kind of damage (and passes clean output), show draws chosen samples, stats
 accounts for every planned input."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from imagegen import damage_jpeg_in_tar, jpeg_bytes, textured_image
 from PIL import Image
 
-from prep import inspect
+from prep import check
 from prep import run as prep_run
 from prep.cli import prep
 from prep.config import PrepConfig
-from shards import reader, schema
+from shards import layout, reader, schema
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def copy(output, tmp_path) -> str:
 
 
 def problems_of(out: str) -> list[str]:
-    problems, _ = inspect.verify(out, echo=lambda line: None)
+    problems, _ = check.verify(out, echo=lambda line: None)
     return problems
 
 
@@ -61,7 +61,7 @@ def rewrite_tar(path: str, change) -> None:
 
 
 def test_clean_output_verifies(output):
-    problems, totals = inspect.verify(output, echo=lambda line: None)
+    problems, totals = check.verify(output, echo=lambda line: None)
     assert problems == [] and totals == {"shards": 3, "samples": 7, "inputs": 7}
 
 
@@ -73,6 +73,24 @@ def test_truncated_tar(copy):
     assert any(p.startswith("folder-000000: stats tar_bytes") for p in problems)
     assert any(p.startswith("folder-000000:") and ("unreadable" in p or "no tar sample" in p) for p in problems)
     assert not any(p.startswith("folder-000001") for p in problems)
+
+
+def test_tar_cut_between_members_is_caught_by_the_readers_end_marker_check(copy):
+    # a tar cut right after a member parses as a complete archive with tarfile; only the missing end-of-archive
+    # marker tells, and verify reads through shards.reader, which checks it
+    path = os.path.join(copy, "folder-000000.tar")
+    with tarfile.open(path) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    with open(path, "r+b") as f:
+        f.truncate(end)
+    problems = problems_of(copy)
+    # the reader holds back the last sample until the archive ends: the cut one is not counted as read
+    assert any(
+        p.startswith("folder-000000: tar unreadable after 2 samples") and "no end-of-archive marker" in p
+        for p in problems
+    ), problems
+    assert all(p.startswith("folder-000000") for p in problems), problems
 
 
 def test_deleted_member(copy):
@@ -118,7 +136,7 @@ def test_damaged_but_decodable_image_is_caught_by_its_hash(copy):
         f"folder-000001: {key}.jpg: SHA-256 of the stored bytes differs from {key}.json (the image "
         "was damaged after it was written)"
     ]
-    assert inspect.verify(copy, echo=lambda line: None, quick=True)[0] == []  # --quick does not hash
+    assert check.verify(copy, echo=lambda line: None, quick=True)[0] == []  # --quick does not hash
     r = CliRunner().invoke(prep, ["verify", copy])
     assert r.exit_code == 1 and f"folder-000001: {key}.jpg: SHA-256" in r.output
     r = CliRunner().invoke(prep, ["verify", "--quick", copy])
@@ -128,7 +146,7 @@ def test_damaged_but_decodable_image_is_caught_by_its_hash(copy):
 def test_format_version_2_records_image_hashes(output):
     for name in ("folder-000000", "folder-000002"):
         samples = list(map(reader.decode, reader.read_shard(os.path.join(output, name + ".tar"))))
-        rows = [r for r in inspect._read_parquet(os.path.join(output, name + ".parquet")).to_pylist()]
+        rows = [r for r in check._read_parquet(os.path.join(output, name + ".parquet")).to_pylist()]
         assert [s["meta"]["format_version"] for s in samples] == [2] * len(samples)
         assert [s["meta"]["image_sha256"] for s in samples] == [schema.image_sha256(s["jpg"]) for s in samples]
         assert [r["image_sha256"] for r in rows] == [s["meta"]["image_sha256"] for s in samples]
@@ -149,7 +167,7 @@ def downgrade_to_version_1(out: str) -> None:
         del meta["image_sha256"]
         return json.dumps({**meta, "format_version": 1}, sort_keys=True, separators=(",", ":")).encode()
 
-    for name in inspect.shard_names(out):
+    for name in layout.shard_names(os.listdir(out)):
         base = os.path.join(out, name)
         rewrite_tar(base + schema.TAR_SUFFIX, v1_member)
         pq.write_table(
@@ -175,14 +193,14 @@ def downgrade_to_version_1(out: str) -> None:
 def test_format_version_1_is_still_read(copy, tmp_path):
     downgrade_to_version_1(copy)
     assert problems_of(copy) == []  # nothing to hash against: verify checks the rest
-    summary = inspect.stats(copy)
+    summary = check.summarize(copy)
     assert summary["images"]["ok"] == 7 and summary["counts_add_up"]
-    assert len(inspect.show(copy, str(tmp_path / "g.png"), n=3)) == 3
+    assert len(check.show(copy, str(tmp_path / "g.png"), n=3)) == 3
     urls = reader.expand_spec(os.path.join(copy, schema.MANIFEST_NAME))
     metas = [reader.decode(s)["meta"] for u in urls for s in reader.read_shard(u)]
     assert len(metas) == 7 and {m["format_version"] for m in metas} == {1}
     assert {m["image_sha256"] for m in metas} == {None}
-    row = inspect._read_parquet(urls[0][: -len(".tar")] + ".parquet").to_pylist()[0]
+    row = check._read_parquet(urls[0][: -len(".tar")] + ".parquet").to_pylist()[0]
     assert row["image_sha256"] is None and row["fallback_boxes"] is None and row["kept_boxes"] > 0
 
 
@@ -208,29 +226,29 @@ def test_missing_files_and_incomplete_run(copy):
     problems = problems_of(copy)
     assert "folder-000001: missing folder-000001.stats.json (not done: rerun prep to redo it)" in problems
     assert f"folder-000002: planned in {schema.RUN_CONFIG_NAME} but absent" in problems
-    summary = inspect.stats(copy)
+    summary = check.summarize(copy)
     assert summary["accounting"] == {"planned_inputs": 7, "rows": 6, "ok": 6, "failed": 0, "adds_up": False}
-    assert "the run is not finished" in inspect.format_stats(summary)
+    assert "the run is not finished" in check.format_summary(summary)
 
 
 def test_show_draws_the_chosen_samples(output, tmp_path):
-    a = inspect.show(output, str(tmp_path / "a.png"), n=3, seed=4, cell=96)
-    b = inspect.show(output, str(tmp_path / "b.png"), n=3, seed=4, cell=96)
+    a = check.show(output, str(tmp_path / "a.png"), n=3, seed=4, cell=96)
+    b = check.show(output, str(tmp_path / "b.png"), n=3, seed=4, cell=96)
     assert a == b and len(set(a)) == 3
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     im = Image.open(tmp_path / "a.png").convert("RGB")
     assert im.size == (2 * 96, 2 * (96 + 14))
     pixels = np.asarray(im).reshape(-1, 3)
     assert (pixels == (255, 0, 0)).all(axis=1).any()  # the first-ranked box is drawn in red
-    assert len(inspect.show(output, str(tmp_path / "c.png"), n=50)) == 7  # n larger than the output: every sample
-    assert inspect.rank_colour(0, 10) == (255, 0, 0) and inspect.rank_colour(9, 10)[2] == 255
+    assert len(check.show(output, str(tmp_path / "c.png"), n=50)) == 7  # n larger than the output: every sample
+    assert check.rank_colour(0, 10) == (255, 0, 0) and check.rank_colour(9, 10)[2] == 255
 
 
 def test_show_and_stats_on_empty_output(tmp_path):
-    with pytest.raises(inspect.InspectError, match="no samples"):
-        inspect.show(str(tmp_path), str(tmp_path / "g.png"))
-    with pytest.raises(inspect.InspectError, match="parquet"):
-        inspect.stats(str(tmp_path))
+    with pytest.raises(check.CheckError, match="no samples"):
+        check.show(str(tmp_path), str(tmp_path / "g.png"))
+    with pytest.raises(check.CheckError, match="parquet"):
+        check.summarize(str(tmp_path))
 
 
 def test_stats_over_http_reads_no_tar(output, copy, http_server):
@@ -238,9 +256,9 @@ def test_stats_over_http_reads_no_tar(output, copy, http_server):
 
     from prep.cli import prep
 
-    local = inspect.stats(output)
+    local = check.summarize(output)
     server = http_server(output)
-    assert inspect.stats(server.url) == local
+    assert check.summarize(server.url) == local
     r = CliRunner().invoke(prep, ["stats", server.url, "--json"])
     assert r.exit_code == 0 and json.loads(r.output) == json.loads(json.dumps(local)), r.output
     paths = [path for _, path, _ in server.log]
@@ -251,7 +269,7 @@ def test_stats_over_http_reads_no_tar(output, copy, http_server):
     os.remove(os.path.join(copy, "folder-000001.stats.json"))
     os.remove(os.path.join(copy, "folder-000002.parquet"))
     server = http_server(copy)
-    summary = inspect.stats(server.url)
+    summary = check.summarize(server.url)
     assert summary["accounting"] == {"planned_inputs": 7, "rows": 6, "ok": 6, "failed": 0, "adds_up": False}
     assert summary["count_problems"] == [
         "folder-000002: has a stats file but no parquet rows",
@@ -259,5 +277,5 @@ def test_stats_over_http_reads_no_tar(output, copy, http_server):
     ]
     assert not any(p.endswith(schema.TAR_SUFFIX) for _, p, _ in server.log)
     os.remove(os.path.join(copy, schema.RUN_CONFIG_NAME))
-    with pytest.raises(inspect.InspectError, match="neither manifest.json nor prep_config.json"):
-        inspect.stats(server.url)
+    with pytest.raises(check.CheckError, match="neither manifest.json nor prep_config.json"):
+        check.summarize(server.url)
