@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -132,6 +133,44 @@ def test_order_deterministic_per_seed_and_epoch(tmp_path):
     assert sorted(k for k, _ in a[0]) != [k for k, _ in a[0]]  # the buffer shuffles
     # the second iteration is epoch 1: the same as a stream that starts there
     assert run(0, position=DataPosition(1, 0))[0] == a[1]
+
+
+# The exact sample order of a small layout (2 ranks x 2 slots, a truncated shard that makes rank 0 borrow) as the
+# code produced it when this test was written: a change of which sample comes when, or of which generator draw a
+# sample's transform gets, changes the data of every run (and breaks resuming older checkpoints exactly).
+PINNED = {
+    (0, 0): "s2_000 s2_001 s3_002 x_0 s2_003 s2_004 s3_003 x_1 s2_002 s3_001 s3_001 s3_002 s2_005 s3_000 s3_000 s3_005",
+    (0, 1): "s2_000 s2_001 s3_008 x_1 s2_003 s2_005 x_0 s0_002 s0_000 s2_002 s0_000 s0_002 s0_001 s2_004 s0_003 s0_001",
+    (
+        1,
+        0,
+    ): "s0_000 s0_003 s1_002 s1_000 s0_002 s0_001 s1_003 s1_005 s3_005 s3_006 s1_004 s1_006 s3_004 s0_004 s1_001 s1_007",
+    (
+        1,
+        1,
+    ): "s3_002 s3_003 s1_000 s1_002 s3_004 s3_000 s1_001 s1_004 s3_006 s3_005 s1_003 s1_005 s3_001 s3_007 s1_006 s1_007",
+}
+PINNED_DRAWS = {(0, 0): [0.972, 0.8776, 0.7406, 0.9546], (0, 1): [0.8248, 0.4124, 0.1145, 0.7084]}
+PINNED_DRAWS |= {(1, 0): [0.3207, 0.6548, 0.8536, 0.8389], (1, 1): [0.69, 0.4126, 0.7037, 0.6969]}
+
+
+def test_sample_order_is_pinned(tmp_path):
+    urls = make_shards(tmp_path, [5, 8, 6, 9])
+    truncated = write_shard(tmp_path / "t-000004.tar", [f"x_{i}" for i in range(6)])
+    with open(truncated, "r+b") as f:
+        f.truncate(5 * 1024 + 100)  # 2 of the 6 claimed samples: rank 0 borrows
+    counts = [5, 8, 6, 9, 6]
+    for rank in (0, 1):
+        ds = stream(
+            urls + [truncated], counts, batch_size=2, seed=7, shuffle_buffer=3, streams=2, rank=rank, world_size=2
+        )
+        for epoch in (0, 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                outs = list(ds)
+            assert " ".join(o["__key__"] for o in outs) == PINNED[rank, epoch]
+            assert [round(float(o["r"]), 4) for o in outs[:4]] == PINNED_DRAWS[rank, epoch]
+            assert sum(o["stats"]["samples_borrowed"] for o in outs) == (7 if rank == 0 else 0)
 
 
 @pytest.mark.parametrize("consumed_steps", [1, 3, 4, 6])
