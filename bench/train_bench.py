@@ -54,7 +54,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.augment import IMAGENET_MEAN, IMAGENET_STD, gpu_colour  # noqa: E402
-from train.views import UniVIPTransform, ViewConfig  # noqa: E402
+from train.views import StageTimes, UniVIPTransform, ViewConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAIVE = "naive torchvision BYOL"
@@ -283,6 +283,59 @@ def print_table(runs: list[dict[str, float]]) -> dict[str, float]:
     return ratios
 
 
+PROFILED = {
+    CPU: ViewConfig(),
+    CPU_INST: ViewConfig(instance_crops=True),
+    GPU_AUG: ViewConfig(gpu_aug=True),
+    GPU_DECODE: ViewConfig(gpu_decode=True),
+}
+
+
+def profile(samples: list[dict], variants: int, rounds: int, seed: int, batch: int) -> None:
+    """Per-stage CPU ms per sample of each UniVIP pipeline (``train.views.StageTimes``), median over ``rounds`` of
+    the mean over items; collate's share of a batch of ``batch``. Stages a sample skips (an op that does not run,
+    instances without ``instance_crops``) count 0 for it, so the rows add up to the cost per sample."""
+    from train.data import collate
+
+    items = [(i, j) for i in range(len(samples)) for j in range(variants)]
+    table: dict[str, dict[str, float]] = {}
+    totals: dict[str, float] = {}
+    factors: dict[str, dict[str, int]] = {}
+    for name, cfg in PROFILED.items():
+        t = UniVIPTransform(cfg)
+        t(samples[0], np.random.default_rng(0))  # warm-up
+        per_round: list[dict[str, float]] = []
+        whole: list[float] = []
+        for _ in range(rounds):
+            laps = StageTimes()
+            outs = []
+            c0 = time.process_time()
+            for i, j in items:
+                out = t(samples[i], np.random.default_rng([seed, i, j]), laps)
+                outs.append(dict(out, __key__=str(i), stats={}))
+            whole.append(time.process_time() - c0)
+            c0 = time.process_time()
+            for k in range(0, len(outs) - batch + 1, batch):
+                collate(outs[k : k + batch])
+            n_collated = (len(outs) // batch) * batch
+            if n_collated:
+                laps.seconds[f"collate (batch {batch})"] = (time.process_time() - c0) * len(outs) / n_collated
+            per_round.append(laps.seconds)
+        stages = dict.fromkeys(s for r in per_round for s in r)
+        table[name] = {st: float(np.median([r.get(st, 0.0) for r in per_round])) * 1e3 / len(items) for st in stages}
+        totals[name] = float(np.median(whole)) * 1e3 / len(items)
+        factors[name] = {st.rsplit(" ", 1)[1]: 0 for st in stages if st.startswith("JPEG decode")}
+    stages = list(dict.fromkeys(st for col in table.values() for st in col))
+    names = list(PROFILED)
+    print(f"\n### Profile: CPU ms per sample by stage ({len(items)} items, median of {rounds} rounds)\n")
+    print("| stage | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for st in stages:
+        print(f"| {st} | " + " | ".join(f"{table[n][st]:.3f}" if st in table[n] else "" for n in names) + " |")
+    print("| **sum of stages** | " + " | ".join(f"**{sum(table[n].values()):.3f}**" for n in names) + " |")
+    print("| whole calls, timed outside (no collate) | " + " | ".join(f"{totals[n]:.3f}" for n in names) + " |")
+
+
 def measure_augment(batch: int, reps: int, seed: int, device: str = "cpu") -> dict[int, float]:
     """ms per batch of ``gpu_colour`` on uint8 [batch, 3, 224, 224] on ``device``, per view index (CPU time on
     the CPU; wall time between synchronisations on CUDA)."""
@@ -339,6 +392,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="batch for the train.augment timing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gpu-batch", type=int, default=256, help="batch for the train.augment timing on CUDA, if any")
+    ap.add_argument(
+        "--profile", action="store_true", help="only the per-stage breakdown of the UniVIP pipelines (COCO-sized)"
+    )
     args = ap.parse_args(argv)
     if args.repeats < 3:
         ap.error("--repeats must be at least 3: one comparison on a shared machine says little")
@@ -359,6 +415,11 @@ def main(argv=None) -> int:
         print("no photos found (scikit-image data, tests/fixtures or data/sample)", file=sys.stderr)
         return 1
     print(f"torch {torch.__version__}, OpenCV {cv2.__version__}, 1 thread; CPU time of this process; {load.line()}")
+    if args.profile:
+        profile(coco, variants, rounds, args.seed, args.batch)
+        load.sample()
+        print(load.line())
+        return 0
     coco_runs = measure(
         "COCO-sized photos (640 px long side, JPEG q90)", coco, variants, rounds, args.repeats, args.seed, load
     )

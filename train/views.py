@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,27 @@ from PIL import Image
 from shards import schema
 
 VIEWS = ("overlap", "byol")
+
+
+class StageTimes:
+    """CPU seconds per stage of the transform calls it is passed to (``bench/train_bench.py --profile``): each call
+    ``laps(stage)`` charges the time since the previous one to ``stage``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._t = time.process_time()
+
+    def __call__(self, stage: str) -> None:
+        now = time.process_time()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
+        self._t = now
+
+
+def _untimed(stage: str) -> None:
+    """The lap of an unprofiled call: nothing (a call costs ~50 ns, against ~3 ms a sample)."""
 
 
 @dataclass(frozen=True)
@@ -355,6 +377,7 @@ def solarize(x: np.ndarray, threshold: int = 128) -> np.ndarray:
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+_JITTER_STAGES = ("colour: brightness", "colour: contrast", "colour: saturation", "colour: hue")
 
 
 def colour_params(view: int, rng: np.random.Generator, cfg: ViewConfig) -> dict[str, Any]:
@@ -382,18 +405,22 @@ def colour_params(view: int, rng: np.random.Generator, cfg: ViewConfig) -> dict[
     }
 
 
-def apply_colour(x: np.ndarray, p: dict[str, Any], cfg: ViewConfig) -> np.ndarray:
+def apply_colour(x: np.ndarray, p: dict[str, Any], cfg: ViewConfig, lap=_untimed) -> np.ndarray:
     """The colour ops chosen by ``colour_params`` on a uint8 ``[H, W, 3]`` RGB array -> same shape/dtype. Image
     statistics (contrast's mean grey) are the image's own, as torchvision computes them per image."""
     if p["jitter"]:
         for i in p["order"]:
             x = _JITTER_OPS[i](x, p["factors"][i])
+            lap(_JITTER_STAGES[i])
     if p["gray"]:
         x = grayscale(x)
+        lap("colour: grayscale")
     if p["blur"]:
         x = gaussian_blur(x, p["sigma"], cfg.blur_kernel)
+        lap("colour: blur")
     if p["solarize"]:
         x = solarize(x, cfg.solarize_threshold)
+        lap("colour: solarize")
     return x
 
 
@@ -454,9 +481,14 @@ class UniVIPTransform:
         self.cfg = cfg or ViewConfig()
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
+    def __call__(
+        self, sample: dict[str, Any], rng: np.random.Generator | None = None, laps: StageTimes | None = None
+    ) -> dict[str, Any]:
         cfg = self.cfg
         rng = self.rng if rng is None else rng
+        lap = _untimed if laps is None else laps
+        if laps is not None:
+            laps.start()
         meta = sample.get("meta")
         if meta is None:
             meta = schema.decode_meta(sample["json"])
@@ -468,34 +500,45 @@ class UniVIPTransform:
         else:
             crop1, crop2, inst, fallback = overlapping_crops(width, height, meta["boxes"], rng, cfg)
         flips = rng.random(2) < cfg.flip
+        lap("Algorithm 1 (crops, boxes, flips)")
         if cfg.gpu_decode:
             out = {"jpeg": device_jpeg(sample["jpg"], width, height, name), "fallback": bool(fallback)}
+            lap("JPEG header, bytes to tensor")
             if cfg.instance_crops:
                 out["inst_boxes"] = torch.from_numpy(inst)  # image pixels: cut on the device
             for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1]))), start=1):
                 out[f"crop{v}"] = torch.from_numpy(crop)
                 out[f"flip{v}"] = flip
                 out[f"boxes{v}"] = torch.from_numpy(boxes_to_view(inst, crop, cfg.size, flip))
+            lap("boxes to view pixels")
             return out
         targets = [(c, cfg.size) for c in (crop1, crop2)]
         if cfg.instance_crops:  # the instances keep their own resolution too: no reduced-scale decode below it
             targets += [(b, cfg.instance_size) for b in inst]
         img, d = decode_for_crops(sample["jpg"], width, height, targets, cfg.draft, name)
+        lap(f"JPEG decode at 1/{d}")
         src = image_tensor(img)
         shape = (src.shape[2], src.shape[3])
+        lap("decoded image to tensor")
         # the K instances cut once from the source image; each view's set is then flipped and coloured like the view
         inst_px = (
             [crop_view(src, source_crop(b, d, shape)[0], cfg.instance_size) for b in inst] if cfg.instance_crops else []
         )
+        lap("instances: crop + resize")
         out: dict[str, Any] = {"fallback": bool(fallback)}
         for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1])))):
             box, covered = source_crop(crop, d, shape)
-            images = [crop_view(src, box, cfg.size), *inst_px]  # [3, S, S], then K x [3, s, s]
+            images = [crop_view(src, box, cfg.size)]
+            lap("views: crop + resize")
+            images += inst_px  # [3, S, S], then K x [3, s, s]
             if cfg.gpu_aug:
                 images = [(x.flip(-1) if flip else x).contiguous() for x in images]
+                lap("flip, layout")
             else:
                 params = colour_params(v, rng, cfg)
-                images = [to_tensor(apply_colour(_hwc(x, flip), params, cfg)) for x in images]
+                arrays = [_hwc(x, flip) for x in images]
+                lap("flip, layout")
+                images = [to_tensor(apply_colour(x, params, cfg, lap)) for x in arrays]
             out[f"view{v + 1}"] = images[0]
             if cfg.instance_crops:
                 out[f"inst{v + 1}"] = torch.stack(images[1:])  # [K, 3, s, s]
@@ -503,6 +546,7 @@ class UniVIPTransform:
             if d > 1:  # the rounded crop may cut a box by < 1/2 view px
                 np.clip(boxes, 0, cfg.size, out=boxes)
             out[f"boxes{v + 1}"] = torch.from_numpy(boxes)
+            lap("outputs, boxes")
         return out
 
 
