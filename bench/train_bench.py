@@ -13,7 +13,8 @@ Pipelines, each producing the two 224 px views of one sample from its JPEG bytes
 - ``univip-gpu_decode``: ``gpu_decode=True``: the CPU reads the JPEG header and runs Algorithm 1 and the flips, and
   hands over the bytes as a tensor; ``train.gpu_decode.decode_views`` decodes, crops and resizes on the GPU (its GPU
   time per batch is reported when CUDA is available, not counted).
-- ``decode only``: PIL full decode, the floor every pipeline pays.
+- ``decode only``: PIL's full decode (the naive pipeline's), and OpenCV's (the UniVIP CPU path's): the floor every
+  pipeline that decodes on the CPU pays.
 Pipelines run interleaved item by item so that load from other processes hits them alike; the figure is CPU time
 (``time.process_time``) of this single-threaded process, best of ``--rounds`` per item (the same random draws each
 round), so samples/s per core = 1000 / (ms per sample). The whole comparison is repeated ``--repeats`` times (3 at
@@ -63,8 +64,16 @@ CPU_INST = "univip-cpu + instances"
 GPU_AUG = "univip-gpu_aug (CPU part)"
 GPU_DECODE = "univip-gpu_decode (CPU part)"
 DECODE = "decode only (PIL, full size)"
-ORDER = (NAIVE, CPU, CPU_INST, GPU_AUG, GPU_DECODE, DECODE)
-SHORT = {CPU: "cpu", CPU_INST: "cpu+inst", GPU_AUG: "gpu_aug", GPU_DECODE: "gpu_decode", DECODE: "decode"}
+DECODE_CV = "decode only (OpenCV, full size)"
+ORDER = (NAIVE, CPU, CPU_INST, GPU_AUG, GPU_DECODE, DECODE, DECODE_CV)
+SHORT = {
+    CPU: "cpu",
+    CPU_INST: "cpu+inst",
+    GPU_AUG: "gpu_aug",
+    GPU_DECODE: "gpu_decode",
+    DECODE: "decode PIL",
+    DECODE_CV: "decode OpenCV",
+}
 SKIMAGE_PHOTOS = (
     "astronaut",
     "coffee",
@@ -213,6 +222,7 @@ def pipelines() -> dict[str, Callable[[dict, np.random.Generator], Any]]:
         GPU_AUG: gpu,
         GPU_DECODE: gdec,
         DECODE: lambda s, r: Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
+        DECODE_CV: lambda s, r: cv2.imdecode(np.frombuffer(s["jpg"], np.uint8), cv2.IMREAD_COLOR_RGB),
     }
 
 

@@ -426,3 +426,22 @@ def test_collate_stacks_views_and_boxes():
     c = DataCounters()
     c.add(b)
     assert c.as_dict()["fallback_rate"] == pytest.approx(1 / 3) and c.samples_skipped == 3
+
+
+def test_collate_keeps_channels_last_images_as_they_lie():
+    """Views made from HWC arrays (channels-last strides) are stacked into a channels-last batch with the same
+    values as torch.stack; instances [K, 3, s, s] too; contiguous tensors are stacked as before."""
+    rng = np.random.default_rng(0)
+    hwc = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    inst = [rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8) for _ in range(3)]
+    samples = [
+        {"view1": torch.from_numpy(v).permute(2, 0, 1), "inst1": torch.from_numpy(i).permute(0, 3, 1, 2)}
+        for v, i in zip(hwc, inst, strict=True)
+    ]
+    samples += [{"view1": samples[0]["view1"].contiguous(), "inst1": samples[0]["inst1"].contiguous()}]
+    b = collate(samples[:3])
+    assert torch.equal(b["view1"], torch.stack([s["view1"] for s in samples[:3]]))
+    assert torch.equal(b["inst1"], torch.stack([s["inst1"] for s in samples[:3]]))
+    assert b["view1"].is_contiguous(memory_format=torch.channels_last) and b["inst1"].movedim(2, -1).is_contiguous()
+    mixed = collate(samples[2:])  # one contiguous sample: the plain stack, same values
+    assert torch.equal(mixed["view1"], torch.stack([s["view1"] for s in samples[2:]]))
