@@ -165,7 +165,8 @@ def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _area(b: np.ndarray) -> np.ndarray:
-    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    # np.maximum, not np.clip: the same numbers, without np.clip's ~6 us of Python overhead a call (per sample here)
+    return np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
 
 
 def boxes_inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
