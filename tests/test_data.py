@@ -10,13 +10,12 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from shards import schema
 from train.data import BadShardError, DataCounters, DataPosition, ShardStream, collate, make_loader
@@ -132,6 +131,44 @@ def test_order_deterministic_per_seed_and_epoch(tmp_path):
     assert sorted(k for k, _ in a[0]) != [k for k, _ in a[0]]  # the buffer shuffles
     # the second iteration is epoch 1: the same as a stream that starts there
     assert run(0, position=DataPosition(1, 0))[0] == a[1]
+
+
+# The exact sample order of a small layout (2 ranks x 2 slots, a truncated shard that makes rank 0 borrow) as the
+# code produced it when this test was written: a change of which sample comes when, or of which generator draw a
+# sample's transform gets, changes the data of every run (and breaks resuming older checkpoints exactly).
+PINNED = {
+    (0, 0): "s2_000 s2_001 s3_002 x_0 s2_003 s2_004 s3_003 x_1 s2_002 s3_001 s3_001 s3_002 s2_005 s3_000 s3_000 s3_005",
+    (0, 1): "s2_000 s2_001 s3_008 x_1 s2_003 s2_005 x_0 s0_002 s0_000 s2_002 s0_000 s0_002 s0_001 s2_004 s0_003 s0_001",
+    (
+        1,
+        0,
+    ): "s0_000 s0_003 s1_002 s1_000 s0_002 s0_001 s1_003 s1_005 s3_005 s3_006 s1_004 s1_006 s3_004 s0_004 s1_001 s1_007",
+    (
+        1,
+        1,
+    ): "s3_002 s3_003 s1_000 s1_002 s3_004 s3_000 s1_001 s1_004 s3_006 s3_005 s1_003 s1_005 s3_001 s3_007 s1_006 s1_007",
+}
+PINNED_DRAWS = {(0, 0): [0.972, 0.8776, 0.7406, 0.9546], (0, 1): [0.8248, 0.4124, 0.1145, 0.7084]}
+PINNED_DRAWS |= {(1, 0): [0.3207, 0.6548, 0.8536, 0.8389], (1, 1): [0.69, 0.4126, 0.7037, 0.6969]}
+
+
+def test_sample_order_is_pinned(tmp_path):
+    urls = make_shards(tmp_path, [5, 8, 6, 9])
+    truncated = write_shard(tmp_path / "t-000004.tar", [f"x_{i}" for i in range(6)])
+    with open(truncated, "r+b") as f:
+        f.truncate(5 * 1024 + 100)  # 2 of the 6 claimed samples: rank 0 borrows
+    counts = [5, 8, 6, 9, 6]
+    for rank in (0, 1):
+        ds = stream(
+            urls + [truncated], counts, batch_size=2, seed=7, shuffle_buffer=3, streams=2, rank=rank, world_size=2
+        )
+        for epoch in (0, 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                outs = list(ds)
+            assert " ".join(o["__key__"] for o in outs) == PINNED[rank, epoch]
+            assert [round(float(o["r"]), 4) for o in outs[:4]] == PINNED_DRAWS[rank, epoch]
+            assert sum(o["stats"]["samples_borrowed"] for o in outs) == (7 if rank == 0 else 0)
 
 
 @pytest.mark.parametrize("consumed_steps", [1, 3, 4, 6])
@@ -391,34 +428,20 @@ def test_collate_stacks_views_and_boxes():
     assert c.as_dict()["fallback_rate"] == pytest.approx(1 / 3) and c.samples_skipped == 3
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    counts=st.lists(st.integers(0, 30), min_size=1, max_size=8),
-    world=st.integers(1, 4),
-    streams=st.integers(1, 3),
-    batch=st.integers(1, 5),
-    epoch=st.integers(0, 3),
-)
-def test_plan_ranges_are_disjoint_and_fill_every_quota(counts, world, streams, batch, epoch):
-    if sum(counts) < world * batch:
-        return
-    urls = [f"/x/t-{j:06d}.tar" for j in range(len(counts))]
-    used = {u: [] for u in urls}
-    for r in range(world):
-        ds = ShardStream(
-            urls,
-            dict(zip(urls, counts, strict=True)),
-            None,
-            batch_size=batch,
-            rank=r,
-            world_size=world,
-            streams=streams,
-        )
-        for s, ranges in enumerate(ds.plan(epoch)):
-            assert sum(b - a for _, a, b in ranges) == ds.quota(s)
-            for u, a, b in ranges:
-                used[u].append((a, b))
-    for u, n in zip(urls, counts, strict=True):
-        spans = sorted(used[u])
-        assert all(0 <= a < b <= n for a, b in spans)
-        assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
+def test_collate_keeps_channels_last_images_as_they_lie():
+    """Views made from HWC arrays (channels-last strides) are stacked into a channels-last batch with the same
+    values as torch.stack; instances [K, 3, s, s] too; contiguous tensors are stacked as before."""
+    rng = np.random.default_rng(0)
+    hwc = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    inst = [rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8) for _ in range(3)]
+    samples = [
+        {"view1": torch.from_numpy(v).permute(2, 0, 1), "inst1": torch.from_numpy(i).permute(0, 3, 1, 2)}
+        for v, i in zip(hwc, inst, strict=True)
+    ]
+    samples += [{"view1": samples[0]["view1"].contiguous(), "inst1": samples[0]["inst1"].contiguous()}]
+    b = collate(samples[:3])
+    assert torch.equal(b["view1"], torch.stack([s["view1"] for s in samples[:3]]))
+    assert torch.equal(b["inst1"], torch.stack([s["inst1"] for s in samples[:3]]))
+    assert b["view1"].is_contiguous(memory_format=torch.channels_last) and b["inst1"].movedim(2, -1).is_contiguous()
+    mixed = collate(samples[2:])  # one contiguous sample: the plain stack, same values
+    assert torch.equal(mixed["view1"], torch.stack([s["view1"] for s in samples[2:]]))

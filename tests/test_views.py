@@ -274,9 +274,57 @@ def test_coloured_rectangles_with_reduced_scale_decode():
     sample = make_sample(arr, boxes)
     cfg = ViewConfig(size=96, scale=(0.9, 1.0), flip=0.5, **NO_COLOUR)
     c1, c2, _, _ = overlapping_crops(1600, 1200, boxes, np.random.default_rng(0), cfg)
-    img, d = views.decode_for_crops(sample["jpg"], 1600, 1200, [(c1, cfg.size), (c2, cfg.size)])
-    assert d == 8 and img.size == (200, 150)
+    img, d = views.decode_array(sample["jpg"], 1600, 1200, [(c1, cfg.size), (c2, cfg.size)])
+    assert d == 8 and img.shape == (150, 200, 3)
     assert check_views_follow_boxes(sample, cfg, range(10)) >= 30
+
+
+def test_decode_array_gives_pils_pixels_at_every_scale(photo_sample):
+    """OpenCV's decode (the CPU path's) and PIL's (train.eval's, and the fallback) are the same libjpeg: equal pixels
+    at full and reduced scales; what OpenCV is not given (CMYK) comes from PIL; a truncated JPEG is an error."""
+    jpg, w, h = photo_sample["jpg"], photo_sample["meta"]["width"], photo_sample["meta"]["height"]
+    whole = np.array([0, 0, w, h])
+    for want_d, side in ((1, w), (2, w // 2), (4, w // 4)):
+        arr, d = views.decode_array(jpg, w, h, [(whole, side)])
+        pil, pil_d = views.decode_for_crops(jpg, w, h, [(whole, side)])
+        assert d == pil_d == want_d and arr.dtype == np.uint8 and arr.flags.c_contiguous
+        assert np.array_equal(arr, np.asarray(pil))
+    rgb = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buf, "JPEG", quality=95)
+        arr, _ = views.decode_array(buf.getvalue(), w, h, [], draft=False)
+        want = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        assert arr.shape == (h, w, 3) and np.array_equal(arr, want)
+    with pytest.raises(ValueError, match="truncated: JPEG data is corrupt"):
+        views.decode_array(jpg[: len(jpg) // 2], w, h, [], name="truncated")
+    with pytest.raises(ValueError, match="astro: JPEG data is corrupt"):
+        UniVIPTransform()(dict(photo_sample, jpg=jpg[: len(jpg) // 2]), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("shrink", [1.0, 1.5, 3.0, 5.5])
+def test_resize_crop_maps_box_edges_exactly_with_both_kernels(shrink):
+    """Bilinear below a shrink factor 2, antialiased from 2 on: either way a rectangle lands where its box maps to
+    (coverage centroid and extent within 0.25 output px), and the result is close to the float antialiased
+    reference (the antialiased kernel to rounding)."""
+    arr, boxes = rectangles_image(scale=4)  # 1280x960
+    size = 64
+    side = int(round(size * shrink))
+    for i, box in enumerate(boxes[:3]):
+        cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
+        crop = np.array([cx - side // 2, cy - side // 2, cx - side // 2 + side, cy - side // 2 + side])
+        out = views.resize_crop(arr, crop, size)
+        assert out.shape == (size, size, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+        view = views.to_tensor(out)
+        inside = views.boxes_to_view(box[None].astype(np.float32), crop.astype(np.float32), size, False)[0]
+        inside = np.clip(inside, 0, size)
+        check_box_position(view, torch.from_numpy(inside), COLOURS[i], size)
+        ref = _expected_instance(arr, crop, size)  # float antialiased bilinear, rounded
+        diff = np.abs(view.numpy().astype(int) - ref.astype(int))
+        if shrink >= 2:
+            assert diff.max() <= 1
+        else:
+            assert diff.mean() < 1.5
 
 
 # --- the transform -----------------------------------------------------------------------------------------------
@@ -362,7 +410,7 @@ def test_view_config_validation():
 def view_array():
     from tests.imagegen import photo_path
 
-    return np.ascontiguousarray(np.asarray(Image.open(photo_path("coffee.jpg")).convert("RGB").resize((64, 64))))
+    return np.array(Image.open(photo_path("coffee.jpg")).convert("RGB").resize((64, 64)))  # writable: torch wraps it
 
 
 def test_cpu_colour_keeps_shape_dtype_and_respects_probabilities(view_array):
@@ -391,6 +439,27 @@ def test_cpu_ops_match_torchvision(view_array):
     pil_hue = TF.adjust_hue(Image.fromarray(view_array), 0.1)
     close(views.adjust_hue(view_array, 0.1), torch.from_numpy(np.asarray(pil_hue).copy()).permute(2, 0, 1), 12)
     close(views.gaussian_blur(view_array, 1.5), TF.gaussian_blur(t, [23, 23], [1.5, 1.5]), 2)
+
+
+def test_colour_on_a_stack_equals_colour_on_each_image_alone(photo_sample):
+    """The per-pixel ops run once over a view and its instances; contrast's mean and the blur stay each image's own:
+    the stack's images equal those coloured one by one with the same parameters, for every op."""
+    rgb = np.asarray(Image.open(io.BytesIO(photo_sample["jpg"])).convert("RGB"))
+    images = [np.ascontiguousarray(rgb[:48, :48]), np.ascontiguousarray(rgb[100:132, 60:92])]
+    images.append(np.full((32, 32, 3), (200, 30, 90), np.uint8))  # flat: contrast pulls it to its own grey only
+    for gray in (0.0, 1.0):
+        cfg = ViewConfig(jitter_p=1.0, gray_p=gray, blur_p=(1.0, 1.0), solarize_p=(1.0, 1.0))
+        for seed in range(4):
+            params = views.colour_params(0, np.random.default_rng(seed), cfg)
+            stack = views.PixelStack([48, 32, 32])
+            for i, img in enumerate(images):
+                stack.put(i, img, flip=False)
+            views.apply_colour(stack, params, cfg)
+            for i, img in enumerate(images):
+                alone = views.PixelStack([img.shape[0]])
+                alone.put(0, img, flip=False)
+                views.apply_colour(alone, params, cfg)
+                assert np.array_equal(stack.image(i), alone.image(0)), (gray, seed, i)
 
 
 def test_cpu_blur_and_solarize_limits():

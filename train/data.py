@@ -1,30 +1,25 @@
-"""Streaming proposal shards into training batches: rank/worker split with equal steps, shuffle buffer, resume.
+"""The data stream of one rank: its planned shard ranges read, shuffled and transformed into samples, resumable.
 
-Layout. Every rank runs ``steps_per_epoch = total_samples // (world_size * batch_size)`` steps per epoch, computed
-from the per-shard sample counts (identical on every rank). A rank's batches are spread over ``streams`` slots
-(``S``, default: the number of DataLoader workers): global batch ``i`` of a rank comes from slot ``i % S``. Worker
-``w`` of ``W`` produces batches ``w, w + W, ...`` (``S`` must be a multiple of ``W``, so each slot lives in one
-worker), which is exactly the order in which the DataLoader interleaves its workers. The sequence of batches therefore
-depends on (seed, epoch, world_size, rank, S, batch_size) and NOT on the number of workers: ``workers=0`` and
-``workers=2`` give the same batches when ``streams=2``.
+``train.plan`` decides which samples each (rank, slot) reads per epoch, from the counts alone; ``train.bad_shards``
+decides what a fault costs. This module reads the shards (metadata decoded, image hashes checked), shuffles, runs the
+transform and keeps the position; ``make_loader`` wraps it in a DataLoader.
 
-Shards per epoch. The shard list is permuted with a seed of (seed, epoch), identical on every rank. Shard ``j`` of the
-permutation goes to rank ``j % world_size`` and, within the rank, to slot ``(j // world_size) % S`` (round-robin).
-Slot ``s`` must deliver ``quota_s`` samples (its share of ``steps_per_epoch`` batches). Rule that guarantees the quota
-and never hangs, planned from the counts alone so every rank agrees without communication:
-  1. each slot reads its own shards in order, up to its quota; the unread tail of any shard goes to a pool;
-  2. slots that fall short (uneven counts, fewer shards than ranks * S) take ranges of the pool, in order.
-Every sample is then read at most once per epoch and all but ``total % (world_size * batch_size)`` are read.
-A range that starts inside a shard streams past the samples before it without decoding them (bytes are read but not
-decoded: keep at least ``world_size * S`` shards to avoid that cost).
-  3. If a slot still runs dry at run time (a bad shard was skipped, a tar holds fewer samples than its count says), it
-     reads whole shards from fresh permutations of all shards (seeded by seed, epoch, rank, slot, pass) until its
-     quota is met; a pass that yields no sample at all raises ``BadShardError`` instead of looping forever.
+Slots and workers. A rank's batches come from ``streams`` slots (``S``, default: the number of DataLoader workers):
+global batch ``i`` of a rank comes from slot ``i % S``. Worker ``w`` of ``W`` produces batches ``w, w + W, ...``
+(``S`` must be a multiple of ``W``, so each slot lives in one worker), which is exactly the order in which the
+DataLoader interleaves its workers. The sequence of batches therefore depends on (seed, epoch, world_size, rank, S,
+batch_size) and NOT on the number of workers: ``workers=0`` and ``workers=2`` give the same batches when
+``streams=2``.
+
+A slot's samples. Its planned ranges in order, then (only if a fault left it short) whole borrowed shards (plan rule
+3); a borrowing pass that yields no sample at all raises ``BadShardError`` instead of looping forever.
 
 Shuffling. Each slot has its own buffer of ``shuffle_buffer`` raw samples (JPEG bytes and decoded metadata, about
 100 KB each: memory is ``shuffle_buffer * S / W`` samples per worker); the first sample leaves once the buffer is
-full. The transform runs after the buffer with ``numpy.random.default_rng((seed, 3, epoch, rank, slot, index))``,
-``index`` counting the slot's samples, so a sample's augmentation does not depend on what ran before it.
+full. The planned and the borrowed samples pass separate buffers (the borrowed stream must not start, and mix in,
+while planned samples remain), drawing on one generator per slot. The transform runs after the buffer with
+``numpy.random.default_rng((seed, 3, epoch, rank, slot, index))`` (``transform_rng``), ``index`` counting the slot's
+samples, so a sample's augmentation does not depend on what ran before it.
 
 Epochs and resume. The dataset counts its own epochs: its n-th ``__iter__`` in a process is epoch
 ``position.epoch + n``, the first one skipping ``position.consumed`` samples of this rank. Skipped samples are read
@@ -33,53 +28,30 @@ DataLoader to keep its workers (``persistent_workers=True``, which ``make_loader
 again at ``position.epoch``. The resumed stream equals the uninterrupted one unless a transform failed (and was skipped)
 before the checkpoint.
 
-Bad shards (``on_bad_shard``). A shard that cannot be opened or read (missing object, corrupt or truncated tar,
-network failure after the storage layer's retries, a sample missing a member: ``reader.ShardError``) is skipped with
-one warning naming its URL ('skip', the default) or raises ``BadShardError`` naming it ('fail'). Samples it yielded
-before the fault are kept, and it is read again wherever the plan meets it, so the order stays a function of the
-bytes (it is counted once per process that meets it: each worker may count it). A tar with no ``KEY.json`` members
-at all gets the message "shard without boxes: URL". A single sample with unreadable metadata or a failing transform
-is skipped the same way, and so, with ``verify_images``, is a sample whose ``KEY.jpg`` bytes do not have the SHA-256
-its ``KEY.json`` records (format version 2: a JPEG damaged in storage can still decode; version 1 records no hash and
-is read unchecked, with one warning per shard). Samples with zero boxes are not errors: Algorithm 1 falls back to random boxes. Counts of
-skipped samples and shards, and of samples borrowed at run time (rule 3), travel with the batches
-(``batch["stats"]``; accumulate them with ``DataCounters``), because DataLoader workers are separate processes.
-
-DDP and 'fail': a rank that raises leaves the others in their next collective. We rely on torchrun: when one rank's
-process exits with an error, torchrun's agent stops all ranks of the group (and gloo peers see the connection close;
-the process-group timeout bounds NCCL). The loop only has to let the exception propagate and tear down in
-``finally:``; no extra collective check is needed. (After an exception from a worker, torch's DataLoader takes
-about 5 s per worker to shut its workers down: a failing rank exits seconds late, it does not hang.)
-With 'skip', ranks never diverge: every rank still delivers exactly ``steps_per_epoch`` batches.
+Counts. Samples and shards skipped under the bad-shard policy, and samples borrowed (rule 3), travel with the samples
+(``sample["stats"]``: the counts since this process's previous output; ``collate`` sums them per batch, accumulate
+them with ``DataCounters``), because DataLoader workers are separate processes.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import reader, schema, storage
+from train.bad_shards import BadShardError, BadShardPolicy
+from train.plan import BUFFER, TRANSFORM, EpochPlanner, Range
 
 Transform = Callable[[dict, np.random.Generator], dict]
-POLICIES = ("skip", "fail")
 STAT_NAMES = ("samples_skipped", "shards_skipped", "samples_borrowed")
-
-# first element of every rng seed tuple, so the streams for different purposes never coincide
-_SHARD_ORDER, _BUFFER, _BORROW_ORDER, _TRANSFORM = 0, 1, 2, 3
-# A transform that fails this often without one success is broken (or so is every image): stop instead of skipping on
-_MAX_FAILURES_IN_A_ROW = 1000
-
-
-class BadShardError(RuntimeError):
-    """A shard or sample could not be used; the message names the URL (and the key for one sample)."""
 
 
 @dataclass(frozen=True)
@@ -129,104 +101,73 @@ class DataCounters:
         return d
 
 
-class _ShardSamples:
-    """Reads the valid samples of shards under a bad-shard policy; holds this process's counters and warnings."""
+# --- reading one shard -------------------------------------------------------------------------------------------
+def shard_samples(
+    url: str,
+    policy: BadShardPolicy,
+    open_kwargs: Mapping[str, Any] | None = None,
+    verify_images: bool = False,
+) -> Iterator[dict]:
+    """Decoded samples (``reader.decode``: with ``meta``) of one shard; faults are named and go to ``policy``.
 
-    def __init__(self, on_bad_shard: str, open_kwargs: Mapping[str, Any] | None = None, verify_images: bool = False):
-        if on_bad_shard not in POLICIES:
-            raise ValueError(f"on_bad_shard must be one of {POLICIES}, got {on_bad_shard!r}")
-        self.policy = on_bad_shard
-        self.open_kwargs = dict(open_kwargs or {})  # storage.open_stream: retries, backoff, timeout, allow_pipe
-        self.verify_images = verify_images
-        self.counts = dict.fromkeys(STAT_NAMES, 0)
-        # A bad shard is read again wherever the plan meets it (its good prefix is a function of its bytes alone, so
-        # the sample order does not depend on which worker met it first); it is warned about and counted once.
-        self.bad_urls: set[str] = set()
-        self._warned: set[str] = set()
-        self._bad_samples: set[tuple[str, str]] = set()
-
-    def _warn(self, url: str, message: str) -> None:
-        if url not in self._warned:  # once per URL: a broken shard may hold thousands of broken samples
-            self._warned.add(url)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-    def bad_shard(self, url: str, message: str, cause: BaseException | None = None) -> None:
-        if self.policy == "fail":
-            raise BadShardError(message) from cause
-        if url not in self.bad_urls:
-            self.bad_urls.add(url)
-            self._warn(url, f"skipping shard: {message}")
-            self.counts["shards_skipped"] += 1
-
-    def bad_sample(self, url: str, key: str, message: str, cause: BaseException | None = None) -> None:
-        if self.policy == "fail":
-            raise BadShardError(message) from cause
-        if (url, key) in self._bad_samples:  # met again while borrowing (rule 3): counted once
-            return
-        self._bad_samples.add((url, key))
-        self._warn(
-            url,
-            f"skipping samples of {storage.redact(url)}: {message} (further bad samples of this shard "
-            "are not reported)",
-        )
-        self.counts["samples_skipped"] += 1
-
-    def read(self, url: str) -> Iterator[dict]:
-        """Decoded samples (``reader.decode``: with ``meta``) of one shard; faults follow the policy."""
-        good = 0
-        try:
-            for raw in reader.read_shard(url, **self.open_kwargs):
-                try:
-                    sample = reader.decode(raw)
-                except ValueError as e:  # the reader's message names the URL and the key
-                    self.bad_sample(url, raw.get("__key__", "?"), str(e), e)
-                    continue
-                if self.verify_images and not self._image_intact(url, sample):
-                    continue
-                good += 1
-                yield sample
-        except BadShardError:
-            raise
-        except Exception as e:  # open / tar / network / missing-member errors, from inside the reader's generator
-            shown = storage.redact(url)
-            if good == 0 and isinstance(e, reader.ShardError) and self._without_json(url):
-                self.bad_shard(
-                    url,
-                    f"shard without boxes: {shown} (no KEY.{schema.META_EXT} members: a plain image "
-                    "tar, not a prep shard)",
-                    e,
-                )
-            else:
-                detail = str(e) if shown in str(e) else f"{shown}: {e}"  # the reader's errors name the URL already
-                self.bad_shard(url, f"cannot read shard: {type(e).__name__}: {detail}", e)
-
-    def _image_intact(self, url: str, sample: dict) -> bool:
-        """Whether the JPEG bytes have the SHA-256 that KEY.json records; a mismatch is a bad sample."""
-        want = sample["meta"]["image_sha256"]
-        if want is None:
-            self._warn(
-                url, f"{storage.redact(url)}: format version 1 records no image hashes; its images are not verified"
+    ``open_kwargs`` go to ``storage.open_stream`` (retries, backoff, timeout, allow_pipe). ``verify_images``: a sample
+    whose JPEG bytes do not have the SHA-256 its KEY.json records is a bad sample."""
+    open_kwargs = open_kwargs or {}
+    good = 0
+    try:
+        for raw in reader.read_shard(url, **open_kwargs):
+            try:
+                sample = reader.decode(raw)
+            except ValueError as e:  # the reader's message names the URL and the key
+                policy.bad_sample(url, raw.get("__key__", "?"), str(e), e)
+                continue
+            if verify_images and not _image_intact(url, sample, policy):
+                continue
+            good += 1
+            yield sample
+    except BadShardError:
+        raise
+    except Exception as e:  # open / tar / network / missing-member errors, from inside the reader's generator
+        shown = storage.redact(url)
+        if good == 0 and isinstance(e, reader.ShardError) and _without_json(url, open_kwargs):
+            policy.bad_shard(
+                url,
+                f"shard without boxes: {shown} (no KEY.{schema.META_EXT} members: a plain image tar, not a prep shard)",
+                e,
             )
-            return True
-        if schema.image_sha256(sample[schema.IMAGE_EXT]) == want:
-            return True
-        key = sample["__key__"]
-        self.bad_sample(
-            url,
-            key,
-            f"{storage.redact(url)}: sample {key!r}: {key}.{schema.IMAGE_EXT} does not have the "
-            f"SHA-256 recorded in {key}.{schema.META_EXT} (damaged in storage)",
-        )
-        return False
+        else:
+            detail = str(e) if shown in str(e) else f"{shown}: {e}"  # the reader's errors name the URL already
+            policy.bad_shard(url, f"cannot read shard: {type(e).__name__}: {detail}", e)
 
-    def _without_json(self, url: str) -> bool:
-        """Whether the first members of a shard hold no metadata at all (read again only on this error path)."""
-        try:
-            with storage.open_stream(url, **self.open_kwargs) as stream:
-                names = [name for name, _ in itertools.islice(reader.tar_members(stream), 4)]
-        except Exception:
-            return False
-        return bool(names) and not any(n.endswith("." + schema.META_EXT) for n in names)
+
+def _image_intact(url: str, sample: dict, policy: BadShardPolicy) -> bool:
+    """Whether the JPEG bytes have the SHA-256 that KEY.json records; a mismatch is a bad sample."""
+    want = sample["meta"]["image_sha256"]
+    if want is None:
+        policy.warn(
+            url, f"{storage.redact(url)}: format version 1 records no image hashes; its images are not verified"
+        )
+        return True
+    if schema.image_sha256(sample[schema.IMAGE_EXT]) == want:
+        return True
+    key = sample["__key__"]
+    policy.bad_sample(
+        url,
+        key,
+        f"{storage.redact(url)}: sample {key!r}: {key}.{schema.IMAGE_EXT} does not have the "
+        f"SHA-256 recorded in {key}.{schema.META_EXT} (damaged in storage)",
+    )
+    return False
+
+
+def _without_json(url: str, open_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the first members of a shard hold no metadata at all (read again only on this error path)."""
+    try:
+        with storage.open_stream(url, **open_kwargs) as stream:
+            names = [name for name, _ in itertools.islice(reader.tar_members(stream), 4)]
+    except Exception:
+        return False
+    return bool(names) and not any(n.endswith("." + schema.META_EXT) for n in names)
 
 
 def count_samples(
@@ -235,10 +176,11 @@ def count_samples(
     """Sample counts by reading every shard once (all bytes are streamed; images are not decoded).
 
     Only for shards without a manifest or stats files: every rank pays a full read of the data set at start-up."""
-    src = _ShardSamples(on_bad_shard, open_kwargs)
-    return {url: sum(1 for _ in src.read(url)) for url in urls}
+    policy = BadShardPolicy(on_bad_shard)
+    return {url: sum(1 for _ in shard_samples(url, policy, open_kwargs)) for url in urls}
 
 
+# --- the stream --------------------------------------------------------------------------------------------------
 def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
     """Buffer shuffle: hold ``size`` items, emit a random one per new item, then the rest in random order."""
     if size <= 1:
@@ -256,8 +198,13 @@ def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
         yield buf[j]
 
 
+def transform_rng(seed: int, epoch: int, rank: int, slot: int, index: int) -> np.random.Generator:
+    """The generator of the transform of sample ``index`` of a slot: a function of its place in the stream only."""
+    return np.random.default_rng((seed, TRANSFORM, epoch, rank, slot, index))
+
+
 class ShardStream(IterableDataset):
-    """Samples of the shards for one rank, transformed; see the module docstring for the layout rules.
+    """Samples of the shards for one rank, transformed; see the module docstring and ``train.plan`` for the rules.
 
     urls: shard tar URLs (any order; sorted here). sizes: {url: sample count} (``reader.shard_sizes``); None or
     missing URLs are counted by reading (``count_samples``: a full read per rank). transform(sample, rng) -> dict
@@ -291,27 +238,22 @@ class ShardStream(IterableDataset):
             raise ValueError(f"bad layout: batch_size={batch_size} streams={streams} rank={rank} world={world_size}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.urls = sorted(set(urls))
         self.transform = transform
-        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
-        self.rank, self.world_size, self.streams = rank, world_size, streams
-        self._src = _ShardSamples(on_bad_shard, open_kwargs, verify_images)
+        self.shuffle_buffer, self.rank = shuffle_buffer, rank
+        self.open_kwargs = dict(open_kwargs or {})
+        self.verify_images = verify_images
+        self._policy = BadShardPolicy(on_bad_shard)
+        self._borrowed_samples = 0  # plan rule 3, in this process
 
+        urls = sorted(set(urls))
         sizes = dict(sizes or {})
-        missing = [u for u in self.urls if u not in sizes]
+        missing = [u for u in urls if u not in sizes]
         if missing:  # shards found bad while counting are warned about here, not counted in the batches' stats
             sizes.update(count_samples(missing, on_bad_shard, open_kwargs))
-        self._reported = dict(self._src.counts)  # counters already reported in the stats of earlier outputs
-        self.sizes = {u: int(sizes[u]) for u in self.urls}
-        if any(n < 0 for n in self.sizes.values()):
-            raise ValueError("negative shard sample count")
-        self.total_samples = sum(self.sizes.values())
-        self.steps_per_epoch = self.total_samples // (world_size * batch_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{self.total_samples} samples in {len(self.urls)} shards cannot fill one step of "
-                f"world_size {world_size} x batch_size {batch_size}"
-            )
+        self.planner = EpochPlanner.of(
+            {u: sizes[u] for u in urls}, batch_size=batch_size, world_size=world_size, streams=streams, seed=seed
+        )
+        self._reported = self.counts()  # counters already reported in the stats of earlier outputs
 
         position = position or DataPosition()
         if position.consumed % batch_size or not 0 <= position.consumed <= self.samples_per_epoch:
@@ -324,112 +266,125 @@ class ShardStream(IterableDataset):
         self.position = position
         self._iterations = 0  # __iter__ calls in this process (persistent workers keep their own count)
 
+    # the layout, as the planner holds it
+    @property
+    def urls(self) -> list[str]:
+        return list(self.planner.urls)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(zip(self.planner.urls, self.planner.sizes, strict=True))
+
+    @property
+    def batch_size(self) -> int:
+        return self.planner.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.planner.seed
+
+    @property
+    def world_size(self) -> int:
+        return self.planner.world_size
+
+    @property
+    def streams(self) -> int:
+        return self.planner.streams
+
+    @property
+    def total_samples(self) -> int:
+        return self.planner.total_samples
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.planner.steps_per_epoch
+
     @property
     def samples_per_epoch(self) -> int:
         """Samples this rank yields per epoch (``steps_per_epoch * batch_size``)."""
-        return self.steps_per_epoch * self.batch_size
+        return self.planner.samples_per_epoch
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def counts(self) -> dict[str, int]:
-        """This process's skip/borrow counters (in the main process only when ``workers=0``)."""
-        return dict(self._src.counts)
-
-    # --- planning (pure functions of the counts, identical on every rank and worker) ------------------------------
     def quota(self, slot: int) -> int:
         """Samples slot ``slot`` of each rank delivers per epoch."""
-        steps, S = self.steps_per_epoch, self.streams
-        return (steps // S + (slot < steps % S)) * self.batch_size
+        return self.planner.quota(slot)
 
-    def plan(self, epoch: int) -> list[list[tuple[str, int, int]]]:
-        """Per slot of this rank: the (url, start, stop) sample ranges it reads in ``epoch`` (rules 1 and 2)."""
-        W, S = self.world_size, self.streams
-        order = np.random.default_rng((self.seed, _SHARD_ORDER, epoch)).permutation(len(self.urls))
-        quotas = [self.quota(g % S) for g in range(W * S)]  # global slot g = rank * S + slot
-        taken = [0] * (W * S)
-        ranges: list[list[tuple[str, int, int]]] = [[] for _ in range(W * S)]
-        pool: list[tuple[str, int, int]] = []
-        for j, idx in enumerate(order):
-            url, size = self.urls[idx], self.sizes[self.urls[idx]]
-            g = (j % W) * S + (j // W) % S
-            n = min(size, quotas[g] - taken[g])
-            if n > 0:
-                ranges[g].append((url, 0, n))
-                taken[g] += n
-            if size > n:
-                pool.append((url, n, size))
-        p = 0
-        for g in range(W * S):
-            while taken[g] < quotas[g]:  # cannot run out: sum(quotas) <= total samples
-                url, a, b = pool[p]
-                n = min(b - a, quotas[g] - taken[g])
-                ranges[g].append((url, a, a + n))
-                taken[g] += n
-                if a + n < b:
-                    pool[p] = (url, a + n, b)
-                else:
-                    p += 1
-        return ranges[self.rank * S : (self.rank + 1) * S]
+    def plan(self, epoch: int) -> list[list[Range]]:
+        """Per slot of this rank: the (url, start, stop) sample ranges it reads in ``epoch``."""
+        return self.planner.ranges(epoch, self.rank)
 
-    # --- reading --------------------------------------------------------------------------------------------------
-    def _planned(self, ranges: list[tuple[str, int, int]]) -> Iterator[dict]:
+    def counts(self) -> dict[str, int]:
+        """This process's skip/borrow counters (in the main process only when ``workers=0``)."""
+        return {**self._policy.counts, "samples_borrowed": self._borrowed_samples}
+
+    # --- the five steps of a slot, composed in _slot ---------------------------------------------------------------
+    def _read(self, url: str) -> Iterator[dict]:
+        return shard_samples(url, self._policy, self.open_kwargs, self.verify_images)
+
+    def _planned(self, ranges: list[Range]) -> Iterator[dict]:
         for url, start, stop in ranges:
-            yield from itertools.islice(self._src.read(url), start, stop)
+            yield from itertools.islice(self._read(url), start, stop)
 
     def _borrowed(self, epoch: int, slot: int) -> Iterator[dict]:
-        """Rule 3: whole shards from fresh permutations until the consumer stops; raises when a pass finds nothing."""
-        for p in itertools.count(1):
-            rng = np.random.default_rng((self.seed, _BORROW_ORDER, epoch, self.rank, slot, p))
+        """Plan rule 3: whole shards in borrowing order until the consumer stops; raises when a pass finds nothing."""
+        for attempt in itertools.count(1):
             found = 0
-            for idx in rng.permutation(len(self.urls)):
-                for sample in self._src.read(self.urls[idx]):
+            for url in self.planner.borrow_order(epoch, self.rank, slot, attempt):
+                for sample in self._read(url):
                     found += 1
-                    self._src.counts["samples_borrowed"] += 1
+                    self._borrowed_samples += 1
                     yield sample
             if not found:
                 raise BadShardError(
-                    f"no readable sample in any of the {len(self.urls)} shards (first: {storage.redact(self.urls[0])}); "
-                    f"{len(self._src.bad_urls)} were skipped as bad: cannot fill the epoch"
+                    f"no readable sample in any of the {len(self.planner.urls)} shards (first: "
+                    f"{storage.redact(self.planner.urls[0])}); {len(self._policy.bad_urls)} were skipped as bad: "
+                    "cannot fill the epoch"
                 )
 
-    def _slot(self, epoch: int, slot: int, ranges: list[tuple[str, int, int]], skip: int) -> Iterator[dict]:
-        """Transformed samples of one slot, the first ``skip`` raw samples dropped before the transform."""
-        rng = np.random.default_rng((self.seed, _BUFFER, epoch, self.rank, slot))
-        # separate buffers: the borrowed stream must not start (and mix in) while planned samples remain
-        raw = itertools.chain(
+    def _raw(self, epoch: int, slot: int, ranges: list[Range]) -> Iterator[dict]:
+        """The slot's raw samples in shuffled order (never exhausted: borrowing raises rather than ending)."""
+        rng = np.random.default_rng((self.seed, BUFFER, epoch, self.rank, slot))
+        return itertools.chain(
             _shuffled(self._planned(ranges), self.shuffle_buffer, rng),
             _shuffled(self._borrowed(epoch, slot), self.shuffle_buffer, rng),
         )
+
+    def _transformed(self, samples: Iterator[tuple[int, dict]], epoch: int, slot: int) -> Iterator[tuple[dict, dict]]:
+        """(sample, output) for each ``(index, sample)``; a sample whose transform fails goes to the policy."""
         failures = 0  # transform failures since the last success
-        for index, sample in enumerate(raw):
-            if index < skip:
-                if index == skip - 1:
-                    self._reported = dict(self._src.counts)  # the replay's events were reported before the restart
+        for index, sample in samples:
+            if self.transform is None:
+                yield sample, sample
                 continue
-            out = sample
-            if self.transform is not None:
-                try:
-                    out = self.transform(
-                        sample, np.random.default_rng((self.seed, _TRANSFORM, epoch, self.rank, slot, index))
-                    )
-                except Exception as e:
-                    url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
-                    failures += 1
-                    if failures > min(self.total_samples, _MAX_FAILURES_IN_A_ROW):
-                        raise BadShardError(
-                            f"the transform failed on {failures} samples in a row (last: "
-                            f"{storage.redact(url)} {key!r}: {type(e).__name__}: {e})"
-                        ) from e
-                    self._src.bad_sample(
-                        url, key, f"{storage.redact(url)}: sample {key!r}: transform failed: {type(e).__name__}: {e}", e
-                    )
-                    continue
+            try:
+                out = self.transform(sample, transform_rng(self.seed, epoch, self.rank, slot, index))
+            except Exception as e:
+                failures += 1
+                url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+                self._policy.transform_failed(url, key, e, failures, self.total_samples)
+                continue
             failures = 0
+            yield sample, out
+
+    def _stats(self) -> dict[str, int]:
+        """Counts since the previous call (the previous output of this process)."""
+        now = self.counts()
+        delta = {k: now[k] - self._reported[k] for k in STAT_NAMES}
+        self._reported = now
+        return delta
+
+    def _slot(self, epoch: int, slot: int, ranges: list[Range], skip: int) -> Iterator[dict]:
+        """Outputs of one slot: its shuffled samples, the first ``skip`` replayed untransformed (resume)."""
+        samples = enumerate(self._raw(epoch, slot, ranges))
+        if skip:
+            for _ in itertools.islice(samples, skip):  # rebuild the buffer's state without decoding
+                pass
+            self._reported = self.counts()  # the replay's events were reported before the restart
+        for sample, out in self._transformed(samples, epoch, slot):
             out["__key__"] = sample["__key__"]
-            now = dict(self._src.counts)
-            out["stats"] = {k: now[k] - self._reported[k] for k in STAT_NAMES}
-            self._reported = now
+            out["stats"] = self._stats()
             yield out
 
     def __iter__(self) -> Iterator[dict]:
@@ -457,8 +412,9 @@ PACKED = ("jpeg",)
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack a list of samples: tensors -> [B, ...] (view1/view2 uint8 [B,3,S,S], boxes1/boxes2 float32 [B,K,4]),
-    numbers and bools -> [B] tensors (fallback bool [B]), ``stats`` summed, anything else (keys, bytes) -> list.
+    """Stack a list of samples: tensors -> [B, ...] (view1/view2 uint8 [B,3,S,S] with channels-last strides,
+    boxes1/boxes2 float32 [B,K,4]), numbers and bools -> [B] tensors (fallback bool [B]), ``stats`` summed, anything
+    else (keys, bytes) -> list.
 
     Fields in ``PACKED`` (1-D tensors of different lengths) are concatenated into one tensor ``name`` [sum of
     lengths] with ``name_sizes`` int64 [B] (``unpack`` splits them again): one storage, so a worker hands the batch
@@ -475,7 +431,7 @@ def collate(batch: list[dict]) -> dict:
             out[f"{name}_sizes"] = torch.tensor([len(v) for v in values], dtype=torch.int64)
         elif isinstance(first, torch.Tensor):
             try:
-                out[name] = torch.stack(values)
+                out[name] = _stack(values)
             except RuntimeError as e:
                 raise ValueError(f"collate: {name!r} has different shapes across the batch: {e}") from e
         elif isinstance(first, np.ndarray):
@@ -487,14 +443,26 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
+def _stack(values: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, except for images whose memory is channels-last (``[..., 3, H, W]`` views of ``[..., H, W,
+    3]`` arrays, as ``train.views`` makes them): those are stacked as they lie, a plain copy, into a channels-last
+    batch. Stacking them into a contiguous one would transpose every pixel (~0.4 ms a sample for two 224 px views)."""
+    first = values[0]
+    if first.dim() >= 3 and not first.is_contiguous() and all(v.movedim(-3, -1).is_contiguous() for v in values):
+        return torch.stack([v.movedim(-3, -1) for v in values]).movedim(-1, -3)
+    return torch.stack(values)
+
+
 def unpack(flat: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor]:
     """A ``PACKED`` field of a batch -> its B tensors (views into ``flat``, contiguous)."""
     return list(flat.split(sizes.tolist()))
 
 
-def _worker_init(storage_settings: Mapping[str, Any], worker_id: int) -> None:
-    # workers parallelise over samples; intra-op threads in each of them would oversubscribe the cores
+def worker_init(storage_settings: Mapping[str, Any], worker_id: int) -> None:
+    # workers parallelise over samples; intra-op threads in each of them (torch's, OpenCV's: the transform's decode,
+    # resizes and colour ops) would oversubscribe the cores
     torch.set_num_threads(1)
+    cv2.setNumThreads(0)  # 0: run every OpenCV function sequentially in the calling thread, no pool
     # storage.configure (--s3-endpoint) is module state: a spawned or forkserver worker would start without it
     storage.configure(**storage_settings)
 
@@ -556,7 +524,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        worker_init_fn=functools.partial(_worker_init, storage.settings()) if workers else None,
+        worker_init_fn=functools.partial(worker_init, storage.settings()) if workers else None,
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers else None,  # 2 batches per worker in flight: enough to hide decode jitter
     )

@@ -261,7 +261,7 @@ def _batches(
         collate_fn=_collate,
         pin_memory=pin_memory,
         # one intra-op thread per worker, and the --s3-endpoint setting, whatever the start method
-        worker_init_fn=functools.partial(data._worker_init, storage.settings()) if workers else None,
+        worker_init_fn=functools.partial(data.worker_init, storage.settings()) if workers else None,
     )
     total = None if view.boxes else _known_samples(spec)
     with tqdm(

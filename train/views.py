@@ -4,17 +4,22 @@ Coordinates. Boxes and crops are ``[x0, y0, x1, y1]`` on the continuous pixel-ed
 ``[i, i + 1)``, so a stored box (int, end-exclusive, ``shards.schema``) is used as is, and a box in view pixels is a
 float box on the same grid (``torchvision.ops.roi_align(..., aligned=True)`` reads it that way).
 
-Pipeline of ``UniVIPTransform`` for one sample (all randomness from one ``np.random.Generator``):
+Pipeline of ``UniVIPTransform`` for one sample (all randomness from one ``np.random.Generator``), on uint8 HWC RGB
+arrays with OpenCV, one thread, no float copies:
 1. Algorithm 1 on the metadata only (``overlapping_crops``): crops and K instance boxes in image pixels.
-2. One JPEG decode, at a reduced DCT scale (1/2, 1/4, 1/8; libjpeg's scaled IDCT, much cheaper than a full decode
-   and a downscale) when both crops still have at least ``size`` source pixels per view pixel at that scale, so the
-   views are the same as from a full decode up to resampling noise.
-3. Per view: crop (a slice) + antialiased bilinear resize in one ``F.interpolate`` call on the uint8 tensor (PIL's
-   filter, torch's AVX2 uint8 kernel: ~0.45 ms vs ~1 ms for PIL's ``resize(box=...)`` here), horizontal flip, and
-   (``gpu_aug=False``) BYOL's colour ops on the uint8 array with OpenCV. OpenCV rather than PIL because it is several
-   times faster at 224 px here (hue 0.2 ms vs 2.4 ms through PIL's HSV; blur with the kernel cut at 3 sigma).
+2. One JPEG decode straight into an array (``decode_array``: OpenCV's libjpeg-turbo, the same pixels as PIL's), at a
+   reduced DCT scale (1/2, 1/4, 1/8; libjpeg's scaled IDCT, cheaper than a full decode and a downscale) when every
+   crop still has at least ``size`` source pixels per view pixel at that scale, so the views are the same as from a
+   full decode up to resampling noise.
+3. Per view: crop (a slice) + resize (``resize_crop``: bilinear below a shrink factor 2, antialiased bilinear from
+   2 on), horizontal flip (into the view's ``PixelStack``, which also holds its K instances), and (``gpu_aug=False``)
+   BYOL's colour ops (``apply_colour``): look-up tables, saturating affine maps, a 3x3 colour matrix, HSV for the hue,
+   a separable float blur; the per-pixel ones once over the view and its instances together.
 4. Boxes go through crop, resize and flip with the same numbers as the pixels, so box m is the same object in
-   both views.
+   both views. The outputs are views of the stack's buffer with channels-last strides, which ``train.data.collate``
+   stacks with plain copies into channels-last batches.
+Where this differs from torchvision's uint8 ops by a level or two, and the resize below factor 2, is stated in
+``docs/method.md`` (Augmentation). ``StageTimes`` times each step (``bench/train_bench.py --profile``).
 
 With ``gpu_decode=True`` the transform stops after step 1 and the flips: it returns the JPEG bytes, the two crops and
 flips, and the view boxes (the same numbers as a full-size decode: no reduced-scale rounding), and
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +46,27 @@ from PIL import Image
 from shards import schema
 
 VIEWS = ("overlap", "byol")
+
+
+class StageTimes:
+    """CPU seconds per stage of the transform calls it is passed to (``bench/train_bench.py --profile``): each call
+    ``laps(stage)`` charges the time since the previous one to ``stage``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._t = time.process_time()
+
+    def __call__(self, stage: str) -> None:
+        now = time.process_time()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._t
+        self._t = now
+
+
+def _untimed(stage: str) -> None:
+    """The lap of an unprofiled call: nothing (a call costs ~50 ns, against ~3 ms a sample)."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +165,8 @@ def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _area(b: np.ndarray) -> np.ndarray:
-    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    # np.maximum, not np.clip: the same numbers, without np.clip's ~6 us of Python overhead a call (per sample here)
+    return np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
 
 
 def boxes_inside(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
@@ -253,9 +281,10 @@ def decode_for_crops(
     draft: bool = True,
     name: str = "sample",
 ) -> tuple[Image.Image, int]:
-    """Decode ``jpeg`` as RGB, at 1/d scale when ``draft_factor`` allows it for every ``(box, output side)`` target
-    -> ``(image, d)``; image-pixel coordinates divide by d. Raises ValueError naming ``name`` when the JPEG's size
-    differs from the metadata's."""
+    """Decode ``jpeg`` with PIL as RGB, at 1/d scale when ``draft_factor`` allows it for every ``(box, output
+    side)`` target -> ``(image, d)``; image-pixel coordinates divide by d. Raises ValueError naming ``name`` when the
+    JPEG's size differs from the metadata's or its data is corrupt. (``train.eval``'s decoder, and ``decode_array``'s
+    for what OpenCV is not given.)"""
     img = open_image(jpeg, width, height, name)
     d = draft_factor(width, height, targets) if draft else 1
     if d > 1 and img.format == "JPEG":
@@ -273,8 +302,47 @@ def decode_for_crops(
     return img, d
 
 
+# OpenCV's imdecode flags: RGB order, no EXIF rotation (PIL's header check and the boxes are in stored pixels), and
+# libjpeg's scaled IDCT at 1/2, 1/4, 1/8 (the REDUCED_GRAYSCALE_n flags are the bare scale bits)
+_IMREAD_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+_IMREAD_SCALE = {
+    1: 0,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+_JPEG_EOI = b"\xff\xd9"
+_DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces OpenCV and every decoder of decode_jpeg(mode=RGB) read alike
+
+
+def decode_array(
+    jpeg: bytes,
+    width: int,
+    height: int,
+    targets: list[tuple[np.ndarray, int]],
+    draft: bool = True,
+    name: str = "sample",
+) -> tuple[np.ndarray, int]:
+    """Decode ``jpeg`` as a uint8 ``[H / d, W / d, 3]`` RGB array (rounded up), at the 1/d scale ``draft_factor``
+    allows -> ``(array, d)``. Errors as ``decode_for_crops``.
+
+    OpenCV's ``imdecode`` (libjpeg-turbo, the same pixels as PIL's decoder, full or reduced scale) writes the array
+    directly, where PIL decodes to RGBX and an array costs a packing copy. Only for what it is sure to read as PIL
+    would: a 3- or 1-component JPEG whose data ends with the end-of-image marker (a truncated JPEG makes libjpeg warn
+    and pad where PIL raises); everything else goes through ``decode_for_crops``."""
+    img = open_image(jpeg, width, height, name)
+    d = draft_factor(width, height, targets) if draft else 1
+    if img.format == "JPEG" and img.mode in _DEVICE_MODES and jpeg.endswith(_JPEG_EOI):
+        arr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), _IMREAD_RGB | _IMREAD_SCALE[d])
+        if arr is None or arr.shape != (-(-height // d), -(-width // d), 3):
+            raise ValueError(f"{name}: JPEG data is corrupt (OpenCV could not decode it at 1/{d} scale)")
+        return arr, d
+    pil, d = decode_for_crops(jpeg, width, height, targets, draft, name)
+    return np.array(pil), d  # a writable copy: torch's resize wraps it without a read-only warning
+
+
 def image_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 ``[1, C, H, W]`` over its pixels, channels-last strides, C = 4 or 3.
+    """RGB PIL image -> uint8 ``[1, C, H, W]`` over its pixels, channels-last strides, C = 4 or 3 (``train.eval``).
 
     PIL keeps RGB as RGBX (4 bytes a pixel). Its Arrow export shares that memory (no copy; ~0.02 ms vs ~0.3 ms for
     ``np.asarray``, which packs to RGB through ``tobytes``), and torch's uint8 resize is fastest on 4 channels, so
@@ -306,55 +374,131 @@ def source_crop(crop: np.ndarray, d: int, shape: tuple[int, int]) -> tuple[np.nd
 def crop_view(src: torch.Tensor, box: np.ndarray, size: int) -> torch.Tensor:
     """Cut ``box`` (int xyxy in ``src`` pixels) from ``src`` uint8 ``[1, C, H, W]`` and resize it to ``size``:
     bilinear with antialiasing when shrinking, PIL's ``resize`` filter (torch's uint8 AVX2 kernel, about twice as
-    fast as PIL here) -> uint8 ``[3, size, size]`` (channels-last strides)."""
+    fast as PIL here) -> uint8 ``[3, size, size]`` (channels-last strides). (``train.eval``'s resize.)"""
     x0, y0, x1, y1 = (int(v) for v in box)
     patch = src[:, :, y0:y1, x0:x1]
     return F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, :3]
 
 
-# --- CPU colour ops (uint8 HWC RGB arrays) -----------------------------------------------------------------------
-def _lut_affine(a: float, b: float) -> np.ndarray:
-    return np.clip(np.round(np.arange(256, dtype=np.float32) * a + b), 0, 255).astype(np.uint8)
+def resize_crop(src: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    """Cut ``box`` (int xyxy in ``src`` pixels) from a uint8 ``[H, W, 3]`` array and resize it to a contiguous
+    ``[size, size, 3]``. Both kernels sample at pixel centres (``align_corners=False``), so the box's edges map to
+    the output's edges exactly:
+    - neither side shrinks by 2 or more (about half of BYOL's crops of a COCO image): OpenCV's bilinear, ~0.2 ms for
+      224 px, a 2-tap interpolation with no antialiasing filter (below a factor 2 that aliases only detail finer
+      than ~2 source pixels, by a level on average on photos);
+    - else antialiased bilinear (PIL's filter, whose support grows with the factor), torch's uint8 kernel on a
+      channels-last copy of the crop (~0.55 ms; on a strided slice it takes a generic path twice as slow).
+    The plain bilinear resize aliases badly from a factor 2 on (period-3 stripes stay at full contrast where the
+    antialiased filter leaves 1 %), and halving steps or OpenCV's area resize were slower or aliased as well."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if x1 - x0 < 2 * size and y1 - y0 < 2 * size:
+        return cv2.resize(src[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_LINEAR)
+    patch = torch.from_numpy(np.ascontiguousarray(src[y0:y1, x0:x1])).permute(2, 0, 1)[None]
+    out = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if out.is_contiguous():  # planes [3, S, S]: interleave them (OpenCV's merge is ~30x faster than a strided copy)
+        planes = out.numpy()
+        return cv2.merge([planes[0], planes[1], planes[2]])
+    return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
 
 
-def adjust_brightness(x: np.ndarray, f: float) -> np.ndarray:
-    return cv2.LUT(x, _lut_affine(f, 0.0))
+class PixelStack:
+    """Square uint8 RGB images of a few sizes (a view and its K instances) in one buffer ``[1, N, 3]``.
+
+    The per-pixel colour ops (brightness, saturation, hue, grayscale, solarize) then run once over all of them
+    instead of K + 1 times, on a one-row image (OpenCV's cost is per row: the row layout matters, ``[N, 1, 3]`` is
+    ~25x slower); contrast (each image's own mean) and blur run image by image. ``image(i)`` is a ``[s, s, 3]`` view
+    into the buffer; ops that cannot run in place (blur, flips) write into a new buffer."""
+
+    def __init__(self, sides: list[int]):
+        self.sides = list(sides)
+        self.offsets = np.cumsum([0] + [s * s for s in self.sides]).tolist()
+        self.buf = np.empty((1, self.offsets[-1], 3), np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.sides)
+
+    def image(self, i: int, buf: np.ndarray | None = None) -> np.ndarray:
+        s = self.sides[i]
+        return (self.buf if buf is None else buf)[0, self.offsets[i] : self.offsets[i + 1]].reshape(s, s, 3)
+
+    def tail(self, start: int) -> np.ndarray:
+        """Images ``start``, ``start + 1``, ... (all of one side) as one ``[n, s, s, 3]`` view."""
+        s = self.sides[start]
+        return self.buf[0, self.offsets[start] :].reshape(-1, s, s, 3)
+
+    def put(self, i: int, pixels: np.ndarray, flip: bool) -> None:
+        """Image ``i`` := ``pixels`` ``[s, s, 3]``, flipped horizontally if asked."""
+        if flip:
+            cv2.flip(pixels, 1, dst=self.image(i))
+        else:
+            np.copyto(self.image(i), pixels)
 
 
-def adjust_contrast(x: np.ndarray, f: float) -> np.ndarray:
-    mean = cv2.mean(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY))[0]  # torchvision: mean of the grayscale image
-    return cv2.LUT(x, _lut_affine(f, (1.0 - f) * mean))
+# --- CPU colour ops on uint8 RGB arrays (an image [H, W, 3] or a PixelStack buffer [1, N, 3]) ----------------------
+# ``out`` may be ``x`` itself (in place) unless said otherwise. Each matches torchvision's op on uint8 tensors to a
+# level or two (tests/test_views.py): they round where torchvision truncates, and contrast's mean is the mean of the
+# unrounded grey.
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, OpenCV's RGB2GRAY weights (torchvision: 0.2989, 0.587, 0.114)
 
 
-def adjust_saturation(x: np.ndarray, f: float) -> np.ndarray:
-    gray = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(x, f, gray, 1.0 - f, 0.0)  # saturating, rounded
+def gray_mean(x: np.ndarray) -> float:
+    """Mean grey level of an image: the luma weights over the channel means (one pass, no grey image)."""
+    m = cv2.mean(x)
+    return _GRAY[0] * m[0] + _GRAY[1] * m[1] + _GRAY[2] * m[2]
 
 
-def adjust_hue(x: np.ndarray, f: float) -> np.ndarray:
+def adjust_brightness(x: np.ndarray, f: float, out: np.ndarray | None = None) -> np.ndarray:
+    """x * f, rounded and saturated (f >= 0, so OpenCV's absolute value changes nothing)."""
+    return cv2.convertScaleAbs(x, dst=out, alpha=f)
+
+
+def adjust_contrast(x: np.ndarray, f: float, out: np.ndarray | None = None, mean: float | None = None) -> np.ndarray:
+    """x * f + (1 - f) * mean grey (``mean``: the image's own by default), rounded and saturated."""
+    mean = gray_mean(x) if mean is None else mean
+    return cv2.addWeighted(x, f, x, 0.0, (1.0 - f) * mean, dst=out)
+
+
+def adjust_saturation(x: np.ndarray, f: float, out: np.ndarray | None = None) -> np.ndarray:
+    """x * f + (1 - f) * grey(x) per pixel: one 3x3 colour matrix, rounded and saturated."""
+    m = np.full((3, 3), _GRAY, np.float32) * np.float32(1.0 - f) + np.eye(3, dtype=np.float32) * np.float32(f)
+    return cv2.transform(x, m, dst=out)
+
+
+def adjust_hue(x: np.ndarray, f: float, out: np.ndarray | None = None) -> np.ndarray:
     """Hue shift by ``f`` turns (in [-0.5, 0.5]); hue quantised to 1/256 turn as torchvision does for PIL images."""
     hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
-    hsv[..., 0] += np.uint8(int(round(f * 256)) % 256)  # uint8 addition wraps: the hue circle
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    hue = hsv[..., 0]
+    np.add(hue, np.uint8(int(round(f * 256)) % 256), out=hue)  # uint8 addition wraps: the hue circle
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL, dst=out)
 
 
-def grayscale(x: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+def grayscale(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB, dst=out)
 
 
-def gaussian_blur(x: np.ndarray, sigma: float, max_kernel: int = 23) -> np.ndarray:
-    """Separable Gaussian, reflect border (torchvision's), kernel 2*ceil(3 sigma)+1 capped at ``max_kernel``."""
+def gaussian_blur(x: np.ndarray, sigma: float, max_kernel: int = 23, out: np.ndarray | None = None) -> np.ndarray:
+    """Separable Gaussian, reflect border (torchvision's), kernel 2*ceil(3 sigma)+1 capped at ``max_kernel``, on an
+    image ``[H, W, 3]``; ``out`` must not be ``x``. Float taps (``sepFilter2D``): about twice as fast here as
+    ``GaussianBlur``'s fixed-point path for 8-bit images, and rounded once at the end."""
     k = min(max_kernel, 2 * math.ceil(3 * sigma) + 1)
-    return cv2.GaussianBlur(x, (k, k), sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+    taps = cv2.getGaussianKernel(k, sigma, ktype=cv2.CV_32F)
+    return cv2.sepFilter2D(x, -1, taps, taps, dst=out, borderType=cv2.BORDER_REFLECT_101)
 
 
-def solarize(x: np.ndarray, threshold: int = 128) -> np.ndarray:
+def solarize(x: np.ndarray, threshold: int = 128, out: np.ndarray | None = None) -> np.ndarray:
     lut = np.arange(256, dtype=np.uint8)
     lut[threshold:] = 255 - lut[threshold:]
-    return cv2.LUT(x, lut)
+    return cv2.LUT(x, lut, dst=out)
 
 
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+def _contrast_each(stack: PixelStack, f: float) -> None:
+    for i in range(len(stack)):  # each image its own mean grey, as torchvision computes it per image
+        img = stack.image(i)
+        adjust_contrast(img, f, out=img)
+
+
+_JITTER_STAGES = ("colour: brightness", "colour: contrast", "colour: saturation", "colour: hue")
 
 
 def colour_params(view: int, rng: np.random.Generator, cfg: ViewConfig) -> dict[str, Any]:
@@ -382,37 +526,57 @@ def colour_params(view: int, rng: np.random.Generator, cfg: ViewConfig) -> dict[
     }
 
 
-def apply_colour(x: np.ndarray, p: dict[str, Any], cfg: ViewConfig) -> np.ndarray:
-    """The colour ops chosen by ``colour_params`` on a uint8 ``[H, W, 3]`` RGB array -> same shape/dtype. Image
-    statistics (contrast's mean grey) are the image's own, as torchvision computes them per image."""
+def apply_colour(stack: PixelStack, p: dict[str, Any], cfg: ViewConfig, lap=_untimed) -> None:
+    """The colour ops chosen by ``colour_params`` on every image of ``stack``, in place. Image statistics (contrast's
+    mean grey) are each image's own, as torchvision computes them per image."""
+    buf = stack.buf
     if p["jitter"]:
         for i in p["order"]:
-            x = _JITTER_OPS[i](x, p["factors"][i])
+            f = p["factors"][i]
+            if i == 0:
+                adjust_brightness(buf, f, out=buf)
+            elif i == 1:
+                _contrast_each(stack, f)
+            elif i == 2:
+                adjust_saturation(buf, f, out=buf)
+            else:
+                adjust_hue(buf, f, out=buf)
+            lap(_JITTER_STAGES[i])
     if p["gray"]:
-        x = grayscale(x)
+        grayscale(buf, out=buf)
+        lap("colour: grayscale")
     if p["blur"]:
-        x = gaussian_blur(x, p["sigma"], cfg.blur_kernel)
+        blurred = np.empty_like(buf)
+        for i in range(len(stack)):
+            gaussian_blur(stack.image(i), p["sigma"], cfg.blur_kernel, out=stack.image(i, blurred))
+        stack.buf = buf = blurred
+        lap("colour: blur")
     if p["solarize"]:
-        x = solarize(x, cfg.solarize_threshold)
-    return x
+        solarize(buf, cfg.solarize_threshold, out=buf)
+        lap("colour: solarize")
 
 
 def cpu_colour(x: np.ndarray, view: int, rng: np.random.Generator, cfg: ViewConfig) -> np.ndarray:
-    """BYOL's colour augmentation of view ``view`` (0 or 1) on a uint8 ``[H, W, 3]`` RGB array -> same shape/dtype.
+    """BYOL's colour augmentation of view ``view`` (0 or 1) on a uint8 ``[H, W, 3]`` RGB array (square: a
+    ``PixelStack`` of one) -> a new array of the same shape.
 
     Colour jitter (p ``jitter_p``; factors b, c, s ~ U(1 -/+ strength), hue ~ U(-/+ strength); the four ops in a
     random order, clipped after each), grayscale (p ``gray_p``), Gaussian blur (p ``blur_p[view]``, sigma ~
     U(``blur_sigma``)), solarize (p ``solarize_p[view]``)."""
-    return apply_colour(x, colour_params(view, rng, cfg), cfg)
+    if x.ndim != 3 or x.shape[0] != x.shape[1] or x.shape[2] != 3:
+        raise ValueError(f"cpu_colour takes a square [S, S, 3] image, got shape {x.shape}")
+    stack = PixelStack([x.shape[0]])
+    stack.put(0, x, False)
+    apply_colour(stack, colour_params(view, rng, cfg), cfg)
+    return stack.image(0)
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` -> uint8 ``[3, H, W]`` sharing memory (channels-last strides, no copy)."""
-    return torch.from_numpy(x).permute(2, 0, 1)
+    """uint8 ``[..., H, W, 3]`` -> uint8 ``[..., 3, H, W]`` sharing memory (channels-last strides, no copy)."""
+    return torch.from_numpy(x).movedim(-1, -3)
 
 
 # --- the undecoded sample (gpu_decode) ---------------------------------------------------------------------------
-_DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces every decoder of decode_jpeg(mode=RGB) takes: YCbCr/RGB, gray
 
 
 def device_jpeg(jpeg: bytes, width: int, height: int, name: str = "sample") -> torch.Tensor:
@@ -454,9 +618,14 @@ class UniVIPTransform:
         self.cfg = cfg or ViewConfig()
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
+    def __call__(
+        self, sample: dict[str, Any], rng: np.random.Generator | None = None, laps: StageTimes | None = None
+    ) -> dict[str, Any]:
         cfg = self.cfg
         rng = self.rng if rng is None else rng
+        lap = _untimed if laps is None else laps
+        if laps is not None:
+            laps.start()
         meta = sample.get("meta")
         if meta is None:
             meta = schema.decode_meta(sample["json"])
@@ -468,45 +637,48 @@ class UniVIPTransform:
         else:
             crop1, crop2, inst, fallback = overlapping_crops(width, height, meta["boxes"], rng, cfg)
         flips = rng.random(2) < cfg.flip
+        lap("Algorithm 1 (crops, boxes, flips)")
         if cfg.gpu_decode:
             out = {"jpeg": device_jpeg(sample["jpg"], width, height, name), "fallback": bool(fallback)}
+            lap("JPEG header, bytes to tensor")
             if cfg.instance_crops:
                 out["inst_boxes"] = torch.from_numpy(inst)  # image pixels: cut on the device
             for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1]))), start=1):
                 out[f"crop{v}"] = torch.from_numpy(crop)
                 out[f"flip{v}"] = flip
                 out[f"boxes{v}"] = torch.from_numpy(boxes_to_view(inst, crop, cfg.size, flip))
+            lap("boxes to view pixels")
             return out
         targets = [(c, cfg.size) for c in (crop1, crop2)]
         if cfg.instance_crops:  # the instances keep their own resolution too: no reduced-scale decode below it
             targets += [(b, cfg.instance_size) for b in inst]
-        img, d = decode_for_crops(sample["jpg"], width, height, targets, cfg.draft, name)
-        src = image_tensor(img)
-        shape = (src.shape[2], src.shape[3])
+        src, d = decode_array(sample["jpg"], width, height, targets, cfg.draft, name)
+        lap(f"JPEG decode at 1/{d}")
+        shape = src.shape[:2]
         # the K instances cut once from the source image; each view's set is then flipped and coloured like the view
         inst_px = (
-            [crop_view(src, source_crop(b, d, shape)[0], cfg.instance_size) for b in inst] if cfg.instance_crops else []
+            [resize_crop(src, source_crop(b, d, shape)[0], cfg.instance_size) for b in inst]
+            if cfg.instance_crops
+            else []
         )
+        lap("instances: crop + resize")
         out: dict[str, Any] = {"fallback": bool(fallback)}
         for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1])))):
             box, covered = source_crop(crop, d, shape)
-            images = [crop_view(src, box, cfg.size), *inst_px]  # [3, S, S], then K x [3, s, s]
-            if cfg.gpu_aug:
-                images = [(x.flip(-1) if flip else x).contiguous() for x in images]
-            else:
-                params = colour_params(v, rng, cfg)
-                images = [to_tensor(apply_colour(_hwc(x, flip), params, cfg)) for x in images]
-            out[f"view{v + 1}"] = images[0]
+            stack = PixelStack([cfg.size] + [cfg.instance_size] * len(inst_px))  # the view, then its instances
+            stack.put(0, resize_crop(src, box, cfg.size), flip)
+            lap("views: crop + resize")
+            for m, px in enumerate(inst_px, start=1):
+                stack.put(m, px, flip)
+            lap("flip, layout")
+            if not cfg.gpu_aug:
+                apply_colour(stack, colour_params(v, rng, cfg), cfg, lap)
+            out[f"view{v + 1}"] = to_tensor(stack.image(0))  # [3, S, S], channels-last strides
             if cfg.instance_crops:
-                out[f"inst{v + 1}"] = torch.stack(images[1:])  # [K, 3, s, s]
+                out[f"inst{v + 1}"] = to_tensor(stack.tail(1))  # [K, 3, s, s]
             boxes = boxes_to_view(inst, covered, cfg.size, flip)
             if d > 1:  # the rounded crop may cut a box by < 1/2 view px
                 np.clip(boxes, 0, cfg.size, out=boxes)
             out[f"boxes{v + 1}"] = torch.from_numpy(boxes)
+            lap("outputs, boxes")
         return out
-
-
-def _hwc(x: torch.Tensor, flip: bool) -> np.ndarray:
-    """uint8 ``[3, H, W]`` -> a contiguous ``[H, W, 3]`` array (OpenCV's layout), flipped horizontally if asked."""
-    hwc = x.permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(hwc[:, ::-1] if flip else hwc)
