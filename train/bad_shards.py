@@ -15,11 +15,11 @@ one sample). The stream (``train.data``) detects the faults and hands them here:
   not unlucky: that raises under either policy instead of skipping through the whole data set.
 With 'skip', ranks never diverge: the stream still delivers exactly ``steps_per_epoch`` batches on every rank.
 
-DDP and 'fail': a rank that raises leaves the others in their next collective. We rely on torchrun: when one rank's
-process exits with an error, torchrun's agent stops all ranks of the group (and gloo peers see the connection close;
-the process-group timeout bounds NCCL). The loop only has to let the exception propagate and tear down in
-``finally:``; no extra collective check is needed. (After an exception from a worker, torch's DataLoader takes
-about 5 s per worker to shut its workers down: a failing rank exits seconds late, it does not hang.)
+DDP and 'fail': the stream raises on the rank that met the fault. The loop (``train.__main__``) does not let that
+rank leave the others waiting in DDP's next all-reduce: every step all ranks exchange a "my batch failed" flag over a
+CPU group (``dist.failed_ranks``) and then stop together, the failing rank with its own error, the others naming it.
+(After an exception from a worker, torch's DataLoader takes about 5 s per worker to shut its workers down: a failing
+rank exits seconds late, it does not hang.)
 """
 
 from __future__ import annotations
