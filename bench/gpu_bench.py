@@ -33,7 +33,6 @@ markdown table and writes JSON to ``--json`` (default ``$OUT/gpu_bench.json`` wh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import itertools
@@ -80,18 +79,12 @@ def _guard_cv2() -> str | None:
 
 CV2_VERSION = _guard_cv2()
 
-from bench.step_bench import step_flops  # noqa: E402
+from bench.step_bench import VARIANTS, bench_config, step_flops, synthetic_batch  # noqa: E402
 from shards import reader, schema, storage  # noqa: E402
-from train import augment, data  # noqa: E402
-from train.model import ModelConfig, UniVIP, update_target  # noqa: E402
-from train.optim import param_groups  # noqa: E402
+from train import data, setup  # noqa: E402
+from train.step import model_inputs, step_generator  # noqa: E402
 from train.views import UniVIPTransform, ViewConfig  # noqa: E402
 
-VARIANTS = {  # name -> ModelConfig overrides
-    "byol": dict(method="byol"),
-    "univip-crop": dict(method="univip", instance_mode="crop"),
-    "univip-roi": dict(method="univip", instance_mode="roi"),
-}
 PREFETCH = 2  # batches in flight per DataLoader worker (train.data.make_loader's prefetch_factor)
 
 
@@ -165,53 +158,43 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def synthetic_batch(batch: int, size: int, k: int, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
-    """Random uint8 views [B, 3, S, S] on ``device`` and K valid boxes per view [B, K, 4] (xyxy view pixels, sides
-    1/7 to 5/7 of the view, like bench.step_bench.make_inputs)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    views = [
-        torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device, dtype=torch.uint8) for _ in range(2)
-    ]
-    boxes = []
-    for _ in range(2):
-        wh = size * (1 + 4 * torch.rand(batch, k, 2, generator=g, device=device)) / 7
-        xy = (size - wh) * torch.rand(batch, k, 2, generator=g, device=device)
-        boxes.append(torch.cat([xy, xy + wh], dim=-1))
-    return views[0], views[1], boxes[0], boxes[1]
-
-
 class Setup:
-    """One variant's model, optimizer and step function (augmentation + forward/backward + SGD + EMA)."""
+    """One variant's run parts as the trainer builds them (``train.setup``: model, optimizer, step function) from a
+    ``TrainConfig`` holding the benchmark's sizes; ``step`` is the trainer's own step."""
 
     def __init__(self, name: str, args: argparse.Namespace, device: torch.device, vcfg: ViewConfig):
-        self.name, self.device, self.vcfg = name, device, vcfg
-        torch.manual_seed(args.seed)  # the same initial encoder for every variant
-        cfg = ModelConfig(
+        self.name, self.device = name, device
+        self.cfg = bench_config(
+            name,
             arch=args.arch,
             proj_hidden=args.proj_hidden,
             pred_hidden=args.proj_hidden,
             k=args.k,
+            image_size=args.image_size,
             instance_size=args.instance_size,
-            **VARIANTS[name],
+            batch_size=args.batch,
+            gpu_aug=True,
+            gpu_decode=vcfg.gpu_decode,
+            amp=args.amp,
+            channels_last=args.channels_last,
+            seed=args.seed,
+            device=device.type,
         )
-        model = UniVIP(cfg).to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        # the loop's SGD: biases and BN parameters without weight decay (train.optim)
-        groups = param_groups(model.named_parameters(), 1e-4, True)
-        for g in groups:
-            g.pop("lars")
-        self.opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
-        self.amp = args.amp
-        gen_device = device if args.aug_generator == "device" else torch.device("cpu")
-        self.gen = torch.Generator(device=gen_device).manual_seed(args.seed)
+        self.vcfg = setup.view_config(self.cfg)
+        self.model = setup.build_model(self.cfg, device)  # seeded: the same initial encoder for every variant
+        self.opt = setup.build_optimizer(self.model, self.cfg)
+        self.run_step = setup.make_step(self.cfg, device, self.model, self.opt)
+        torch.backends.cudnn.benchmark = device.type == "cuda" and args.cudnn_benchmark
+        self.it = 0
         self.compiled = False
 
-    def autocast(self):
-        if self.amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def batch(self) -> dict[str, torch.Tensor]:
+        """A synthetic batch in the loader's layout, on the device."""
+        return synthetic_batch(dataclasses.replace(self.cfg, gpu_decode=False), self.device, self.cfg.seed)
+
+    def inputs(self, batch: dict) -> dict:
+        """The step's input stage alone (GPU colour augmentation of views and instances)."""
+        return model_inputs(batch, self.vcfg, self.device, step_generator(self.cfg.seed, self.it, 0))
 
     def compile(self) -> None:
         """torch.compile the encoders (online and target); roi mode's feature_map path is compiled separately."""
@@ -221,27 +204,21 @@ class Setup:
             enc.feature_map = torch.compile(enc.feature_map, dynamic=False)
         self.compiled = True
 
-    def flops(self, v1: torch.Tensor, v2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> int:
-        """Model FLOPs of one forward + backward on normalised views (augmentation not counted)."""
-        with self.autocast():
-            n = step_flops(self.model, (v1, v2, b1, b2))
+    def flops(self, batch: dict) -> int:
+        """Model FLOPs of one forward + backward (the input stage not counted)."""
+        with setup.autocast(self.cfg, self.device)():
+            n = step_flops(self.model, self.inputs(batch))
         self.opt.zero_grad(set_to_none=True)
         return n
 
-    def step(self, v1: torch.Tensor, v2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-        """One training step on uint8 views; returns the loss tensor (no synchronisation)."""
-        x1 = augment.gpu_colour(v1, 0, self.gen, self.vcfg)
-        x2 = augment.gpu_colour(v2, 1, self.gen, self.vcfg)
-        with self.autocast():
-            loss = self.model(x1, x2, b1, b2)["total"]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        update_target(self.model, 0.99)
-        return loss.detach()
+    def step(self, batch: dict) -> torch.Tensor:
+        """One training step; returns the loss tensor (no synchronisation)."""
+        out = self.run_step(batch, self.it, lr=self.cfg.peak_lr, tau=self.cfg.ema_base)
+        self.it += 1
+        return out["total"]
 
     def close(self) -> None:
-        del self.model, self.opt
+        del self.model, self.opt, self.run_step
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -280,27 +257,26 @@ def derived(row: dict, args: argparse.Namespace, device: torch.device) -> dict:
 
 # --- phase 1: synthetic input --------------------------------------------------------------------------------------
 def bench_synthetic(name: str, args, device, vcfg, deadline: float) -> dict:
-    setup = Setup(name, args, device, vcfg)
+    bench = Setup(name, args, device, vcfg)
     try:
-        v1, v2, b1, b2 = synthetic_batch(args.batch, args.image_size, args.k, device, args.seed)
+        batch = bench.batch()
         reset_memory(device)
-        flops = setup.flops(augment.normalize(v1), augment.normalize(v2), b1, b2)
+        flops = bench.flops(batch)
         if args.compile:
-            setup.compile()
+            bench.compile()
         t0 = time.perf_counter()
-        timed_steps(lambda: setup.step(v1, v2, b1, b2), args.warmup, deadline)
+        timed_steps(lambda: bench.step(batch), args.warmup, deadline)
         sync(device)
         warm_s = time.perf_counter() - t0
         clock = Clock(device)
         clock.start()
-        steps = timed_steps(lambda: setup.step(v1, v2, b1, b2), args.steps, deadline)
+        steps = timed_steps(lambda: bench.step(batch), args.steps, deadline)
         step_s = clock.stop() / steps
-        # the augmentation of both views alone, for the record (it is inside step_s)
+        # the input stage alone (colour augmentation of views and instances), for the record (it is inside step_s)
         n_aug = max(1, min(10, args.steps))
         clock.start()
         for _ in range(n_aug):
-            augment.gpu_colour(v1, 0, setup.gen, vcfg)
-            augment.gpu_colour(v2, 1, setup.gen, vcfg)
+            bench.inputs(batch)
         aug_s = clock.stop() / n_aug
         row = dict(
             variant=name + ("+compile" if args.compile else ""),
@@ -315,7 +291,7 @@ def bench_synthetic(name: str, args, device, vcfg, deadline: float) -> dict:
         )
         return derived(row, args, device)
     finally:
-        setup.close()
+        bench.close()
 
 
 # --- phase 2: the real loader --------------------------------------------------------------------------------------
@@ -421,7 +397,8 @@ def bench_loader(
     need_batches = warm + args.steps + drain + args.steps + 2
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
         manifest = repeated_manifest(urls, sizes, need_batches * args.batch, 4 * max(1, workers), tmp)
-        transform = UniVIPTransform(vcfg)
+        bench = Setup(name, args, device, vcfg)
+        transform = UniVIPTransform(bench.vcfg)  # the variant's own views and instance crops, as the trainer's
         loader, steps_per_epoch = data.make_loader(
             manifest,
             transform,
@@ -431,7 +408,6 @@ def bench_loader(
             shuffle_buffer=args.shuffle_buffer,
             pin_memory=device.type == "cuda",
         )
-        setup = Setup(name, args, device, vcfg)
         it = iter(loader)
         counters = data.DataCounters()
         cuda = device.type == "cuda"
@@ -460,20 +436,13 @@ def bench_loader(
                     b = torch.cuda.Event(enable_timing=True)
                     b.record()
                     gaps.append((a, b))
-            if vcfg.gpu_decode:
-                d = decode_batch(batch, args.image_size, device)
-                v1, v2 = d["view1"], d["view2"]
-            else:
-                v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))
-            b1, b2 = (batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2"))
-            setup.step(v1, v2, b1, b2)
+            bench.step(batch)  # with vcfg.gpu_decode the step decodes the views on the device
 
         try:
             if flops is None:
-                v1, v2, b1, b2 = synthetic_batch(args.batch, args.image_size, args.k, device, args.seed)
-                flops = setup.flops(augment.normalize(v1), augment.normalize(v2), b1, b2)
+                flops = bench.flops(bench.batch())
             if args.compile:
-                setup.compile()
+                bench.compile()
             reset_memory(device)
             t0 = time.perf_counter()
             timed_steps(run_step, warm, deadline)
@@ -502,7 +471,7 @@ def bench_loader(
                 fallback_rate=counters.as_dict()["fallback_rate"],
                 steps_per_epoch=steps_per_epoch,
             )
-            setup.close()
+            bench.close()
             # the loader alone: drop what the workers queued up while the model ran, then time fresh batches
             loader_only = None
             if time.perf_counter() < deadline:
@@ -526,8 +495,8 @@ def bench_loader(
             return derived(row, args, device)
         finally:
             if hasattr(setup, "model"):
-                setup.close()
-            del it, loader  # shut the workers down before the symlinks go
+                bench.close()
+            it = loader = None  # drop the iterator: its workers shut down before the symlinks go
 
 
 # --- report --------------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from train.__main__ import view_config
 from train.config import RESUME_MUST_MATCH, TrainConfig, parse_args, preset
+from train.setup import view_config
 
 
 def test_views_default_per_method():

@@ -1,5 +1,7 @@
 """One training step, shared by the loop (``train.__main__``) and the benchmarks: a collated batch -> model inputs on
-the device (``model_inputs``), then forward, backward, optimizer step and EMA update (``train_step``).
+the device (``model_inputs``), then forward, backward, optimizer step and EMA update (``train_step``). ``TrainStep``
+binds both to a run's model, optimizer and settings (``train.setup.make_step`` builds it): the loop and the
+benchmarks call that one object per batch.
 
 Inputs. The loader delivers uint8 views (or, with ``--gpu-decode``, JPEG bytes and crops that ``train.gpu_decode``
 turns into views on the device), boxes in view pixels, and, with ``--instance-source image``, the K instance crops of
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from train import augment, gpu_decode
+from train import augment, gpu_decode, optim
 from train.model import update_target
 from train.views import ViewConfig
 
@@ -85,3 +87,33 @@ def train_step(
     opt.step()
     update_target(model, tau)  # EMA: target <- tau * target + (1 - tau) * online
     return out
+
+
+class TrainStep:
+    """One step of a run: ``step(batch, it, lr=..., tau=...)`` sets the learning rate, makes the model inputs (GPU
+    colour augmentation drawn from ``step_generator(seed, it, rank)``) and runs ``train_step``. Returns the loss
+    terms and ``z_std`` on the device: nothing here waits for the device."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        vcfg: ViewConfig,
+        device: torch.device,
+        *,
+        seed: int,
+        rank: int = 0,
+        grad_clip: float = 0.0,
+        autocast=contextlib.nullcontext,
+    ):
+        self.net, self.model, self.opt, self.vcfg, self.device = net, model, opt, vcfg, device
+        self.seed, self.rank, self.grad_clip, self.autocast = seed, rank, grad_clip, autocast
+
+    def __call__(self, batch: Mapping[str, Any], it: int, *, lr: float, tau: float) -> dict[str, torch.Tensor]:
+        optim.set_lr(self.opt, lr)
+        g = step_generator(self.seed, it, self.rank) if self.vcfg.gpu_aug else None
+        inputs = model_inputs(batch, self.vcfg, self.device, g)
+        return train_step(
+            self.net, self.model, self.opt, inputs, tau=tau, grad_clip=self.grad_clip, autocast=self.autocast
+        )
