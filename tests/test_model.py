@@ -72,7 +72,7 @@ def test_rois_and_crop_content():
 def test_target_is_frozen_copy():
     model = make()
     assert all(not p.requires_grad for p in model.target.parameters())
-    for po, pt in zip(model.online.parameters(), model.target.parameters()):
+    for po, pt in zip(model.online.parameters(), model.target.parameters(), strict=True):
         assert torch.equal(po, pt) and po.data_ptr() != pt.data_ptr()
 
 
@@ -87,12 +87,12 @@ def test_ema_update_moves_target_by_the_right_amount():
     before_t = [p.clone() for p in model.target.parameters()]
     online = [p.clone() for p in model.online.parameters()]
     update_target(model, 0.9)
-    for old, th, new in zip(before_t, online, model.target.parameters()):
+    for old, th, new in zip(before_t, online, model.target.parameters(), strict=True):
         assert torch.allclose(new, 0.9 * old + 0.1 * th, atol=1e-6)
-    for bo, bt in zip(model.online.buffers(), model.target.buffers()):
+    for bo, bt in zip(model.online.buffers(), model.target.buffers(), strict=True):
         assert torch.equal(bo, bt)
-    update_target(model, 0.0)  # momentum 0: the target becomes the online branch
-    assert all(torch.equal(po, pt) for po, pt in zip(model.online.parameters(), model.target.parameters()))
+    update_target(model, 0.0)  # tau 0: the target becomes the online branch
+    assert all(torch.equal(po, pt) for po, pt in zip(model.online.parameters(), model.target.parameters(), strict=True))
 
 
 def test_byol_method_is_scene_only():
@@ -128,9 +128,9 @@ def test_sgd_step_changes_online_not_target():
     out["total"].backward()
     assert all(p.grad is None for p in model.target.parameters())
     opt.step()
-    assert any(not torch.equal(a, b) for a, b in zip(online_before, model.online.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, model.online.parameters(), strict=True))
     assert not torch.equal(linear_before, model.linear.weight)
-    assert all(torch.equal(a, b) for a, b in zip(target_before, model.target.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(target_before, model.target.parameters(), strict=True))
 
 
 def test_channels_last_and_syncbn_conversion_keep_results():

@@ -16,8 +16,8 @@ def test_lr_warmup_is_linear_then_cosine_to_zero():
     assert lrs[0] == pytest.approx(peak / warm)
     assert lrs[49] == pytest.approx(peak * 50 / warm)
     assert lrs[warm - 1] == pytest.approx(peak) and lrs[warm] == pytest.approx(peak)
-    assert all(a < b for a, b in zip(lrs[: warm - 1], lrs[1:warm]))
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))
+    assert all(a < b for a, b in zip(lrs[: warm - 1], lrs[1:warm], strict=True))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :], strict=False))
     assert lrs[warm + (total - warm) // 2] == pytest.approx(peak / 2)
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
     assert schedule.lr(5 * total, peak=peak, total=total, warmup=warm) == pytest.approx(0.0, abs=1e-12)
@@ -27,14 +27,14 @@ def test_lr_without_warmup_starts_at_peak():
     assert schedule.lr(0, peak=1.0, total=10, warmup=0) == pytest.approx(1.0)
 
 
-def test_momentum_rises_from_base_to_one_monotonically():
+def test_ema_tau_rises_from_base_to_one_monotonically():
     total = 500
-    taus = [schedule.momentum(s, base=0.99, total=total) for s in range(total + 1)]
+    taus = [schedule.ema_tau(s, base=0.99, total=total) for s in range(total + 1)]
     assert taus[0] == pytest.approx(0.99)
     assert taus[-1] == pytest.approx(1.0)
     assert taus[total // 2] == pytest.approx(0.995)
-    assert all(a <= b for a, b in zip(taus, taus[1:]))
-    assert schedule.momentum(2 * total, base=0.99, total=total) == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(taus, taus[1:], strict=False))
+    assert schedule.ema_tau(2 * total, base=0.99, total=total) == pytest.approx(1.0)
 
 
 def test_presets_and_lr_scaling_rule():

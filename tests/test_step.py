@@ -188,7 +188,7 @@ def run_seeded_steps(argv: list[str], steps: int = 3):
     totals = []
     for it in range(steps):
         lr = schedule.lr(it, peak=cfg.peak_lr, total=30, warmup=10)
-        out = step(seeded_batch(cfg, it), it, lr=lr, tau=schedule.momentum(it, base=cfg.ema_base, total=30))
+        out = step(seeded_batch(cfg, it), it, lr=lr, tau=schedule.ema_tau(it, base=cfg.ema_base, total=30))
         totals.append(out["total"].item())
     return totals, model
 

@@ -105,7 +105,7 @@ def test_short_run_lowers_the_loss(reference_run):
     assert last < first - 0.5, (first, last)
     r = rows[-1]
     assert r["loss"] == pytest.approx(r["loss_scene"] + r["loss_scene_instance"] + r["loss_instance"], abs=1e-5)
-    assert r["lr"] > 0 and 0.99 < r["momentum"] < 1 and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
+    assert r["lr"] > 0 and 0.99 < r["ema_tau"] < 1 and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
     assert 0 <= r["fallback_rate"] <= 1 and r["shards_skipped"] == 0
     assert 0 < r["z_std"] <= 1 and "knn_top1" not in r  # the collapse signal every row; no --eval-data here
     assert sorted(n for n in os.listdir(reference_run) if n.startswith("ckpt")) == [
@@ -171,6 +171,16 @@ def test_resumed_log_drops_rows_after_the_checkpoint(tmp_path):
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5]
 
 
+def test_plot_reads_logs_written_before_the_ema_rename(tmp_path):
+    from train import plot
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "momentum": 0.99}) + "\n" for s in range(1, 4)))
+    rows = plot.read_log(str(log))
+    assert [r["ema_tau"] for r in rows] == [0.99] * 3 and all("momentum" not in r for r in rows)
+    assert plot.main([str(log), "-o", str(tmp_path / "old.png")]) == 0
+
+
 # The error paths run train.__main__.main in this process (no torch start-up per case); the runs above cover
 # `python -m train` itself.
 def _main(capsys, *argv) -> tuple[int, str]:
@@ -206,6 +216,22 @@ def test_refuses_existing_run_and_other_config(shards, tmp_path, capsys):
     assert code == 1, err
     assert "ckpt-00000016.pt was written by another config" in err
     assert "k: checkpoint 4 vs now 3" in err and "arch: checkpoint 'resnet18' vs now 'resnet50'" in err
+
+
+def test_resume_reads_a_checkpoint_written_before_the_momentum_rename(shards, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    args = [*TINY, "--data", shards, "--out", str(out), "--log-every", "1"]
+    code, err = _main(capsys, *args, "--max-steps", "1")
+    assert code == 0, err
+    path = out / "ckpt-00000001.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["momentum"] = ckpt["config"].pop("sgd_momentum")  # the field's name before the rename
+    torch.save(ckpt, path)
+    code, err = _main(capsys, *args, "--max-steps", "2", "--resume")
+    assert code == 0, err
+    assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
 def test_clear_data_errors(tmp_path, capsys):

@@ -8,8 +8,8 @@ The lr and EMA schedules span ``epochs * steps_per_epoch`` steps; ``--max-steps`
 (unweighted terms; ``loss`` is the weighted sum), averaged over ranks and the steps since the previous row; ``lr``;
 ``z_std`` (collapse signal: per-dimension std of the l2-normalised online scene projections, about 1/sqrt(D) when
 healthy, 0 when collapsed; a warning is printed once below ``--collapse-warn``/sqrt(D)); ``knn_top1`` (rows of
-evaluation steps, with ``--eval-data``: kNN top-1 of the online encoder's features, ``train.eval``); ``momentum``
-(EMA); ``images_per_s`` (all ranks); ``data_wait`` (fraction of wall time spent waiting for batches);
+evaluation steps, with ``--eval-data``: kNN top-1 of the online encoder's features, ``train.eval``); ``ema_tau``
+(the EMA decay of the target; logs before it was renamed call it ``momentum``); ``images_per_s`` (all ranks); ``data_wait`` (fraction of wall time spent waiting for batches);
 ``fallback_rate`` (Algorithm 1 fell back to random boxes), ``shards_skipped`` and ``samples_skipped``, summed over
 ranks since this process started.
 
@@ -128,7 +128,7 @@ class Logger:
             **{f"loss_{t}": v for t, v in zip(TERMS, terms[1:], strict=False)},  # terms[-1] is z_std
             "z_std": terms[-1],
             "lr": lr,
-            "momentum": tau,
+            "ema_tau": tau,
             "images_per_s": images * self.steps / elapsed,
             "data_wait": wait / dist.world_size() / elapsed,
             "fallback_rate": fallbacks / max(samples, 1),
@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
         for it in range(start, end):
             n = it + 1  # steps taken after this one: what the log row and the checkpoint name
             lr = schedule.lr(it, peak=cfg.peak_lr, total=total, warmup=warmup)
-            tau = schedule.momentum(it, base=cfg.ema_base, total=total)
+            tau = schedule.ema_tau(it, base=cfg.ema_base, total=total)
             batch, wait = batches.next()
             counters.add(batch)
             losses = step(batch, it, lr=lr, tau=tau)

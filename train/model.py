@@ -1,7 +1,7 @@
 """UniVIP networks (docs/method.md, "Networks"): ResNet encoder, BYOL MLPs, online and target branches, instance features.
 
 The training loop owns the EMA: it calls `model(view1, view2, boxes1, boxes2)` for the loss terms, steps the
-optimizer, then `update_target(model, momentum)`. Nothing here updates the target behind the loop's back.
+optimizer, then `update_target(model, tau)`. Nothing here updates the target behind the loop's back.
 
 Instance features, two ways (`ModelConfig.instance_mode`; docs/method.md, "Instances"):
 - "crop" (the paper's, default): K instance crops of `instance_size` pixels pass through the same encoder. The
@@ -305,8 +305,8 @@ def embedding_std(y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def update_target(model: nn.Module, momentum: float) -> None:
-    """EMA step of the target branch: xi <- momentum * xi + (1 - momentum) * theta; buffers copied.
+def update_target(model: nn.Module, tau: float) -> None:
+    """EMA step of the target branch: xi <- tau * xi + (1 - tau) * theta; buffers copied.
 
     `model` is a UniVIP or a DDP wrapper of one. Buffers (BatchNorm running statistics, batch counters) are copied,
     not averaged: the target normalises with batch statistics in training, so they only matter for evaluation.
@@ -316,6 +316,6 @@ def update_target(model: nn.Module, momentum: float) -> None:
     target = [p for p in model.target.parameters()]
     if len(online) != len(target):
         raise RuntimeError(f"update_target: online has {len(online)} parameters, target {len(target)}")
-    torch._foreach_lerp_(target, online, 1.0 - momentum)
-    for b_t, b_o in zip(model.target.buffers(), model.online.buffers()):
+    torch._foreach_lerp_(target, online, 1.0 - tau)
+    for b_t, b_o in zip(model.target.buffers(), model.online.buffers(), strict=True):
         b_t.copy_(b_o)

@@ -70,9 +70,9 @@ def build(named: Iterable[tuple[str, nn.Parameter]], cfg) -> torch.optim.Optimiz
     if cfg.optimizer == "sgd":
         for g in groups:
             g.pop("lars")
-        return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.sgd_momentum)
     if cfg.optimizer == "lars":
-        return LARS(groups, lr=cfg.peak_lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+        return LARS(groups, lr=cfg.peak_lr, momentum=cfg.sgd_momentum, eta=cfg.lars_eta)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 

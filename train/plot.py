@@ -13,6 +13,10 @@ import sys
 LOSS_PREFIX = "loss"
 
 
+# Log fields renamed since, old name -> new: rows of older logs are read under the new names.
+RENAMED = {"momentum": "ema_tau"}
+
+
 def read_log(path: str) -> list[dict]:
     rows = []
     with open(path) as f:
@@ -21,9 +25,13 @@ def read_log(path: str) -> list[dict]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not JSON ({e})") from e
+            for old, new in RENAMED.items():
+                if old in row and new not in row:
+                    row[new] = row.pop(old)
+            rows.append(row)
     return rows
 
 
@@ -47,7 +55,7 @@ def plot(rows: list[dict], output: str, title: str = "") -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    for sub, key in zip(axes[1:, 0], extra):
+    for sub, key in zip(axes[1:, 0], extra, strict=True):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         sub.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key == "knn_top1" else None, ms=3)
         sub.set_ylabel(key)
