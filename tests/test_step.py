@@ -204,3 +204,94 @@ def test_seeded_steps_repeat_the_recorded_losses(case):
     else:  # other CPU kernels round differently: float32 noise over three steps
         assert totals == pytest.approx(expected[0], rel=1e-4, abs=1e-5)
         assert (online, target) == pytest.approx(expected[1:], rel=1e-6)
+
+
+class HostReads:
+    """Records every read of a tensor's value by the host inside ``with``: the aten ops that ``.item()``, ``bool()``,
+    ``float()`` and ``torch.equal`` dispatch to, and the tensor methods that hand values to Python (``tolist``,
+    ``numpy``, ...), which bypass the dispatcher. On a GPU each of them waits for the device."""
+
+    OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
+    METHODS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func._schema.name in HostReads.OPS:
+                    seen.append(func._schema.name)
+                return func(*args, **(kwargs or {}))
+
+        class Methods(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in HostReads.METHODS:
+                    seen.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.modes = (Methods(), Ops())
+
+    def __enter__(self):
+        for m in self.modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self.modes):
+            m.__exit__(*exc)
+
+
+def test_host_reads_sees_what_waits_for_the_device():
+    t = torch.tensor([0.5, 2.0])
+    for read in (lambda: t[0].item(), lambda: bool(t[0] > 0), lambda: float(t[0]), lambda: t.tolist()):
+        with HostReads() as h:
+            read()
+        assert h.seen, read
+    with HostReads() as h:
+        torch.nn.utils.clip_grad_norm_([torch.nn.Parameter(t.clone())], 1.0)  # grad None: nothing to read
+        (t * 2).sum()
+    assert h.seen == []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_step_never_reads_device_values_on_the_host(case):
+    """No .item(), no bool(tensor), no data-dependent branch anywhere in the step (model, losses, Sinkhorn, clipping,
+    optimizer, EMA): on a GPU the host queues the next step while the device still runs this one."""
+    from train import setup
+    from train.config import parse_args
+
+    cfg, device = parse_args(SMALL + CASES[case]), torch.device("cpu")
+    model = setup.build_model(cfg, device)
+    step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
+    for it in range(2):  # the first step also creates the optimizer state
+        batch = seeded_batch(cfg, it)
+        with HostReads() as h:
+            out = step(batch, it, lr=0.1, tau=0.99)
+        assert h.seen == [], (case, it, h.seen)
+    assert torch.isfinite(out["total"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_step_never_synchronises(case):
+    from train import setup
+    from train.config import parse_args
+
+    cfg = parse_args([*SMALL, *CASES[case], "--device", "cuda", "--amp", "--channels-last"])
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = setup.build_model(cfg, device)
+    step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
+    batches = [{k: v.pin_memory() for k, v in seeded_batch(cfg, it).items()} for it in range(3)]
+    step(batches[0], 0, lr=0.1, tau=0.99)  # cuDNN autotuning, optimizer state, cached constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for it in (1, 2):
+            out = step(batches[it], it, lr=0.1, tau=0.99)
+            logged = torch.stack([out[t].detach().float() for t in ("total", "z_std")])  # as the Logger keeps them
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logged).all()

@@ -317,5 +317,11 @@ def update_target(model: nn.Module, tau: float) -> None:
     if len(online) != len(target):
         raise RuntimeError(f"update_target: online has {len(online)} parameters, target {len(target)}")
     torch._foreach_lerp_(target, online, 1.0 - tau)
+    # buffers copied in one multi-tensor call per dtype (running statistics, batch counters): the fast path wants one
+    by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
     for b_t, b_o in zip(model.target.buffers(), model.online.buffers(), strict=True):
-        b_t.copy_(b_o)
+        dst, src = by_dtype.setdefault(b_t.dtype, ([], []))
+        dst.append(b_t)
+        src.append(b_o)
+    for dst, src in by_dtype.values():
+        torch._foreach_copy_(dst, src)

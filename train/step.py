@@ -83,7 +83,10 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     out["total"].backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        # the norm stays on the device (no check that it is finite: that would read it on the host every step);
+        # foreach kernels wherever the device has them
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, error_if_nonfinite=False, foreach=None)
     opt.step()
     update_target(model, tau)  # EMA: target <- tau * target + (1 - tau) * online
     return out
