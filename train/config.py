@@ -98,6 +98,12 @@ class TrainConfig:
     wd_exclude_bn_bias: bool = _f(False, "no weight decay (and no LARS adaptation) on biases and BatchNorm parameters")
     sgd_momentum: float = _f(0.9, "momentum of SGD and LARS (not the EMA: that is --ema-base)")
     lars_eta: float = _f(0.001, "LARS trust coefficient")
+    optim_impl: str = _f(
+        "auto",
+        "optimizer update kernels: auto = torch's fused SGD on CUDA, multi-tensor (foreach) otherwise and for LARS; "
+        "foreach; fused (SGD; LARS has none and uses foreach); loop = one tensor at a time (the reference)",
+        ("auto", "foreach", "fused", "loop"),
+    )
     warmup_epochs: float = _f(4.0, "linear lr warm-up from 0, then cosine decay to 0")
     ema_base: float = _f(0.99, "EMA decay (tau) of the target at step 0; rises to 1 on a cosine (BYOL)")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 = off)")
