@@ -295,3 +295,39 @@ def test_cuda_step_never_synchronises(case):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(logged).all()
+
+
+def test_views_and_instance_crops_share_the_encoder_format_and_precision():
+    """channels_last and bf16 autocast reach the instance crops as they reach the views (each encoder call)."""
+    from train import setup
+    from train.config import parse_args
+    from train.step import TrainStep
+
+    cfg, device = parse_args(SMALL), torch.device("cpu")
+    batch = seeded_batch(cfg, 0)
+    x = model_inputs(batch, setup.view_config(cfg), device, channels_last=True)
+    plain = model_inputs(batch, setup.view_config(cfg), device)
+    for k in ("view1", "view2", "crops1", "crops2"):
+        flat = x[k].flatten(0, 1) if k.startswith("crops") else x[k]
+        assert flat.is_contiguous(memory_format=torch.channels_last) and torch.equal(x[k], plain[k]), k
+    model = setup.build_model(cfg, device).to(memory_format=torch.channels_last)
+    seen = []
+    for enc in (model.online.encoder, model.target.encoder):
+        enc.net.conv1.register_forward_hook(
+            lambda m, args, out: seen.append(
+                (args[0].shape[-1], args[0].is_contiguous(memory_format=torch.channels_last), out.dtype)
+            )
+        )
+    step = TrainStep(
+        model,
+        model,
+        setup.build_optimizer(model, cfg),
+        setup.view_config(cfg),
+        device,
+        seed=0,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        channels_last=True,
+    )
+    step(batch, 0, lr=0.1, tau=0.99)
+    # online and target, both views, each a scene pass and an instance pass
+    assert sorted(seen) == [(16, True, torch.bfloat16)] * 4 + [(32, True, torch.bfloat16)] * 4

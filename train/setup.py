@@ -130,4 +130,5 @@ def make_step(cfg: TrainConfig, device: torch.device, model: UniVIP, opt: torch.
         rank=dist.rank(),
         grad_clip=cfg.grad_clip,
         autocast=autocast(cfg, device),
+        channels_last=channels_last(cfg, device),
     )

@@ -37,11 +37,17 @@ def _repeat(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
 
 
 def model_inputs(
-    batch: Mapping[str, Any], vcfg: ViewConfig, device: torch.device, generator: torch.Generator | None = None
+    batch: Mapping[str, Any],
+    vcfg: ViewConfig,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    channels_last: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """A collated batch -> the keyword arguments of ``UniVIP.forward``: ``view1``, ``view2`` float ``[B, 3, S, S]``
     normalised, ``boxes1``, ``boxes2`` ``[B, K, 4]``, ``crops1``, ``crops2`` float ``[B, K, 3, s, s]`` or None.
-    ``generator`` (``step_generator``) drives the colour augmentation when ``vcfg.gpu_aug``."""
+    ``generator`` (``step_generator``) drives the colour augmentation when ``vcfg.gpu_aug``. ``channels_last``: views
+    and instance crops alike in the memory format of a channels_last encoder (each crop ``[3, s, s]`` image of the
+    flattened ``[B*K, 3, s, s]`` batch), converted once here rather than by each branch that reads them."""
     if vcfg.gpu_decode:  # the workers sent JPEG bytes, crops and flips: views (and instances) made on the device
         x = gpu_decode.decode_batch(batch, vcfg.size, device, vcfg.instance_size)
     else:
@@ -63,6 +69,12 @@ def model_inputs(
             if inst is not None:
                 out[f"crops{v}"] = augment.normalize(inst.flatten(0, 1)).view(inst.shape)
         out.setdefault(f"crops{v}", None)
+        if channels_last:
+            out[f"view{v}"] = out[f"view{v}"].contiguous(memory_format=torch.channels_last)
+            crops = out[f"crops{v}"]
+            if crops is not None:  # the [B, K] -> [B*K] split is a view: the encoder gets these strides
+                flat = crops.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+                out[f"crops{v}"] = flat.view(crops.shape)
     return out
 
 
@@ -109,14 +121,16 @@ class TrainStep:
         rank: int = 0,
         grad_clip: float = 0.0,
         autocast=contextlib.nullcontext,
+        channels_last: bool = False,
     ):
         self.net, self.model, self.opt, self.vcfg, self.device = net, model, opt, vcfg, device
         self.seed, self.rank, self.grad_clip, self.autocast = seed, rank, grad_clip, autocast
+        self.channels_last = channels_last
 
     def __call__(self, batch: Mapping[str, Any], it: int, *, lr: float, tau: float) -> dict[str, torch.Tensor]:
         optim.set_lr(self.opt, lr)
         g = step_generator(self.seed, it, self.rank) if self.vcfg.gpu_aug else None
-        inputs = model_inputs(batch, self.vcfg, self.device, g)
+        inputs = model_inputs(batch, self.vcfg, self.device, g, self.channels_last)
         return train_step(
             self.net, self.model, self.opt, inputs, tau=tau, grad_clip=self.grad_clip, autocast=self.autocast
         )
