@@ -274,22 +274,32 @@ def test_step_never_reads_device_values_on_the_host(case):
     assert torch.isfinite(out["total"])
 
 
+# every case eagerly; compiled (the first step compiles: minutes), also with CUDA graphs, for one case
+CUDA_RUNS = [pytest.param(case, [], id=case) for case in sorted(CASES)] + [
+    pytest.param("sgd", ["--compile"], id="sgd-compile", marks=pytest.mark.slow),
+    pytest.param(
+        "sgd", ["--compile", "--compile-mode", "reduce-overhead"], id="sgd-cudagraphs", marks=pytest.mark.slow
+    ),
+]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_cuda_step_never_synchronises(case):
+@pytest.mark.parametrize("case, extra", CUDA_RUNS)
+def test_cuda_step_never_synchronises(case, extra):
     from train import setup
     from train.config import parse_args
 
-    cfg = parse_args([*SMALL, *CASES[case], "--device", "cuda", "--amp", "--channels-last"])
+    cfg = parse_args([*SMALL, *CASES[case], *extra, "--device", "cuda", "--amp", "--channels-last"])
     device = torch.device("cuda", torch.cuda.current_device())
     model = setup.build_model(cfg, device)
     step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
-    batches = [{k: v.pin_memory() for k, v in seeded_batch(cfg, it).items()} for it in range(3)]
-    step(batches[0], 0, lr=0.1, tau=0.99)  # cuDNN autotuning, optimizer state, cached constants
+    batches = [{k: v.pin_memory() for k, v in seeded_batch(cfg, it).items()} for it in range(5)]
+    for it in range(3):  # cuDNN autotuning, optimizer state, cached constants, compilation, CUDA graph recording
+        step(batches[it], it, lr=0.1, tau=0.99)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for it in (1, 2):
+        for it in (3, 4):
             out = step(batches[it], it, lr=0.1, tau=0.99)
             logged = torch.stack([out[t].detach().float() for t in ("total", "z_std")])  # as the Logger keeps them
     finally:
@@ -331,3 +341,27 @@ def test_views_and_instance_crops_share_the_encoder_format_and_precision():
     step(batch, 0, lr=0.1, tau=0.99)
     # online and target, both views, each a scene pass and an instance pass
     assert sorted(seen) == [(16, True, torch.bfloat16)] * 4 + [(32, True, torch.bfloat16)] * 4
+
+
+@pytest.mark.slow  # the first compilation takes minutes on a small CPU; torch's compile cache makes reruns quick
+@pytest.mark.parametrize("case", ["sgd", "lars-clip-gpuaug-roi"])
+def test_compiled_step_equals_the_eager_step(case):
+    """--compile changes how the step is computed, not what: float32 on CPU, one step on a fixed batch, the loss
+    terms and every parameter and buffer afterwards (the target's EMA too)."""
+    from train import setup
+    from train.config import parse_args
+
+    device = torch.device("cpu")
+    runs = {}
+    for compiled in (False, True):
+        cfg = parse_args([*SMALL, *CASES[case], *(["--compile"] if compiled else [])])
+        model = setup.build_model(cfg, device)
+        step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
+        runs[compiled] = step(seeded_batch(cfg, 0), 0, lr=cfg.peak_lr, tau=0.9), model
+    (eager_out, eager), (comp_out, comp) = runs[False], runs[True]
+    assert comp._loss_region is not comp.loss_terms and eager._loss_region == eager.loss_terms
+    for term in ("total", "scene", "scene_instance", "instance", "z_std"):
+        torch.testing.assert_close(comp_out[term], eager_out[term], rtol=0, atol=1e-4, msg=term)
+    assert list(comp.state_dict()) == list(eager.state_dict())  # compiled in place: the checkpoint keys hold
+    for (name, a), b in zip(eager.state_dict().items(), comp.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)

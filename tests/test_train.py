@@ -141,6 +141,28 @@ def test_resume_gives_the_uninterrupted_run(shards, reference_run, tmp_path):
         torch.testing.assert_close(a["model"][k], v, rtol=0, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow  # each run compiles (minutes the first time on a small CPU, seconds from torch's cache)
+def test_compiled_resume_gives_the_uninterrupted_compiled_run(shards, tmp_path):
+    import torch
+
+    args = [*TINY, "--data", shards, "--ckpt-every", "2", "--compile"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    run_train(*args, "--out", ref, "--max-steps", "4", timeout=900)
+    run_train(*args, "--out", out, "--max-steps", "2", timeout=900)
+    run_train(*args, "--out", out, "--max-steps", "4", "--resume", timeout=900)
+    expected = {r["step"]: r for r in read_log(ref)}
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for term in ("loss", "loss_scene", "loss_scene_instance", "loss_instance"):
+            assert r[term] == pytest.approx(expected[r["step"]][term], abs=1e-5), (r["step"], term)
+    a = torch.load(os.path.join(out, "ckpt-00000004.pt"), weights_only=True)
+    b = torch.load(os.path.join(ref, "ckpt-00000004.pt"), weights_only=True)
+    assert a["config"]["compile"] is True and set(a["model"]) == set(b["model"])
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=0, atol=1e-5, msg=k)
+
+
 def test_collapse_warning_once(tmp_path, capsys):
     import dataclasses
 

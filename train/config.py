@@ -159,6 +159,18 @@ class TrainConfig:
     sync_bn: bool = _f(False, "SyncBatchNorm across ranks in the online network")
     amp: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
     channels_last: bool = _f(True, "channels_last memory format on GPU (ignored on CPU)")
+    compile: bool = _f(
+        False,
+        "torch.compile the encoder passes and the loss region (static shapes; train.model.UniVIP.compile_regions). "
+        "The first step compiles them: tiny preset on 2 CPU cores about 4 minutes the first time, a few seconds "
+        "once torch's compile cache holds the graphs; ResNet-50 on a GPU: bench/gpu_check.sh reports it",
+    )
+    compile_mode: str = _f(
+        "default",
+        "torch.compile mode with --compile: default; reduce-overhead = replay CUDA graphs too (fewer kernel "
+        "launches; CUDA only); max-autotune = also search kernel configurations (the longest compilation)",
+        ("default", "reduce-overhead", "max-autotune"),
+    )
     # --- bookkeeping
     ckpt_every: int = _f(1000, "checkpoint every N steps (and always at the end); 0 = only at the end")
     keep_ckpts: int = _f(3, "keep the newest N checkpoints (0 = keep all)")

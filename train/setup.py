@@ -111,8 +111,11 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def make_step(cfg: TrainConfig, device: torch.device, model: UniVIP, opt: torch.optim.Optimizer) -> TrainStep:
-    """The step the loop calls once per batch, over ``model`` (restored first when resuming): DDP across ranks and
-    the precision of ``cfg``. Turns cuDNN autotuning on for CUDA (the input shapes never change)."""
+    """The step the loop calls once per batch, over ``model`` (restored first when resuming): ``--compile``'s regions,
+    DDP across ranks and the precision of ``cfg``. Turns cuDNN autotuning on for CUDA (the input shapes never
+    change)."""
+    if cfg.compile:
+        model.compile_regions(cfg.compile_mode)  # in place, before DDP wraps the model
     # DDP reduces the gradients of the trainable (online) parameters; the target has requires_grad False, so DDP
     # leaves it alone: it changes only through the step's EMA update. A zero loss weight leaves a head unused.
     net = model
@@ -131,4 +134,5 @@ def make_step(cfg: TrainConfig, device: torch.device, model: UniVIP, opt: torch.
         grad_clip=cfg.grad_clip,
         autocast=autocast(cfg, device),
         channels_last=channels_last(cfg, device),
+        cuda_graphs=cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type == "cuda",
     )

@@ -122,12 +122,17 @@ class TrainStep:
         grad_clip: float = 0.0,
         autocast=contextlib.nullcontext,
         channels_last: bool = False,
+        cuda_graphs: bool = False,
     ):
         self.net, self.model, self.opt, self.vcfg, self.device = net, model, opt, vcfg, device
         self.seed, self.rank, self.grad_clip, self.autocast = seed, rank, grad_clip, autocast
-        self.channels_last = channels_last
+        self.channels_last, self.cuda_graphs = channels_last, cuda_graphs
 
     def __call__(self, batch: Mapping[str, Any], it: int, *, lr: float, tau: float) -> dict[str, torch.Tensor]:
+        """The returned tensors are valid until the next call: with ``cuda_graphs`` (``--compile-mode
+        reduce-overhead``) the next replay writes over them, so keep copies (the Logger stacks them)."""
+        if self.cuda_graphs:  # the previous step's graph outputs are no longer needed: their memory is reused
+            torch.compiler.cudagraph_mark_step_begin()
         optim.set_lr(self.opt, lr)
         g = step_generator(self.seed, it, self.rank) if self.vcfg.gpu_aug else None
         inputs = model_inputs(batch, self.vcfg, self.device, g, self.channels_last)
