@@ -163,7 +163,7 @@ class TrainConfig:
         False,
         "torch.compile the encoder passes and the loss region (static shapes; train.model.UniVIP.compile_regions). "
         "The first step compiles them: tiny preset on 2 CPU cores about 4 minutes the first time, a few seconds "
-        "once torch's compile cache holds the graphs; ResNet-50 on a GPU: bench/gpu_check.sh reports it",
+        "once torch's compile cache holds the graphs; ResNet-50 on a GPU: bench/gpu.sh reports it",
     )
     compile_mode: str = _f(
         "default",
