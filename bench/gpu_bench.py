@@ -1,46 +1,44 @@
-"""GPU training-step benchmark (issue #3 item 7, `bench/gpu.sh`): UniVIP / BYOL images/s and model FLOP utilisation.
+"""The GPU check (``bench/gpu.sh``): the trainer's own step at the paper's setting, a real training run from shards, and
+the step's top CUDA kernels, all within ``--budget-s``. ``--smoke`` runs every part on the CPU at toy sizes.
 
-A step is what the training loop does per batch: GPU colour augmentation of both views (``train.augment.gpu_colour``,
-per-sample parameters drawn on a CPU generator, as the loop does), forward under bf16 autocast with a channels_last
-model, backward, SGD step, EMA update of the target (``update_target``). "images/s" counts source images (samples):
-each gives two views of ``--image-size`` px and, in crop mode, 2*K instance crops of ``--instance-size`` px.
+1. Step (synthetic input). For each variant (``byol``, ``univip-crop`` = the paper's, instances cut from the source
+   image; ``univip-roi``) the per-GPU batch is searched upward (``--batches``, e.g. 128, 256, 512, 1024) until a step
+   runs out of memory; at the largest that fits, the step of ``train.setup.make_step`` (GPU colour augmentation of views
+   and instances, forward under bf16 autocast, channels_last, backward, SGD, EMA) runs ``--steps`` times after
+   ``--warmup``, timed with CUDA events (no per-step synchronisation). The input is a synthetic uint8 batch in the
+   loader's layout already on the device. The learning rate follows the trainer's linear scaling rule with the batch.
+   FLOPs of one forward + backward are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
+   convolutions; BatchNorm, RoIAlign, Sinkhorn, augmentation and optimizer not counted) at a small batch and scaled
+   to the batch (they are linear in it); MFU = FLOPs / step time / ``--peak-tflops``.
+2. The same with ``--compile`` (``--compile-variants``, the paper's variant first), at the batch found in 1: the first
+   step's wall time (it compiles every region) is reported as ``first_step_s``.
+3. A real run: ``python -m train`` for ``--train-steps`` steps on shards with the real loader (``--workers`` processes,
+   ``--gpu-aug``), from ``--data`` or, without it, from shards ``prep`` makes here out of ``data/sample`` (selective
+   search needs OpenCV's contrib module). The few sample images are repeated by a manifest of symlinked shard copies
+   (page-cache reads: a lower bound on the CPU work of real data). ``images_per_s`` and ``data_wait`` come from the
+   run's own ``log.jsonl`` (the first row, start-up included, is left out).
+4. ``torch.profiler`` over a few steps of the paper's variant: the kernels with the most device time.
 
-Measured, for each variant (``byol``, ``univip-crop`` = the paper's, ``univip-roi``):
-1. synthetic input: random uint8 views already on the device and random valid boxes; ``--steps`` steps after
-   ``--warmup``, timed with CUDA events around the whole run (no per-step synchronisation);
-2. the real loader (``--data``, variants of ``--loader-variants``): ``train.data.make_loader`` over the shards with
-   ``UniVIPTransform(gpu_aug=True)`` in ``--workers`` CPU workers, pinned memory, non_blocking copies. A few demo
-   samples are repeated (symlinked shard copies listed in a temporary manifest) so that one epoch covers the run.
-   "data wait" is the time the GPU sat idle between steps because the next batch was not there yet: CUDA events
-   recorded just before and just after ``next(loader)`` give the gap on the GPU's own timeline (the CPU time spent
-   blocked in ``next()`` is reported too, as the loop logs it). The loader alone (no model) is timed afterwards;
-   with ``--gpu-decode`` (default on) the same again, last, with ``gpu_decode=True``: the workers send JPEG bytes and
-   crops, ``train.gpu_decode.decode_batch`` makes the views on the GPU inside the step (as ``--gpu-decode`` trains);
-   ``decode_views`` alone is timed too, and its views are compared with the CPU path's for the same random draws
-   (mean |difference| in levels: nvjpeg is not libjpeg-turbo). A failure there is reported and stops nothing else;
-3. FLOPs of one forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
-   convolutions; BatchNorm, RoIAlign, Sinkhorn's elementwise ops, the augmentation and the optimizer are not
-   counted) at the benchmark batch, and MFU = FLOPs / step time / ``--peak-tflops`` (989 = H100 SXM / H200 dense
-   bf16; an H100 PCIe is 756).
+Every phase checks the budget before it starts; a phase that does not fit is listed as skipped. Output: a markdown
+report on stdout and, under ``$OUT`` (or ``--out-dir``): ``gpu_bench.json``, ``gpu_bench.md``, ``profile.txt``,
+``train_log.jsonl``.
 
-Everything runs within ``--budget-s`` seconds (phases that would start later are skipped and listed), prints a
-markdown table and writes JSON to ``--json`` (default ``$OUT/gpu_bench.json`` when ``$OUT`` is set).
-
-    bench/gpu.sh --data demo_out/shards                                     # on the GPU machine
-    python bench/gpu_bench.py --device cpu --arch resnet18 --batch 4 --steps 2 --image-size 64 --instance-size 32
+    bench/gpu.sh                                        # on the GPU machine: the whole check, about 8 minutes
+    python bench/gpu_bench.py --smoke --out-dir /tmp/x  # every part on the CPU at toy sizes
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import gc
-import itertools
 import json
 import math
 import os
 import platform
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,19 +78,14 @@ def _guard_cv2() -> str | None:
 
 CV2_VERSION = _guard_cv2()
 
-from bench.step_bench import step_flops  # noqa: E402
+from bench.step_bench import VARIANTS, bench_config, step_flops, synthetic_batch  # noqa: E402
 from shards import reader, schema, storage  # noqa: E402
-from train import augment, data  # noqa: E402
-from train.model import ModelConfig, UniVIP, update_target  # noqa: E402
-from train.optim import param_groups  # noqa: E402
-from train.views import UniVIPTransform, ViewConfig  # noqa: E402
+from train import data, setup  # noqa: E402
+from train.step import model_inputs, step_generator  # noqa: E402
 
-VARIANTS = {  # name -> ModelConfig overrides
-    "byol": dict(method="byol"),
-    "univip-crop": dict(method="univip", instance_mode="crop"),
-    "univip-roi": dict(method="univip", instance_mode="roi"),
-}
 PREFETCH = 2  # batches in flight per DataLoader worker (train.data.make_loader's prefetch_factor)
+OOM = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
+SAMPLE_COCO = os.path.join(ROOT, "data", "sample", "coco")
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
@@ -137,6 +130,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def device_info(device: torch.device) -> dict:
     info = {
         "device": str(device),
@@ -165,95 +173,60 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def synthetic_batch(batch: int, size: int, k: int, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
-    """Random uint8 views [B, 3, S, S] on ``device`` and K valid boxes per view [B, K, 4] (xyxy view pixels, sides
-    1/7 to 5/7 of the view, like bench.step_bench.make_inputs)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    views = [
-        torch.randint(0, 256, (batch, 3, size, size), generator=g, device=device, dtype=torch.uint8) for _ in range(2)
-    ]
-    boxes = []
-    for _ in range(2):
-        wh = size * (1 + 4 * torch.rand(batch, k, 2, generator=g, device=device)) / 7
-        xy = (size - wh) * torch.rand(batch, k, 2, generator=g, device=device)
-        boxes.append(torch.cat([xy, xy + wh], dim=-1))
-    return views[0], views[1], boxes[0], boxes[1]
-
-
 class Setup:
-    """One variant's model, optimizer and step function (augmentation + forward/backward + SGD + EMA)."""
+    """One variant's run parts as the trainer builds them (``train.setup``: model, optimizer, step function) from a
+    ``TrainConfig`` holding the benchmark's sizes; ``step`` is the trainer's own step."""
 
-    def __init__(self, name: str, args: argparse.Namespace, device: torch.device, vcfg: ViewConfig):
-        self.name, self.device, self.vcfg = name, device, vcfg
-        torch.manual_seed(args.seed)  # the same initial encoder for every variant
-        cfg = ModelConfig(
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device, batch: int, compile: bool = False):
+        self.name, self.device = name, device
+        self.cfg = bench_config(
+            name,
             arch=args.arch,
             proj_hidden=args.proj_hidden,
             pred_hidden=args.proj_hidden,
             k=args.k,
+            image_size=args.image_size,
             instance_size=args.instance_size,
-            **VARIANTS[name],
+            batch_size=batch,
+            gpu_aug=True,
+            amp=args.amp,
+            channels_last=args.channels_last,
+            compile=compile,
+            compile_mode=args.compile_mode,
+            seed=args.seed,
+            device=device.type,
         )
-        model = UniVIP(cfg).to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        # the loop's SGD: biases and BN parameters without weight decay (train.optim)
-        groups = param_groups(model.named_parameters(), 1e-4, True)
-        for g in groups:
-            g.pop("lars")
-        self.opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
-        self.amp = args.amp
-        gen_device = device if args.aug_generator == "device" else torch.device("cpu")
-        self.gen = torch.Generator(device=gen_device).manual_seed(args.seed)
-        self.compiled = False
+        self.vcfg = setup.view_config(self.cfg)
+        self.model = setup.build_model(self.cfg, device)  # seeded: the same initial encoder for every variant
+        self.opt = setup.build_optimizer(self.model, self.cfg)
+        self.run_step = setup.make_step(self.cfg, device, self.model, self.opt)
+        torch.backends.cudnn.benchmark = device.type == "cuda" and args.cudnn_benchmark
+        self.it = 0
 
-    def autocast(self):
-        if self.amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def batch(self) -> dict[str, torch.Tensor]:
+        """A synthetic batch in the loader's layout, on the device."""
+        return synthetic_batch(self.cfg, self.device, self.cfg.seed)
 
-    def compile(self) -> None:
-        """torch.compile the encoders (online and target); roi mode's feature_map path is compiled separately."""
-        for branch in (self.model.online, self.model.target):
-            enc = branch.encoder
-            enc.net.compile(dynamic=False)  # one static graph per input size (views, instance crops)
-            enc.feature_map = torch.compile(enc.feature_map, dynamic=False)
-        self.compiled = True
+    def inputs(self, batch: dict) -> dict:
+        """The step's input stage alone (GPU colour augmentation of views and instances)."""
+        return model_inputs(batch, self.vcfg, self.device, step_generator(self.cfg.seed, self.it, 0))
 
-    def flops(self, v1: torch.Tensor, v2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> int:
-        """Model FLOPs of one forward + backward on normalised views (augmentation not counted)."""
-        with self.autocast():
-            n = step_flops(self.model, (v1, v2, b1, b2))
+    def flops(self, batch: dict) -> int:
+        """Model FLOPs of one forward + backward (the input stage not counted)."""
+        with setup.autocast(self.cfg, self.device)():
+            n = step_flops(self.model, self.inputs(batch))
         self.opt.zero_grad(set_to_none=True)
         return n
 
-    def step(self, v1: torch.Tensor, v2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-        """One training step on uint8 views; returns the loss tensor (no synchronisation)."""
-        x1 = augment.gpu_colour(v1, 0, self.gen, self.vcfg)
-        x2 = augment.gpu_colour(v2, 1, self.gen, self.vcfg)
-        with self.autocast():
-            loss = self.model(x1, x2, b1, b2)["total"]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        update_target(self.model, 0.99)
-        return loss.detach()
+    def step(self, batch: dict) -> torch.Tensor:
+        """One training step; returns the loss tensor (no synchronisation)."""
+        out = self.run_step(batch, self.it, lr=self.cfg.peak_lr, tau=self.cfg.ema_base)
+        self.it += 1
+        return out["total"]
 
     def close(self) -> None:
-        del self.model, self.opt
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-
-
-def reset_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        del self.model, self.opt, self.run_step
+        free_memory(self.device)
 
 
 def timed_steps(run_step, n: int, deadline: float) -> int:
@@ -268,8 +241,8 @@ def timed_steps(run_step, n: int, deadline: float) -> int:
 
 
 def derived(row: dict, args: argparse.Namespace, device: torch.device) -> dict:
-    """Add images/s, TFLOP/s and MFU to a row holding ``step_s`` and ``flops``."""
-    row["images_per_s"] = args.batch / row["step_s"]
+    """Add images/s, TFLOP/s and MFU to a row holding ``batch``, ``step_s`` and ``flops``."""
+    row["images_per_s"] = row["batch"] / row["step_s"]
     row["step_ms"] = 1000 * row["step_s"]
     if row.get("flops"):
         row["gflop_per_step"] = row["flops"] / 1e9
@@ -278,52 +251,99 @@ def derived(row: dict, args: argparse.Namespace, device: torch.device) -> dict:
     return row
 
 
-# --- phase 1: synthetic input --------------------------------------------------------------------------------------
-def bench_synthetic(name: str, args, device, vcfg, deadline: float) -> dict:
-    setup = Setup(name, args, device, vcfg)
+# --- phase 1 and 2: the step on synthetic input --------------------------------------------------------------------
+def flops_per_sample(name: str, args, device) -> float:
+    """Forward + backward FLOPs per sample, counted at a batch of 8 (FLOPs are linear in the batch)."""
+    bench = Setup(name, args, device, batch=8)
     try:
-        v1, v2, b1, b2 = synthetic_batch(args.batch, args.image_size, args.k, device, args.seed)
+        return bench.flops(bench.batch()) / 8
+    finally:
+        bench.close()
+
+
+def search_batch(name: str, args, device, deadline: float) -> tuple[int | None, list[dict]]:
+    """The largest of ``args.batches`` (ascending) at which two steps run; stops at the first out-of-memory.
+    -> (batch or None, the trials: batch, fits, peak memory)."""
+    best, trials = None, []
+    for b in args.batches:
+        if best is not None and time.perf_counter() > deadline:
+            trials.append(dict(batch=b, fits=None, note="not tried: time share used"))
+            break
         reset_memory(device)
-        flops = setup.flops(augment.normalize(v1), augment.normalize(v2), b1, b2)
-        if args.compile:
-            setup.compile()
+        bench, fits = None, False
+        try:
+            bench = Setup(name, args, device, batch=b)
+            batch = bench.batch()
+            for _ in range(2):  # the first also autotunes cuDNN and creates the optimizer state
+                bench.step(batch)
+            sync(device)
+            fits = True
+        except OOM:
+            pass  # the exception (and the frames holding its tensors) is gone once this block ends
+        peak = peak_memory_gib(device)
+        batch = None
+        if bench is not None:
+            bench.close()
+        free_memory(device)
+        trials.append(dict(batch=b, fits=fits, peak_mem_gib=peak))
+        print(f"    batch {b}: {'fits' if fits else 'out of memory'}, peak {peak} GiB", flush=True)
+        if not fits:
+            break
+        best = b
+    return best, trials
+
+
+def bench_step(name: str, args, device, batch: int, deadline: float, compile: bool, flops: float | None) -> dict:
+    """Time the trainer's step at ``batch``; with ``compile`` the first step (compilation) is timed on its own."""
+    reset_memory(device)
+    bench = Setup(name, args, device, batch=batch, compile=compile)
+    try:
+        data_ = bench.batch()
         t0 = time.perf_counter()
-        timed_steps(lambda: setup.step(v1, v2, b1, b2), args.warmup, deadline)
+        bench.step(data_)
+        sync(device)
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        timed_steps(lambda: bench.step(data_), args.warmup, deadline)
         sync(device)
         warm_s = time.perf_counter() - t0
         clock = Clock(device)
         clock.start()
-        steps = timed_steps(lambda: setup.step(v1, v2, b1, b2), args.steps, deadline)
+        # --steps, or fewer when a step is slow: what --measure-s allows (at least 3), and never past the deadline
+        per_step = max(warm_s / max(1, args.warmup), 1e-6)
+        n = max(3, min(args.steps, int(args.measure_s / per_step)))
+        steps = timed_steps(lambda: bench.step(data_), n, deadline)
         step_s = clock.stop() / steps
-        # the augmentation of both views alone, for the record (it is inside step_s)
+        # the input stage alone (colour augmentation of views and instances), for the record (it is inside step_s)
         n_aug = max(1, min(10, args.steps))
         clock.start()
         for _ in range(n_aug):
-            augment.gpu_colour(v1, 0, setup.gen, vcfg)
-            augment.gpu_colour(v2, 1, setup.gen, vcfg)
+            bench.inputs(data_)
         aug_s = clock.stop() / n_aug
         row = dict(
-            variant=name + ("+compile" if args.compile else ""),
+            variant=name + (f"+compile({args.compile_mode})" if compile else ""),
             input="synthetic",
+            batch=batch,
             steps=steps,
+            first_step_s=round(first_s, 2),
             warmup_s=round(warm_s, 2),
             step_s=step_s,
             aug_ms=1000 * aug_s,
-            flops=flops,
+            flops=flops * batch if flops else None,
             peak_mem_gib=peak_memory_gib(device),
-            data_wait=None,
+            lr=bench.cfg.peak_lr,
         )
         return derived(row, args, device)
     finally:
-        setup.close()
+        bench.close()
 
 
-# --- phase 2: the real loader --------------------------------------------------------------------------------------
+# --- phase 3: a real training run ----------------------------------------------------------------------------------
 def find_shards(spec: str) -> tuple[list[str], dict[str, int]]:
     """(tar URLs, samples per URL) of a shard spec; raises FileNotFoundError naming the spec when it has none."""
     try:
         urls = reader.expand_spec(spec)
-    except Exception as e:  # SpecError and OS errors alike: the caller falls back to synthetic only
+    except Exception as e:  # SpecError and OS errors alike
         raise FileNotFoundError(f"no shards at {spec!r}: {e}") from e
     sizes = reader.shard_sizes(spec) or data.count_samples(urls)
     if not sum(sizes.get(u, 0) for u in urls):
@@ -340,7 +360,7 @@ def repeated_manifest(urls: list[str], sizes: dict[str, int], min_samples: int, 
     for c in range(copies):
         for u in urls:
             if storage.scheme(u) != "file":
-                raise ValueError(f"{storage.redact(u)}: the loader benchmark repeats local shards only")
+                raise ValueError(f"{storage.redact(u)}: the training run repeats local shards only")
             name = f"r{c:05d}-{os.path.basename(storage.local_path(u))}"
             os.symlink(os.path.abspath(storage.local_path(u)), os.path.join(tmp, name))
             entries.append({"tar": name, "samples": sizes[u]})
@@ -350,16 +370,37 @@ def repeated_manifest(urls: list[str], sizes: dict[str, int], min_samples: int, 
     return path
 
 
-def source_megapixels(urls: list[str], limit: int = 64) -> float:
-    """Mean size of the stored images (metadata of the first ``limit`` samples), in megapixels."""
-    px = []
-    for u in urls:
-        for s in reader.read_shard(u):
-            meta = reader.decode(s)["meta"]
-            px.append(int(meta["width"]) * int(meta["height"]))
-            if len(px) >= limit:
-                return float(np.mean(px)) / 1e6
-    return float(np.mean(px)) / 1e6 if px else float("nan")
+def sample_shards(work: str, workers: int) -> str:
+    """Shards made by ``prep`` from the bundled COCO sample (a few photos with their annotations file)."""
+    try:
+        import cv2
+
+        cv2.ximgproc.segmentation  # noqa: B018 - selective search lives in OpenCV's contrib module
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            "prep needs OpenCV's contrib module (opencv-contrib-python-headless) for selective search: carry it "
+            "as a wheel (see docs/benchmarks.md) or pass --data with shards made elsewhere"
+        ) from e
+    out = os.path.join(work, "sample_shards")
+    cmd = [
+        sys.executable,
+        "-m",
+        "prep",
+        "coco",
+        os.path.join(SAMPLE_COCO, "images"),
+        "--annotations",
+        os.path.join(SAMPLE_COCO, "annotations", "instances_sample.json"),
+        "--out",
+        out,
+        "--shard-size",
+        "4",
+        "--workers",
+        str(max(1, workers)),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"prep failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return out
 
 
 def shm_workers(workers: int, batch_bytes: int) -> tuple[int, str | None]:
@@ -380,154 +421,174 @@ def shm_workers(workers: int, batch_bytes: int) -> tuple[int, str | None]:
     )
 
 
-def decode_check(urls: list[str], args, device, n: int = 32) -> float:
-    """Mean |view level difference| between ``decode_views`` on ``device`` and the CPU path (full-size decode) for
-    the same random draws, over both views of the first ``n`` samples."""
-    from train.gpu_decode import decode_batch
-
-    samples = []
-    for u in urls:
-        samples += [reader.decode(s) for s in itertools.islice(reader.read_shard(u), n - len(samples))]
-        if len(samples) >= n:
-            break
-    geo = dict(size=args.image_size, k=args.k)
-    cpu = UniVIPTransform(ViewConfig(gpu_aug=True, draft=False, **geo))
-    dev = UniVIPTransform(ViewConfig(gpu_decode=True, **geo))
-    ref = [cpu(s, np.random.default_rng([args.seed, i])) for i, s in enumerate(samples)]
-    batch = data.collate(
-        [dict(dev(s, np.random.default_rng([args.seed, i])), __key__=str(i), stats={}) for i, s in enumerate(samples)]
-    )
-    d = decode_batch(batch, args.image_size, device)
-    views = (d["view1"], d["view2"])
-    diffs = [
-        (v.cpu().int() - torch.stack([r[f"view{j + 1}"] for r in ref]).int()).abs().float().mean()
-        for j, v in enumerate(views)
-    ]
-    return float(sum(diffs) / 2)
+def _env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
 
 
-def bench_loader(
-    name: str, args, device, vcfg, urls, sizes, deadline: float, flops: int | None, notes: list[str]
-) -> dict:
-    if vcfg.gpu_decode:  # imported here: a failure of this optional path must not stop the other phases
-        from train.gpu_decode import decode_batch
-    # two uint8 views + two float boxes (with gpu_decode the JPEG bytes instead, usually fewer: an upper bound)
-    batch_bytes = args.batch * 2 * (3 * args.image_size**2 + 4 * 4 * args.k)
-    workers, note = shm_workers(args.workers, batch_bytes)
+def train_run(args, device, deadline: float, out_dir: str | None, notes: list[str]) -> dict:
+    """``python -m train`` on repeated shards for ``args.train_steps`` steps (stopped at ``deadline``); the rates
+    from its log."""
+    # a batch as the workers hand it over: uint8 views and instance crops of both views, boxes
+    sample_bytes = 2 * (3 * args.image_size**2 + args.k * 3 * args.instance_size**2 + 16 * args.k)
+    workers, note = shm_workers(args.workers, args.train_batch * sample_bytes)
     if note:
         notes.append(note)
-    warm = args.warmup + PREFETCH * max(1, workers)  # past the first fill of every worker's prefetch queue
-    drain = PREFETCH * max(1, workers)
-    need_batches = warm + args.steps + drain + args.steps + 2
-    with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
-        manifest = repeated_manifest(urls, sizes, need_batches * args.batch, 4 * max(1, workers), tmp)
-        transform = UniVIPTransform(vcfg)
-        loader, steps_per_epoch = data.make_loader(
+    work = tempfile.mkdtemp(prefix="gpu_bench_train_")
+    try:
+        t0 = time.perf_counter()
+        spec = args.data or sample_shards(work, workers)
+        prep_s = time.perf_counter() - t0
+        urls, sizes = find_shards(spec)
+        links = os.path.join(work, "repeated")
+        os.makedirs(links)
+        need = int(args.train_batch * (args.train_steps + 2) * 1.1)
+        manifest = repeated_manifest(urls, sizes, need, 4 * max(1, workers), links)
+        run = os.path.join(work, "run")
+        log_every = max(1, args.train_steps // 10)
+        cmd = [
+            sys.executable,
+            "-m",
+            "train",
+            "--data",
             manifest,
-            transform,
-            batch_size=args.batch,
-            workers=workers,
-            seed=args.seed,
-            shuffle_buffer=args.shuffle_buffer,
-            pin_memory=device.type == "cuda",
+            "--out",
+            run,
+            "--device",
+            device.type,
+            "--arch",
+            args.arch,
+            "--image-size",
+            str(args.image_size),
+            "--instance-size",
+            str(args.instance_size),
+            "--k",
+            str(args.k),
+            "--proj-hidden",
+            str(args.proj_hidden),
+            "--pred-hidden",
+            str(args.proj_hidden),
+            "--batch-size",
+            str(args.train_batch),
+            "--max-steps",
+            str(args.train_steps),
+            "--log-every",
+            str(log_every),
+            "--ckpt-every",
+            "0",
+            "--keep-ckpts",
+            "1",
+            "--workers",
+            str(workers),
+            "--shuffle-buffer",
+            str(args.shuffle_buffer),
+            "--gpu-aug",
+            "--amp" if args.amp else "--no-amp",
+            "--channels-last" if args.channels_last else "--no-channels-last",
+            *args.train_args,
+        ]
+        print(f"    {' '.join(cmd[2:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
-        setup = Setup(name, args, device, vcfg)
-        it = iter(loader)
-        counters = data.DataCounters()
-        cuda = device.type == "cuda"
-        gaps: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        cpu_wait = [0.0]
-        measuring = [False]
-
-        def next_batch():
-            nonlocal it
-            try:
-                return next(it)
-            except StopIteration:  # not expected (one epoch covers the run), but the loop would start the next one
-                it = iter(loader)  # noqa: F821  (bound above; pyflakes is misled by the `del` at the end)
-                return next(it)
-
-        def run_step():
-            if cuda and measuring[0]:
-                a = torch.cuda.Event(enable_timing=True)
-                a.record()
-            t0 = time.perf_counter()
-            batch = next_batch()
-            if measuring[0]:
-                cpu_wait[0] += time.perf_counter() - t0
-                counters.add(batch)
-                if cuda:
-                    b = torch.cuda.Event(enable_timing=True)
-                    b.record()
-                    gaps.append((a, b))
-            if vcfg.gpu_decode:
-                d = decode_batch(batch, args.image_size, device)
-                v1, v2 = d["view1"], d["view2"]
-            else:
-                v1, v2 = (batch[k].to(device, non_blocking=True) for k in ("view1", "view2"))
-            b1, b2 = (batch[k].to(device, non_blocking=True) for k in ("boxes1", "boxes2"))
-            setup.step(v1, v2, b1, b2)
-
+        timed_out = False
         try:
-            if flops is None:
-                v1, v2, b1, b2 = synthetic_batch(args.batch, args.image_size, args.k, device, args.seed)
-                flops = setup.flops(augment.normalize(v1), augment.normalize(v2), b1, b2)
-            if args.compile:
-                setup.compile()
-            reset_memory(device)
-            t0 = time.perf_counter()
-            timed_steps(run_step, warm, deadline)
+            output, _ = proc.communicate(timeout=max(10.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:  # stop the run and its loader workers; the rows logged so far still count
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        wall = time.perf_counter() - t0
+        log = os.path.join(run, "log.jsonl")
+        rows = []
+        if os.path.exists(log):
+            with open(log) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if out_dir:
+                shutil.copy(log, os.path.join(out_dir, "train_log.jsonl"))
+        if proc.returncode not in (0, None) and not timed_out:
+            raise RuntimeError(f"python -m train failed ({proc.returncode}):\n{output[-3000:]}")
+        if not rows:
+            raise RuntimeError(f"python -m train logged nothing in {wall:.0f} s:\n{output[-3000:]}")
+        steady = rows[1:] or rows  # the first row holds the start-up: workers, shard opening, cuDNN autotuning
+        return dict(
+            data=args.data or "data/sample via prep",
+            unique_samples=sum(sizes.values()),
+            prep_s=round(prep_s, 1),
+            batch=args.train_batch,
+            workers=workers,
+            steps=rows[-1]["step"],
+            timed_out=timed_out,
+            wall_s=round(wall, 1),
+            images_per_s=statistics.median(r["images_per_s"] for r in steady),
+            data_wait=statistics.mean(r["data_wait"] for r in steady),
+            first_row_images_per_s=rows[0]["images_per_s"],
+            loss_first=rows[0]["loss"],
+            loss_last=rows[-1]["loss"],
+            fallback_rate=rows[-1]["fallback_rate"],
+            rows=len(rows),
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- phase 4: profile ----------------------------------------------------------------------------------------------
+def profile_step(name: str, args, device, batch: int, out_dir: str | None) -> dict:
+    """``torch.profiler`` over ``args.profile_steps`` steps after 3 warm-up steps: the kernels (on a GPU) or the ops
+    (on a CPU) with the most self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    bench = Setup(name, args, device, batch=batch)
+    try:
+        data_ = bench.batch()
+        for _ in range(3):
+            bench.step(data_)
+        sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                bench.step(data_)
             sync(device)
-            warm_s = time.perf_counter() - t0
-            measuring[0] = True
-            clock = Clock(device)
-            clock.start()
-            w0 = time.perf_counter()
-            steps = timed_steps(run_step, args.steps, deadline)
-            total = clock.stop()
-            wall = time.perf_counter() - w0
-            measuring[0] = False
-            idle = sum(a.elapsed_time(b) for a, b in gaps) / 1000 if cuda else cpu_wait[0]
-            row = dict(
-                variant=name + ("+compile" if args.compile else ""),
-                input=f"loader{' + GPU decode' if vcfg.gpu_decode else ''}, {workers} workers",
-                workers=workers,
-                steps=steps,
-                warmup_s=round(warm_s, 2),
-                step_s=total / steps,
-                flops=flops,
-                peak_mem_gib=peak_memory_gib(device),
-                data_wait=idle / total,
-                cpu_wait=cpu_wait[0] / wall,
-                fallback_rate=counters.as_dict()["fallback_rate"],
-                steps_per_epoch=steps_per_epoch,
-            )
-            setup.close()
-            # the loader alone: drop what the workers queued up while the model ran, then time fresh batches
-            loader_only = None
-            if time.perf_counter() < deadline:
-                for _ in range(drain):
-                    next_batch()
-                t0 = time.perf_counter()
-                n = timed_steps(next_batch, args.steps, deadline)
-                loader_only = n * args.batch / (time.perf_counter() - t0)
-            row["loader_only_images_per_s"] = loader_only
-            if vcfg.gpu_decode and time.perf_counter() < deadline:
-                try:  # decode_views alone on one batch, and its views against the CPU path's
-                    batch = next_batch()
-                    n = max(1, min(10, args.steps))
-                    clock.start()
-                    for _ in range(n):
-                        decode_batch(batch, args.image_size, device)
-                    row["decode_ms"] = 1000 * clock.stop() / n
-                    row["decode_diff"] = decode_check(urls, args, device)
-                except Exception as e:  # the throughput row above is still worth keeping
-                    notes.append(f"gpu_decode check failed: {type(e).__name__}: {e}")
-            return derived(row, args, device)
-        finally:
-            if hasattr(setup, "model"):
-                setup.close()
-            del it, loader  # shut the workers down before the symlinks go
+    finally:
+        bench.close()
+    events = prof.key_averages()
+
+    def self_us(e) -> float:  # torch renamed cuda -> device in these fields
+        if cuda:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        return e.self_cpu_time_total
+
+    if cuda:
+        events = [e for e in events if e.device_type == DeviceType.CUDA] or list(events)
+    ranked = sorted(events, key=self_us, reverse=True)
+    total = sum(self_us(e) for e in ranked) or 1.0
+    top = [
+        dict(name=e.key, self_ms=self_us(e) / 1000 / args.profile_steps, share=self_us(e) / total, calls=e.count)
+        for e in ranked[: args.profile_top]
+    ]
+    lines = [
+        f"{'kernels' if cuda else 'CPU ops'} by self {'device' if cuda else 'CPU'} time, {name}, batch {batch}, "
+        f"per step (mean of {args.profile_steps}); total {total / 1000 / args.profile_steps:.1f} ms/step",
+        "",
+        f"{'ms/step':>9} {'share':>6} {'calls':>6}  name",
+    ]
+    lines += [f"{t['self_ms']:9.2f} {t['share']:6.1%} {t['calls']:6d}  {t['name'][:140]}" for t in top]
+    text = "\n".join(lines)
+    if out_dir:
+        with open(os.path.join(out_dir, "profile.txt"), "w") as f:
+            f.write(text + "\n")
+    return dict(
+        variant=name, batch=batch, steps=args.profile_steps, total_ms=total / 1000 / args.profile_steps, top=top
+    )
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -541,51 +602,45 @@ def format_report(result: dict) -> str:
     kind = d["name"] if gpu else f"{d['name']}: CPU run, NOT a GPU result"
     prec = "bf16 autocast" if a["amp"] else "fp32"
     lines = [
-        f"## UniVIP training step: {kind}",
+        f"## UniVIP GPU check: {kind}",
         "",
         f"torch {d['torch']}, torchvision {d['torchvision']}, {prec}, "
-        f"{'channels_last' if a['channels_last'] else 'contiguous'}, {a['arch']}, batch {a['batch']}, "
-        f"{a['image_size']} px views, K={a['k']}, {a['instance_size']} px instance crops, projector/predictor "
-        f"{a['proj_hidden']}->256; step = GPU colour aug + fwd/bwd + SGD + EMA; {a['steps']} steps after "
-        f"{a['warmup']} warm-up; MFU against {a['peak_tflops']:g} TFLOP/s"
-        + ("" if gpu else " (not computed on CPU)")
-        + ("; torch.compile on the encoders" if a["compile"] else ""),
+        f"{'channels_last' if a['channels_last'] else 'contiguous'}, {a['arch']}, {a['image_size']} px views, "
+        f"K={a['k']}, {a['instance_size']} px instances, projector/predictor {a['proj_hidden']}->256; step = "
+        f"train.setup.make_step (GPU colour aug + fwd/bwd + SGD + EMA) on synthetic input; {a['steps']} steps after "
+        f"{a['warmup']} warm-up; MFU against {a['peak_tflops']:g} TFLOP/s" + ("" if gpu else " (not computed on CPU)"),
         "",
-        "| variant | input | images/s | step ms | data wait | GFLOP/step (fwd+bwd) | TFLOP/s | MFU | aug ms "
-        "| peak mem GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | batch | images/s | step ms | first step s | GFLOP/step | TFLOP/s | MFU | aug ms | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['variant']} | {r['input']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
-            f"{_fmt(r.get('data_wait'), '.1%')} | {_fmt(r.get('gflop_per_step'), '.1f')} | "
+            f"| {r['variant']} | {r['batch']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
+            f"{_fmt(r.get('first_step_s'), '.1f')} | {_fmt(r.get('gflop_per_step'), '.0f')} | "
             f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('aug_ms'), '.1f')} | "
             f"{_fmt(r.get('peak_mem_gib'), '.1f')} |"
         )
-    lo = result.get("loader")
-    if lo:
+    for name, trials in result["batch_search"].items():
+        tried = ", ".join(
+            f"{t['batch']} {'ok' if t['fits'] else 'OOM' if t['fits'] is False else 'not tried'}"
+            + (f" ({t['peak_mem_gib']} GiB)" if t.get("peak_mem_gib") and t["fits"] else "")
+            for t in trials
+        )
+        lines.append(f"- batch search {name}: {tried}")
+    t = result.get("train")
+    if t:
         lines += [
             "",
-            f"Loader: {lo['spec']}: {lo['unique_samples']} unique samples ({lo['source_megapixels']:.2f} MP "
-            f"mean) repeated by symlinked shard copies (page-cache reads), {d['cpu_cores']} CPU cores, "
-            f"shuffle buffer {a['shuffle_buffer']}.",
+            f"Training run (`python -m train`, real loader, {t['workers']} workers, --gpu-aug, batch {t['batch']}, "
+            f"{t['data']}: {t['unique_samples']} unique samples repeated): {t['steps']} steps in {t['wall_s']:.0f} s"
+            + (" (stopped at its time share)" if t["timed_out"] else "")
+            + f"; {t['images_per_s']:.1f} images/s, data wait {t['data_wait']:.1%} (log rows after the first); "
+            f"loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}; Algorithm 1 fallback rate {t['fallback_rate']:.1%}",
         ]
-        for r in result["rows"]:
-            if r["input"].startswith("loader"):
-                lines.append(
-                    f"- {r['variant']}: loader alone {_fmt(r.get('loader_only_images_per_s'), '.0f')} "
-                    f"images/s; data wait = "
-                    f"{'GPU idle between steps (CUDA events)' if gpu else 'time in next()'}, "
-                    f"CPU blocked in next() "
-                    f"{_fmt(r.get('cpu_wait'), '.1%')}; Algorithm 1 fallback rate "
-                    f"{_fmt(r.get('fallback_rate'), '.1%')}"
-                    + (
-                        f"; decode_views alone {_fmt(r.get('decode_ms'), '.1f')} ms/batch, views vs the CPU "
-                        f"path: mean |diff| {_fmt(r.get('decode_diff'), '.2f')} levels"
-                        if "GPU decode" in r["input"]
-                        else ""
-                    )
-                )
+    p = result.get("profile")
+    if p:
+        lines += ["", f"Top {'kernels' if gpu else 'CPU ops'}, {p['variant']} step, batch {p['batch']}:", ""]
+        lines += [f"- {k['self_ms']:.2f} ms/step ({k['share']:.1%}) x{k['calls']}: {k['name'][:100]}" for k in p["top"]]
     for note in result["notes"]:
         lines.append(f"- note: {note}")
     for err in result["errors"]:
@@ -594,64 +649,86 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+SMOKE = dict(  # every part on the CPU in a few minutes (compilation, when asked for, takes the longest)
+    device="cpu",
+    arch="resnet18",
+    image_size=64,
+    instance_size=32,
+    proj_hidden=256,
+    batches="4,8",
+    steps=2,
+    warmup=1,
+    train_steps=4,
+    train_batch=8,
+    workers=1,
+    profile_steps=2,
+    budget_s=900,
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help=f"toy sizes on the CPU (overrides: {SMOKE})")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--arch", default="resnet50")
-    ap.add_argument("--batch", type=int, default=128, help="samples per step")
     ap.add_argument("--image-size", type=int, default=224, help="view side in pixels")
-    ap.add_argument("--instance-size", type=int, default=96, help="instance crop side ('crop' mode)")
+    ap.add_argument("--instance-size", type=int, default=96, help="instance crop side")
     ap.add_argument("--k", type=int, default=4, help="instances per view")
     ap.add_argument("--proj-hidden", type=int, default=4096, help="projector/predictor hidden width")
-    ap.add_argument("--variants", default="byol,univip-crop,univip-roi", help="synthetic-input variants")
-    ap.add_argument("--loader-variants", default="univip-crop", help="variants timed with the real loader ('' none)")
-    ap.add_argument("--steps", type=int, default=50, help="measured steps per measurement")
-    ap.add_argument("--warmup", type=int, default=10, help="warm-up steps (the loader adds 2 per worker)")
-    ap.add_argument("--data", default=None, help="shard spec for the real loader; without shards: synthetic only")
+    ap.add_argument("--batches", default="128,256,512,1024", help="per-GPU batches tried, ascending, until one OOMs")
+    ap.add_argument("--variants", default="univip-crop,byol,univip-roi", help="variants timed eagerly")
     ap.add_argument(
-        "--gpu-decode",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time the real loader with the views decoded on the GPU (train --gpu-decode), last",
+        "--compile-variants",
+        default="univip-crop,byol,univip-roi",
+        help="variants timed again with --compile, in this order while the budget lasts ('' none)",
     )
-    ap.add_argument("--workers", type=int, default=min(12, max(1, cores - 2)), help="DataLoader workers")
-    ap.add_argument(
-        "--shuffle-buffer", type=int, default=64, help="samples per slot before the first leaves (only delays start-up)"
-    )
+    ap.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
+    ap.add_argument("--steps", type=int, default=20, help="measured steps per measurement")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps after the first")
+    ap.add_argument("--measure-s", type=float, default=12.0, help="measure fewer than --steps when they take longer")
+    ap.add_argument("--data", default=None, help="shards for the training run (default: prep data/sample here)")
+    ap.add_argument("--train-steps", type=int, default=200, help="steps of the training run (0: no run)")
+    ap.add_argument("--train-batch", type=int, default=256, help="batch of the training run")
+    ap.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more flags for python -m train (last)")
+    ap.add_argument("--workers", type=int, default=max(1, cores - 2), help="DataLoader workers of the training run")
+    ap.add_argument("--shuffle-buffer", type=int, default=64, help="samples per slot before the first leaves")
+    ap.add_argument("--profile-steps", type=int, default=5, help="steps profiled (0: no profile)")
+    ap.add_argument("--profile-top", type=int, default=25, help="kernels listed")
     ap.add_argument(
         "--peak-tflops",
         type=float,
         default=989.0,
         help="peak dense bf16 TFLOP/s for MFU (H100 SXM / H200: 989; H100 PCIe: 756)",
     )
-    ap.add_argument("--compile", action="store_true", help="torch.compile the encoders (adds minutes of warm-up)")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument(
         "--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on for cuda, off on CPU)"
     )
-    ap.add_argument(
-        "--aug-generator",
-        choices=("cpu", "device"),
-        default="cpu",
-        help="where gpu_colour draws its per-sample parameters (cpu: as train/__main__.py does)",
-    )
     ap.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
-    ap.add_argument("--budget-s", type=float, default=320, help="wall-clock budget of this script, seconds")
+    ap.add_argument("--budget-s", type=float, default=420, help="wall-clock budget of this script, seconds")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="result file (default: $OUT/gpu_bench.json when $OUT is set)")
+    ap.add_argument("--out-dir", default=os.environ.get("OUT"), help="where the result files go (default: $OUT)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+        for k, v in SMOKE.items():
+            if k not in given:
+                setattr(args, k, v)
+    args.batches = sorted(int(b) for b in str(args.batches).split(",") if b.strip())
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    args.loader_variants = [v.strip() for v in args.loader_variants.split(",") if v.strip()]
-    for v in args.variants + args.loader_variants:
+    args.compile_variants = [v.strip() for v in args.compile_variants.split(",") if v.strip()]
+    for v in args.variants + args.compile_variants:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}")
-    if args.steps < 1 or args.warmup < 0 or args.batch < 2:
-        ap.error("need --steps >= 1, --warmup >= 0 and --batch >= 2 (BatchNorm needs two samples)")
+    if args.steps < 1 or args.warmup < 0 or not args.batches or min(args.batches) < 2:
+        ap.error("need --steps >= 1, --warmup >= 0 and --batches of at least 2 (BatchNorm needs two samples)")
     args.amp = args.amp == "on" or (args.amp == "auto" and args.device.startswith("cuda"))
-    if args.json is None and os.environ.get("OUT"):
-        args.json = os.path.join(os.environ["OUT"], "gpu_bench.json")
     return args
+
+
+# phases that are worth less than the ones after them wait for enough budget: seconds that must remain
+RESERVE = {"cuda": dict(compile=150.0, train=100.0, profile=25.0), "cpu": dict(compile=1.0, train=1.0, profile=1.0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -660,79 +737,110 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device visible to torch (pass --device cpu for a smoke run)")
+            raise SystemExit("--device cuda: no CUDA device visible to torch (pass --smoke for a CPU run)")
         if device.index is None:  # set_device and the memory statistics want an index
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+    reserve = RESERVE["cuda" if device.type == "cuda" else "cpu"]
     info = device_info(device)
     print(f"device: {info['name']} ({device}); torch {info['torch']}; {info['cpu_cores']} CPU cores", flush=True)
-    vcfg = ViewConfig(size=args.image_size, k=args.k, instance_size=args.instance_size, gpu_aug=True)
-    config = {k: v for k, v in vars(args).items()}
-    result = {"device": info, "config": config, "rows": [], "notes": [], "errors": [], "loader": None}
-    if device.type == "cuda" and args.cudnn_benchmark:
-        result["notes"].append("cudnn.benchmark on, as in train/__main__.py")
+    result = {
+        "device": info,
+        "config": {k: v for k, v in vars(args).items()},
+        "rows": [],
+        "batch_search": {},
+        "notes": [],
+        "errors": [],
+    }
     if CV2_VERSION is None:
         result["notes"].append("OpenCV missing: a placeholder cv2 module let train.views import (gpu_aug path only)")
 
-    # phases in order; each gets an equal share of what is left, and is skipped when under `floor` seconds remain
-    phases: list[tuple[str, str]] = [("synthetic", v) for v in args.variants]
-    shards = None
-    if args.loader_variants:
-        if not args.data:
-            result["notes"].append("no --data: real-loader measurement skipped (synthetic only)")
-        else:
-            try:
-                shards = find_shards(args.data)
-                phases += [("loader", v) for v in args.loader_variants]
-                # last: whatever happens on the GPU decode path cannot disturb the measurements before it
-                phases += [("loader-gpu_decode", v) for v in args.loader_variants if args.gpu_decode]
-            except FileNotFoundError as e:
-                result["notes"].append(f"{e}: real-loader measurement skipped (synthetic only)")
-    if shards:
-        urls, sizes = shards
-        result["loader"] = dict(
-            spec=args.data,
-            shards=len(urls),
-            unique_samples=sum(sizes.values()),
-            source_megapixels=source_megapixels(urls),
-        )
-    floor = 20.0 if device.type == "cuda" else 1.0
-    flops: dict[str, int] = {}
-    for i, (kind, name) in enumerate(phases):
-        left = budget.left()
-        if left < floor:
-            result["notes"].append(f"{kind} {name}: skipped, {left:.0f} s of the {args.budget_s:g} s budget left")
-            continue
-        deadline = time.perf_counter() + left / (len(phases) - i)
-        print(f"[{budget.elapsed():5.0f} s] {kind} {name} ...", flush=True)
+    def attempt(label: str, fn, *fn_args):
+        """fn(*fn_args), or None after recording its error."""
+        print(f"[{budget.elapsed():5.0f} s] {label} ...", flush=True)
         try:
-            if kind == "synthetic":
-                row = bench_synthetic(name, args, device, vcfg, deadline)
-                flops[name] = row["flops"]
-            else:
-                lcfg = dataclasses.replace(vcfg, gpu_decode=kind == "loader-gpu_decode")
-                row = bench_loader(name, args, device, lcfg, *shards, deadline, flops.get(name), result["notes"])
-            if row["steps"] < args.steps:
-                result["notes"].append(f"{kind} {name}: only {row['steps']} of {args.steps} steps fit its time share")
+            return fn(*fn_args)
+        except Exception as e:  # keep the other measurements; the error goes into the report and the exit code
+            result["errors"].append(f"{label}: {type(e).__name__}: {e}")
+            print(f"  failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            free_memory(device)
+            return None
+
+    def record(row: dict | None) -> None:
+        if row:
             result["rows"].append(row)
             print(
-                f"[{budget.elapsed():5.0f} s]   {row['images_per_s']:.1f} images/s, {row['step_ms']:.1f} ms/step",
+                f"[{budget.elapsed():5.0f} s]   {row['variant']} batch {row['batch']}: {row['images_per_s']:.1f} "
+                f"images/s, {row['step_ms']:.1f} ms/step, first step {row['first_step_s']:.1f} s",
                 flush=True,
             )
-        except Exception as e:  # keep the other measurements; the error goes into the report and the exit code
-            result["errors"].append(f"{kind} {name}: {type(e).__name__}: {e}")
-            print(f"  failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+
+    def skip(label: str) -> None:
+        result["notes"].append(f"{label}: skipped, {budget.left():.0f} s of the {args.budget_s:g} s budget left")
+
+    # 1. eager steps: batch search, then the timing at the largest batch that fits
+    found, flops = {}, {}
+    later = reserve["compile"] + reserve["train"] + reserve["profile"]
+    for i, name in enumerate(args.variants):
+        share = (budget.left() - later) / (len(args.variants) - i)
+        if share < 1:
+            skip(f"step {name}")
+            continue
+        deadline = time.perf_counter() + share
+        flops[name] = attempt(f"FLOPs {name}", flops_per_sample, name, args, device)
+        b, trials = attempt(f"batch search {name}", search_batch, name, args, device, deadline) or (None, [])
+        result["batch_search"][name] = trials
+        if b is None:
+            result["notes"].append(f"step {name}: no batch of {args.batches} fits")
+            continue
+        found[name] = b
+        record(attempt(f"step {name} batch {b}", bench_step, name, args, device, b, deadline, False, flops[name]))
+
+    # 2. compiled step of the paper's variant, then 3. the training run, 4. the profile; then the other compiled ones
+    compiled = [n for n in args.compile_variants if n in found]
+
+    def compile_phase(name: str, after: float) -> None:
+        if budget.left() - after < reserve["compile"]:
+            skip(f"compiled step {name}")
+            return
+        deadline = time.perf_counter() + budget.left() - after
+        b = found[name]
+        record(
+            attempt(f"compiled step {name} batch {b}", bench_step, name, args, device, b, deadline, True, flops[name])
+        )
+
+    if compiled:
+        compile_phase(compiled[0], reserve["train"] + reserve["profile"])
+    if args.train_steps <= 0:
+        result["notes"].append("training run: off (--train-steps 0)")
+    elif budget.left() - reserve["profile"] >= reserve["train"]:
+        deadline = time.perf_counter() + budget.left() - reserve["profile"]
+        result["train"] = attempt("training run", train_run, args, device, deadline, args.out_dir, result["notes"])
+    else:
+        skip("training run")
+    profiled = "univip-crop" if "univip-crop" in found else next(iter(found), None)
+    if args.profile_steps <= 0:
+        result["notes"].append("profile: off (--profile-steps 0)")
+    elif profiled and budget.left() >= reserve["profile"]:
+        b = min(found[profiled], args.batches[0] * 2)
+        result["profile"] = attempt("profile", profile_step, profiled, args, device, b, args.out_dir)
+    elif profiled:
+        skip("profile")
+    for name in compiled[1:]:
+        compile_phase(name, 0.0)
+
     result["elapsed_s"] = budget.elapsed()
+    report = format_report(result)
     print()
-    print(format_report(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
+    print(report)
+    if args.out_dir:
+        with open(os.path.join(args.out_dir, "gpu_bench.json"), "w") as f:
             json.dump(result, f, indent=1, default=str)
-        print(f"wrote {args.json}")
+        with open(os.path.join(args.out_dir, "gpu_bench.md"), "w") as f:
+            f.write(report + "\n")
+        print(f"wrote {args.out_dir}/gpu_bench.json, gpu_bench.md")
     return 1 if result["errors"] else 0
 
 

@@ -1,6 +1,8 @@
 """UniVIP training-step time / BYOL step time on CPU, against the ratio of their FLOPs.
 
-Same encoder, batch, image size and optimizer for every method; a step is forward + backward + SGD step + EMA update.
+Same encoder, batch, image size and optimizer for every method; a step is the trainer's own (``train.setup.make_step``:
+normalisation, forward + backward, SGD step, EMA update) on a synthetic uint8 batch in the loader's layout; the UniVIP
+crop variant takes its instance crops from the batch, as the paper's ``--instance-source image`` does.
 Methods are timed round-robin (one step of each in turn), so a change in machine load during the run hits all of
 them alike; the figure is the median over the measured steps. FLOPs are counted with
 torch.utils.flop_counter.FlopCounterMode over one forward + backward (matmuls and convolutions; BatchNorm, RoIAlign,
@@ -17,47 +19,54 @@ Quick check that it runs:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
+from collections.abc import Mapping
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.model import ModelConfig, UniVIP, update_target
+from train import setup
+from train.config import TrainConfig, preset
+from train.model import UniVIP
+from train.step import model_inputs
 
-VARIANTS = {  # name -> ModelConfig overrides
+VARIANTS = {  # name -> TrainConfig overrides; univip-crop is the paper's (instances cut from the source image)
     "byol": dict(method="byol"),
-    "univip-crop": dict(method="univip", instance_mode="crop"),
+    "univip-crop": dict(method="univip", instance_mode="crop", instance_source="image"),
     "univip-roi": dict(method="univip", instance_mode="roi"),
 }
 
 
-def make_inputs(batch: int, size: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random normalised views [B, 3, S, S] and K boxes per view [B, K, 4] (sides 1/7 to 5/7 of the view)."""
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)]
-    boxes = []
-    for _ in range(2):
-        wh = size * (1 + 4 * torch.rand(batch, k, 2, generator=g)) / 7
-        xy = (size - wh) * torch.rand(batch, k, 2, generator=g)
-        boxes.append(torch.cat([xy, xy + wh], dim=-1))
-    return views[0], views[1], boxes[0], boxes[1]
+def bench_config(variant: str, **overrides) -> TrainConfig:
+    """The trainer's config (coco preset: its SGD, weight decay, EMA) for one variant, with the benchmark's sizes."""
+    return dataclasses.replace(preset("coco"), **VARIANTS[variant], **overrides).validate()
 
 
-def train_step(model: UniVIP, opt: torch.optim.Optimizer, inputs: tuple[torch.Tensor, ...]) -> float:
-    """One full step as the loop runs it; returns the loss."""
-    opt.zero_grad(set_to_none=True)
-    loss = model(*inputs)["total"]
-    loss.backward()
-    opt.step()
-    update_target(model, 0.99)
-    return loss.item()
+def synthetic_batch(cfg: TrainConfig, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch as the loader collates it, on ``device``: uint8 views [B, 3, S, S], K boxes per view [B, K, 4] (xyxy
+    view pixels, sides 1/7 to 5/7 of the view) and, when the config cuts instances from the source image, uint8
+    instance crops [B, K, 3, s, s]. B is the per-rank batch of one rank."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    b, s, k, i = cfg.per_rank_batch(1), cfg.image_size, cfg.k, cfg.instance_size
+    out = {
+        f"view{v}": torch.randint(0, 256, (b, 3, s, s), generator=g, device=device, dtype=torch.uint8) for v in (1, 2)
+    }
+    for v in (1, 2):
+        wh = s * (1 + 4 * torch.rand(b, k, 2, generator=g, device=device)) / 7
+        xy = (s - wh) * torch.rand(b, k, 2, generator=g, device=device)
+        out[f"boxes{v}"] = torch.cat([xy, xy + wh], dim=-1)
+    if cfg.instance_crops:
+        for v in (1, 2):
+            out[f"inst{v}"] = torch.randint(0, 256, (b, k, 3, i, i), generator=g, device=device, dtype=torch.uint8)
+    return out
 
 
-def step_flops(model: UniVIP, inputs: tuple[torch.Tensor, ...]) -> int:
-    """FLOPs of one forward + backward (matmul/conv only, as FlopCounterMode counts them)."""
+def step_flops(model: UniVIP, inputs: Mapping[str, torch.Tensor | None]) -> int:
+    """FLOPs of one forward + backward on ``model_inputs`` (matmul/conv only, as FlopCounterMode counts them)."""
     with FlopCounterMode(display=False) as counter:
-        model(*inputs)["total"].backward()
+        model(**inputs)["total"].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -65,33 +74,36 @@ def step_flops(model: UniVIP, inputs: tuple[torch.Tensor, ...]) -> int:
 def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    inputs = make_inputs(args.batch, args.size, args.k)
+    device = torch.device("cpu")
     names = [n for n in VARIANTS if n == "byol" or n.split("-")[1] in args.modes]
-    setups = {}
+    steps, flops = {}, {}
     for name in names:
-        torch.manual_seed(0)  # same initial encoder for every method
-        cfg = ModelConfig(
+        cfg = bench_config(
+            name,
             arch=args.arch,
             proj_hidden=args.proj_hidden,
             pred_hidden=args.proj_hidden,
             k=args.k,
+            image_size=args.size,
             instance_size=args.instance_size,
-            **VARIANTS[name],
+            batch_size=args.batch,
+            device="cpu",
         )
-        model = UniVIP(cfg)
+        model = setup.build_model(cfg, device)  # seeded: the same initial encoder for every method
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-        setups[name] = (model, opt)
-    flops = {name: step_flops(model, inputs) for name, (model, _) in setups.items()}
+        batch = synthetic_batch(cfg, device)
+        flops[name] = step_flops(model, model_inputs(batch, setup.view_config(cfg), device))
+        step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
+        steps[name] = (step, batch, cfg)
     # CPU time of this process is immune to other processes' load on a shared machine, but it also counts the
     # spinning of idle OpenMP threads, so it is only meaningful with --threads 1.
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {name: [] for name in names}
     for i in range(args.warmup + args.steps):
-        for name, (model, opt) in setups.items():
+        for name, (step, batch, cfg) in steps.items():
             start = clock()
-            train_step(model, opt, inputs)
+            step(batch, i, lr=cfg.peak_lr, tau=cfg.ema_base)
             if i >= args.warmup:
                 times[name].append(clock() - start)
     base_t, base_f = statistics.median(times["byol"]), flops["byol"]

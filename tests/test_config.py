@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from train.__main__ import view_config
 from train.config import RESUME_MUST_MATCH, TrainConfig, parse_args, preset
+from train.setup import view_config
 
 
 def test_views_default_per_method():
@@ -34,3 +34,17 @@ def test_univip_on_byol_views_is_refused(capsys):
     assert "UniVIP needs --views overlap" in capsys.readouterr().err
     with pytest.raises(ValueError, match="eval_val_fraction"):
         TrainConfig(eval_val_fraction=1.0).validate()
+
+
+def test_renamed_momentum_reads_old_flags_and_configs(capsys):
+    """`momentum` (SGD / LARS) became `sgd_momentum`; the old flag still works for one release, with a warning."""
+    assert parse_args(["--preset", "tiny", "--momentum", "0.8"]).sgd_momentum == 0.8
+    err = capsys.readouterr().err
+    assert "warning: --momentum is deprecated" in err and "use --sgd-momentum" in err
+    assert parse_args(["--preset", "tiny", "--sgd-momentum", "0.7"]).sgd_momentum == 0.7
+    assert "deprecated" not in capsys.readouterr().err
+    old = preset("tiny").to_dict()
+    old["momentum"] = old.pop("sgd_momentum") / 2  # a config.json or checkpoint written before the rename
+    assert TrainConfig.from_dict(old) == dataclasses.replace(preset("tiny"), sgd_momentum=0.45)
+    with pytest.raises(ValueError, match="unknown config fields"):
+        TrainConfig.from_dict({**old, "bogus": 1})

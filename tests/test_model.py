@@ -91,7 +91,7 @@ def test_ema_update_moves_target_by_the_right_amount():
         assert torch.allclose(new, 0.9 * old + 0.1 * th, atol=1e-6)
     for bo, bt in zip(model.online.buffers(), model.target.buffers(), strict=True):
         assert torch.equal(bo, bt)
-    update_target(model, 0.0)  # momentum 0: the target becomes the online branch
+    update_target(model, 0.0)  # tau 0: the target becomes the online branch
     assert all(torch.equal(po, pt) for po, pt in zip(model.online.parameters(), model.target.parameters(), strict=True))
 
 

@@ -103,3 +103,265 @@ def test_train_step_updates_online_and_moves_target_by_ema(photo_sample):
     for t0, o1, t1 in zip(target0, model.online.parameters(), model.target.parameters(), strict=True):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * o1)  # EMA with the updated online weights
     assert any(not torch.equal(a, b) for a, b in zip(online0, model.online.parameters(), strict=True))
+
+
+# Loss totals of three seeded CPU steps, then the sums of the online and target parameters, as the code before the
+# trainer's set-up moved into train.setup computed them (one intra-op thread, torch 2.14.1, AVX512 kernels). A change
+# of the step, the model or optimizer construction, the schedules' use or the input stage moves them.
+RECORDED = {
+    "sgd": ([0.25637584924697876, 0.24743789434432983, -0.2977871298789978], 4806.407233722686, 4816.355973138327),
+    "lars-clip-gpuaug-roi": (
+        [0.669279158115387, 0.7146457433700562, 0.5863199234008789],
+        4815.697422921296,
+        4816.578250716377,
+    ),
+    "byol": ([0.19239136576652527, 0.18492060899734497, 0.1245487704873085], 4818.09580331579, 4816.580655116632),
+    "view-source": (
+        [0.26832789182662964, -0.35821953415870667, -0.15437021851539612],
+        4772.62092767351,
+        4816.096980218615,
+    ),
+}
+SMALL = [
+    "--preset",
+    "tiny",
+    "--proj-hidden",
+    "64",
+    "--proj-dim",
+    "32",
+    "--pred-hidden",
+    "64",
+    "--image-size",
+    "32",
+    "--instance-size",
+    "16",
+    "--sinkhorn-iters",
+    "10",
+    "--batch-size",
+    "4",
+    "--lr-batch",
+    "4",
+]
+CASES = {
+    "sgd": [],
+    "lars-clip-gpuaug-roi": [
+        "--optimizer",
+        "lars",
+        "--lr",
+        "1.0",
+        "--wd-exclude-bn-bias",
+        "--grad-clip",
+        "1.0",
+        "--gpu-aug",
+        "--instance-mode",
+        "roi",
+    ],
+    "byol": ["--method", "byol"],
+    "view-source": ["--instance-source", "view", "--weight-decay", "0.001"],
+}
+
+
+def seeded_batch(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """A collated batch of the config's sizes, uint8 views and crops and boxes drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    b, s, k, i = cfg.per_rank_batch(1), cfg.image_size, cfg.k, cfg.instance_size
+    out = {f"view{v}": torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8) for v in (1, 2)}
+    for v in (1, 2):
+        wh = s * (1 + 4 * torch.rand(b, k, 2, generator=g)) / 7
+        xy = (s - wh) * torch.rand(b, k, 2, generator=g)
+        out[f"boxes{v}"] = torch.cat([xy, xy + wh], dim=-1)
+    if cfg.instance_crops:
+        for v in (1, 2):
+            out[f"inst{v}"] = torch.randint(0, 256, (b, k, 3, i, i), generator=g, dtype=torch.uint8)
+    return out
+
+
+def run_seeded_steps(argv: list[str], steps: int = 3):
+    """The trainer's parts (train.setup) over ``steps`` seeded batches, lr and EMA from the schedules of a 30-step
+    run with 10 warm-up steps. -> (loss totals as floats, the model)."""
+    from train import schedule, setup
+    from train.config import parse_args
+
+    cfg, device = parse_args(argv), torch.device("cpu")
+    model = setup.build_model(cfg, device)
+    step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
+    totals = []
+    for it in range(steps):
+        lr = schedule.lr(it, peak=cfg.peak_lr, total=30, warmup=10)
+        out = step(seeded_batch(cfg, it), it, lr=lr, tau=schedule.ema_tau(it, base=cfg.ema_base, total=30))
+        totals.append(out["total"].item())
+    return totals, model
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_seeded_steps_repeat_the_recorded_losses(case):
+    totals, model = run_seeded_steps(SMALL + CASES[case])
+    online = sum(p.double().sum() for p in model.online.parameters()).item()
+    target = sum(p.double().sum() for p in model.target.parameters()).item()
+    expected = RECORDED[case]
+    if torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.__version__.startswith("2.14.1"):
+        assert (totals, online, target) == expected  # the same kernels: bit for bit
+    else:  # other CPU kernels round differently: float32 noise over three steps
+        assert totals == pytest.approx(expected[0], rel=1e-4, abs=1e-5)
+        assert (online, target) == pytest.approx(expected[1:], rel=1e-6)
+
+
+class HostReads:
+    """Records every read of a tensor's value by the host inside ``with``: the aten ops that ``.item()``, ``bool()``,
+    ``float()`` and ``torch.equal`` dispatch to, and the tensor methods that hand values to Python (``tolist``,
+    ``numpy``, ...), which bypass the dispatcher. On a GPU each of them waits for the device."""
+
+    OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
+    METHODS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func._schema.name in HostReads.OPS:
+                    seen.append(func._schema.name)
+                return func(*args, **(kwargs or {}))
+
+        class Methods(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in HostReads.METHODS:
+                    seen.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.modes = (Methods(), Ops())
+
+    def __enter__(self):
+        for m in self.modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self.modes):
+            m.__exit__(*exc)
+
+
+def test_host_reads_sees_what_waits_for_the_device():
+    t = torch.tensor([0.5, 2.0])
+    for read in (lambda: t[0].item(), lambda: bool(t[0] > 0), lambda: float(t[0]), lambda: t.tolist()):
+        with HostReads() as h:
+            read()
+        assert h.seen, read
+    with HostReads() as h:
+        torch.nn.utils.clip_grad_norm_([torch.nn.Parameter(t.clone())], 1.0)  # grad None: nothing to read
+        (t * 2).sum()
+    assert h.seen == []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_step_never_reads_device_values_on_the_host(case):
+    """No .item(), no bool(tensor), no data-dependent branch anywhere in the step (model, losses, Sinkhorn, clipping,
+    optimizer, EMA): on a GPU the host queues the next step while the device still runs this one."""
+    from train import setup
+    from train.config import parse_args
+
+    cfg, device = parse_args(SMALL + CASES[case]), torch.device("cpu")
+    model = setup.build_model(cfg, device)
+    step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
+    for it in range(2):  # the first step also creates the optimizer state
+        batch = seeded_batch(cfg, it)
+        with HostReads() as h:
+            out = step(batch, it, lr=0.1, tau=0.99)
+        assert h.seen == [], (case, it, h.seen)
+    assert torch.isfinite(out["total"])
+
+
+# every case eagerly; compiled (the first step compiles: minutes), also with CUDA graphs, for one case
+CUDA_RUNS = [pytest.param(case, [], id=case) for case in sorted(CASES)] + [
+    pytest.param("sgd", ["--compile"], id="sgd-compile", marks=pytest.mark.slow),
+    pytest.param(
+        "sgd", ["--compile", "--compile-mode", "reduce-overhead"], id="sgd-cudagraphs", marks=pytest.mark.slow
+    ),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case, extra", CUDA_RUNS)
+def test_cuda_step_never_synchronises(case, extra):
+    from train import setup
+    from train.config import parse_args
+
+    cfg = parse_args([*SMALL, *CASES[case], *extra, "--device", "cuda", "--amp", "--channels-last"])
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = setup.build_model(cfg, device)
+    step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
+    batches = [{k: v.pin_memory() for k, v in seeded_batch(cfg, it).items()} for it in range(5)]
+    for it in range(3):  # cuDNN autotuning, optimizer state, cached constants, compilation, CUDA graph recording
+        step(batches[it], it, lr=0.1, tau=0.99)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for it in (3, 4):
+            out = step(batches[it], it, lr=0.1, tau=0.99)
+            logged = torch.stack([out[t].detach().float() for t in ("total", "z_std")])  # as the Logger keeps them
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logged).all()
+
+
+def test_views_and_instance_crops_share_the_encoder_format_and_precision():
+    """channels_last and bf16 autocast reach the instance crops as they reach the views (each encoder call)."""
+    from train import setup
+    from train.config import parse_args
+    from train.step import TrainStep
+
+    cfg, device = parse_args(SMALL), torch.device("cpu")
+    batch = seeded_batch(cfg, 0)
+    x = model_inputs(batch, setup.view_config(cfg), device, channels_last=True)
+    plain = model_inputs(batch, setup.view_config(cfg), device)
+    for k in ("view1", "view2", "crops1", "crops2"):
+        flat = x[k].flatten(0, 1) if k.startswith("crops") else x[k]
+        assert flat.is_contiguous(memory_format=torch.channels_last) and torch.equal(x[k], plain[k]), k
+    model = setup.build_model(cfg, device).to(memory_format=torch.channels_last)
+    seen = []
+    for enc in (model.online.encoder, model.target.encoder):
+        enc.net.conv1.register_forward_hook(
+            lambda m, args, out: seen.append(
+                (args[0].shape[-1], args[0].is_contiguous(memory_format=torch.channels_last), out.dtype)
+            )
+        )
+    step = TrainStep(
+        model,
+        model,
+        setup.build_optimizer(model, cfg),
+        setup.view_config(cfg),
+        device,
+        seed=0,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        channels_last=True,
+    )
+    step(batch, 0, lr=0.1, tau=0.99)
+    # online and target, both views, each a scene pass and an instance pass
+    assert sorted(seen) == [(16, True, torch.bfloat16)] * 4 + [(32, True, torch.bfloat16)] * 4
+
+
+@pytest.mark.slow  # the first compilation takes minutes on a small CPU; torch's compile cache makes reruns quick
+@pytest.mark.parametrize("case", ["sgd", "lars-clip-gpuaug-roi"])
+def test_compiled_step_equals_the_eager_step(case):
+    """--compile changes how the step is computed, not what: float32 on CPU, one step on a fixed batch, the loss
+    terms and every parameter and buffer afterwards (the target's EMA too)."""
+    from train import setup
+    from train.config import parse_args
+
+    device = torch.device("cpu")
+    runs = {}
+    for compiled in (False, True):
+        cfg = parse_args([*SMALL, *CASES[case], *(["--compile"] if compiled else [])])
+        model = setup.build_model(cfg, device)
+        step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
+        runs[compiled] = step(seeded_batch(cfg, 0), 0, lr=cfg.peak_lr, tau=0.9), model
+    (eager_out, eager), (comp_out, comp) = runs[False], runs[True]
+    assert comp._loss_region is not comp.loss_terms and eager._loss_region == eager.loss_terms
+    for term in ("total", "scene", "scene_instance", "instance", "z_std"):
+        torch.testing.assert_close(comp_out[term], eager_out[term], rtol=0, atol=1e-4, msg=term)
+    assert list(comp.state_dict()) == list(eager.state_dict())  # compiled in place: the checkpoint keys hold
+    for (name, a), b in zip(eager.state_dict().items(), comp.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)

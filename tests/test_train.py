@@ -105,7 +105,7 @@ def test_short_run_lowers_the_loss(reference_run):
     assert last < first - 0.5, (first, last)
     r = rows[-1]
     assert r["loss"] == pytest.approx(r["loss_scene"] + r["loss_scene_instance"] + r["loss_instance"], abs=1e-5)
-    assert r["lr"] > 0 and 0.99 < r["momentum"] < 1 and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
+    assert r["lr"] > 0 and 0.99 < r["ema_tau"] < 1 and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
     assert 0 <= r["fallback_rate"] <= 1 and r["shards_skipped"] == 0
     assert 0 < r["z_std"] <= 1 and "knn_top1" not in r  # the collapse signal every row; no --eval-data here
     assert sorted(n for n in os.listdir(reference_run) if n.startswith("ckpt")) == [
@@ -141,6 +141,28 @@ def test_resume_gives_the_uninterrupted_run(shards, reference_run, tmp_path):
         torch.testing.assert_close(a["model"][k], v, rtol=0, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow  # each run compiles (minutes the first time on a small CPU, seconds from torch's cache)
+def test_compiled_resume_gives_the_uninterrupted_compiled_run(shards, tmp_path):
+    import torch
+
+    args = [*TINY, "--data", shards, "--ckpt-every", "2", "--compile"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    run_train(*args, "--out", ref, "--max-steps", "4", timeout=900)
+    run_train(*args, "--out", out, "--max-steps", "2", timeout=900)
+    run_train(*args, "--out", out, "--max-steps", "4", "--resume", timeout=900)
+    expected = {r["step"]: r for r in read_log(ref)}
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for term in ("loss", "loss_scene", "loss_scene_instance", "loss_instance"):
+            assert r[term] == pytest.approx(expected[r["step"]][term], abs=1e-5), (r["step"], term)
+    a = torch.load(os.path.join(out, "ckpt-00000004.pt"), weights_only=True)
+    b = torch.load(os.path.join(ref, "ckpt-00000004.pt"), weights_only=True)
+    assert a["config"]["compile"] is True and set(a["model"]) == set(b["model"])
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=0, atol=1e-5, msg=k)
+
+
 def test_collapse_warning_once(tmp_path, capsys):
     import dataclasses
 
@@ -169,6 +191,16 @@ def test_resumed_log_drops_rows_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
     Logger(dataclasses.replace(preset("tiny"), out=str(tmp_path)), start=5, end=10).close()
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_plot_reads_logs_written_before_the_ema_rename(tmp_path):
+    from train import plot
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "momentum": 0.99}) + "\n" for s in range(1, 4)))
+    rows = plot.read_log(str(log))
+    assert [r["ema_tau"] for r in rows] == [0.99] * 3 and all("momentum" not in r for r in rows)
+    assert plot.main([str(log), "-o", str(tmp_path / "old.png")]) == 0
 
 
 # The error paths run train.__main__.main in this process (no torch start-up per case); the runs above cover
@@ -206,6 +238,22 @@ def test_refuses_existing_run_and_other_config(shards, tmp_path, capsys):
     assert code == 1, err
     assert "ckpt-00000016.pt was written by another config" in err
     assert "k: checkpoint 4 vs now 3" in err and "arch: checkpoint 'resnet18' vs now 'resnet50'" in err
+
+
+def test_resume_reads_a_checkpoint_written_before_the_momentum_rename(shards, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    args = [*TINY, "--data", shards, "--out", str(out), "--log-every", "1"]
+    code, err = _main(capsys, *args, "--max-steps", "1")
+    assert code == 0, err
+    path = out / "ckpt-00000001.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["momentum"] = ckpt["config"].pop("sgd_momentum")  # the field's name before the rename
+    torch.save(ckpt, path)
+    code, err = _main(capsys, *args, "--max-steps", "2", "--resume")
+    assert code == 0, err
+    assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
 def test_clear_data_errors(tmp_path, capsys):

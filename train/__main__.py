@@ -8,8 +8,8 @@ The lr and EMA schedules span ``epochs * steps_per_epoch`` steps; ``--max-steps`
 (unweighted terms; ``loss`` is the weighted sum), averaged over ranks and the steps since the previous row; ``lr``;
 ``z_std`` (collapse signal: per-dimension std of the l2-normalised online scene projections, about 1/sqrt(D) when
 healthy, 0 when collapsed; a warning is printed once below ``--collapse-warn``/sqrt(D)); ``knn_top1`` (rows of
-evaluation steps, with ``--eval-data``: kNN top-1 of the online encoder's features, ``train.eval``); ``momentum``
-(EMA); ``images_per_s`` (all ranks); ``data_wait`` (fraction of wall time spent waiting for batches);
+evaluation steps, with ``--eval-data``: kNN top-1 of the online encoder's features, ``train.eval``); ``ema_tau``
+(the EMA decay of the target; logs before it was renamed call it ``momentum``); ``images_per_s`` (all ranks); ``data_wait`` (fraction of wall time spent waiting for batches);
 ``fallback_rate`` (Algorithm 1 fell back to random boxes), ``shards_skipped`` and ``samples_skipped``, summed over
 ranks since this process started.
 
@@ -26,55 +26,19 @@ DDP's gradient all-reduce until the process-group timeout, with or without torch
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from shards import reader, storage
-from train import checkpoint, data, dist, optim, schedule
+from shards import storage
+from train import checkpoint, data, dist, schedule, setup
 from train.config import TrainConfig, parse_args
-from train.model import LOGGED, TERMS, ModelConfig, UniVIP
-from train.step import model_inputs, step_generator, train_step
-from train.views import UniVIPTransform, ViewConfig
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or go on for a reason the user can fix; printed without a traceback."""
-
-
-def view_config(cfg: TrainConfig) -> ViewConfig:
-    return ViewConfig(
-        size=cfg.image_size,
-        scale=(cfg.crop_min_scale, 1.0),
-        k=cfg.k,
-        iters=cfg.view_iters,
-        instance_size=cfg.instance_size,
-        views=cfg.view_mode,
-        instance_crops=cfg.instance_crops,
-        gpu_aug=cfg.gpu_aug or cfg.gpu_decode,
-        gpu_decode=cfg.gpu_decode,
-    )
-
-
-def build_model(cfg: TrainConfig, device: torch.device) -> UniVIP:
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = UniVIP(ModelConfig.from_train(cfg))
-    if cfg.sync_bn and dist.world_size() > 1:
-        if device.type != "cuda":
-            raise TrainError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
-        # both branches: BYOL normalises online and target alike with statistics of the global batch; the target's
-        # SyncBN layers keep the online ones' names, so the EMA update pairs them as before
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+from train.model import LOGGED, TERMS
+from train.setup import TrainError
 
 
 def open_run(cfg: TrainConfig, world: int) -> tuple[dict | None, str | None]:
@@ -123,7 +87,7 @@ class Logger:
         path = os.path.join(cfg.out, "log.jsonl")
         if self.main:
             drop_rows_after(path, start)
-        self.file = open(path, "a") if self.main else None  # noqa: SIM115  (open for the run; close() closes it)
+        self.file = open(path, "a") if self.main else None  # noqa: SIM115 - open for the run, closed in close()
         self.proj_dim, self.collapse_warn, self.warned = cfg.proj_dim, cfg.collapse_warn, False
         self.reset()
 
@@ -163,7 +127,7 @@ class Logger:
             **{f"loss_{t}": v for t, v in zip(TERMS, terms[1:-1], strict=True)},
             "z_std": terms[-1],
             "lr": lr,
-            "momentum": tau,
+            "ema_tau": tau,
             "images_per_s": images * self.steps / elapsed,
             "data_wait": wait / dist.world_size() / elapsed,
             "fallback_rate": fallbacks / max(samples, 1),
@@ -235,16 +199,52 @@ class KnnProbe:
         return float(dist.host_sum([acc])[0])  # rank 0's value on every rank
 
 
-def next_batch(loader_iter, loader):
-    """(batch, iterator, error): a new epoch starts when the iterator ends; errors are returned, not raised."""
-    try:
+class Batches:
+    """The loader's batches, epoch after epoch (each ``iter()`` of the loader is the next epoch; workers persist).
+
+    Errors while fetching are not raised at once: every step all ranks exchange a "my batch failed" flag, then all of
+    them stop together (see the module docstring)."""
+
+    def __init__(self, loader):
+        self.loader, self.it = loader, iter(loader)
+
+    def next(self) -> tuple[dict, float]:
+        """(batch, seconds spent waiting for it)."""
+        t0 = time.perf_counter()
+        batch, error = None, None
         try:
-            return next(loader_iter), loader_iter, None
-        except StopIteration:  # each iter() of the loader is the next epoch (persistent workers)
-            loader_iter = iter(loader)
-            return next(loader_iter), loader_iter, None
-    except Exception as e:  # noqa: BLE001 - handed to every rank first, raised after the flag exchange
-        return None, loader_iter, e
+            try:
+                batch = next(self.it)
+            except StopIteration:
+                self.it = iter(self.loader)
+                batch = next(self.it)
+        except Exception as e:  # noqa: BLE001 - handed to every rank first, raised after the flag exchange
+            error = e
+        failed = dist.failed_ranks(error is not None)  # every rank, every step: nobody hangs in DDP
+        if failed:
+            if error is not None:
+                raise error
+            raise TrainError(f"stopping because rank(s) {failed} failed to read data (see their error)")
+        return batch, time.perf_counter() - t0
+
+
+def resume_position(cfg: TrainConfig, ckpt: dict | None) -> tuple[data.DataPosition, int]:
+    """(where the data stream stands, streams per rank): the checkpoint's, or the start of a new run."""
+    streams = ckpt["data"].get("streams", 0) if ckpt and not cfg.streams else cfg.streams
+    position = data.DataPosition.from_dict(ckpt["data"]) if ckpt else data.DataPosition()
+    return position, streams or max(1, cfg.workers)
+
+
+def restore(ckpt: dict | None, path: str | None, model, opt) -> int:
+    """Load the checkpoint's model, optimizer and this rank's RNG states; the step to start from (0 without one)."""
+    if not ckpt:
+        return 0
+    checkpoint.restore(ckpt, model=model, optimizer=opt, path=path)
+    rng = ckpt.get("rng") or []
+    if len(rng) == dist.world_size():
+        checkpoint.set_rng_state(rng[dist.rank()])
+    dist.print0(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['data']['epoch']})")
+    return ckpt["step"]
 
 
 def train(cfg: TrainConfig, device: torch.device) -> dict:
@@ -260,117 +260,41 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
         with storage.atomic_file(os.path.join(cfg.out, "config.json")) as f:
             f.write(cfg.to_json().encode())
 
-    # data: the stream is a pure function of (seed, epoch, rank, streams); the checkpoint says where it stood
-    vcfg = view_config(cfg)
-    streams = ckpt["data"].get("streams", 0) if ckpt and not cfg.streams else cfg.streams
-    streams = streams or max(1, cfg.workers)
-    position = data.DataPosition.from_dict(ckpt["data"]) if ckpt else data.DataPosition()
-    # process-wide storage settings; make_loader hands them to its worker processes
-    storage.configure(endpoint_url=cfg.s3_endpoint or None, allow_pipe=cfg.allow_pipe)
-    try:
-        urls = reader.expand_spec(cfg.data)
-        local = [u for u in urls if storage.scheme(u) == "file"]
-        if local and not any(os.path.exists(storage.local_path(u)) for u in local):
-            # a brace pattern expands without looking at the disk: none of its files exists
-            raise TrainError(f"no shards matched {cfg.data!r}: none of the {len(local)} paths it names exists")
-        if not cfg.allow_pipe and any(storage.scheme(u) == "pipe" for u in urls):
-            # refused here, not per shard: under the default 'skip' each would only be warned about and skipped
-            raise TrainError(f"{cfg.data!r}: pipe: URLs run a shell command; pass --allow-pipe to use them")
-        loader, steps_per_epoch = data.make_loader(
-            cfg.data,
-            UniVIPTransform(vcfg),
-            batch_size=batch_size,
-            workers=cfg.workers,
-            seed=cfg.seed,
-            shuffle_buffer=cfg.shuffle_buffer,
-            rank=rank,
-            world_size=world,
-            position=position,
-            on_bad_shard=cfg.on_bad_shard,
-            pin_memory=device.type == "cuda",
-            streams=streams,
-            open_kwargs={"allow_pipe": cfg.allow_pipe},
-            verify_images=cfg.verify_images,
-        )
-    except (reader.SpecError, data.BadShardError) as e:
-        raise TrainError(str(e)) from e
-    except (OSError, NotImplementedError) as e:
-        # the manifest, listing or stats files could not be read (missing, access denied, retries exhausted) or the
-        # spec needs what the scheme lacks (an http listing): storage's messages name the URL, never a credential
-        shown = storage.redact(cfg.data)
-        raise TrainError(str(e) if shown.rstrip("/") in str(e) else f"{shown}: {e}") from e
-    except ValueError as e:  # e.g. too few samples for one step
-        raise TrainError(f"{cfg.data}: {e}") from e
-    total = cfg.epochs * steps_per_epoch
+    position, streams = resume_position(cfg, ckpt)
+    loader, steps_per_epoch = setup.build_loader(
+        cfg, device, rank=rank, world=world, position=position, streams=streams
+    )
+    total = cfg.epochs * steps_per_epoch  # the schedules span the whole run; --max-steps only stops earlier
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     end = min(total, cfg.max_steps) if cfg.max_steps else total
-
-    model = build_model(cfg, device)
-    opt = optim.build([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg)
-    start = 0
-    if ckpt:
-        checkpoint.restore(ckpt, model=model, optimizer=opt, path=ckpt_path)
-        start = ckpt["step"]
-        rng = ckpt.get("rng") or []
-        if len(rng) == world:
-            checkpoint.set_rng_state(rng[rank])
-        dist.print0(f"resumed from {ckpt_path} at step {start} (epoch {position.epoch})")
-        del ckpt
-    # DDP reduces the gradients of the trainable (online) parameters; the target has requires_grad False, so DDP
-    # leaves it alone: it changes only through update_target below. A zero loss weight leaves a head unused.
-    unused = cfg.method == "univip" and min(cfg.loss_weights().values()) == 0
-    net = (
-        DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
-        if world > 1
-        else model
-    )
+    model = setup.build_model(cfg, device)
+    opt = setup.build_optimizer(model, cfg)
+    start = restore(ckpt, ckpt_path, model, opt)
+    del ckpt
+    step = setup.make_step(cfg, device, model, opt)
     probe = KnnProbe(cfg, device) if cfg.eval_data else None
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels once
-    use_amp = cfg.amp and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     dist.print0(
         f"{cfg.arch} {cfg.method}: {world} rank(s) x batch {batch_size}, {steps_per_epoch} steps/epoch, "
         f"steps {start}..{end} of {total}, peak lr {cfg.peak_lr:.4g}, device {device}"
     )
 
-    log, counters = Logger(cfg, start, end), data.DataCounters()
-    loader_iter = iter(loader)
+    log, counters, batches = Logger(cfg, start, end), data.DataCounters(), Batches(loader)
     try:
         for it in range(start, end):
-            step = it + 1
+            n = it + 1  # steps taken after this one: what the log row and the checkpoint name
             lr = schedule.lr(it, peak=cfg.peak_lr, total=total, warmup=warmup)
-            tau = schedule.momentum(it, base=cfg.ema_base, total=total)
-            optim.set_lr(opt, lr)
-
-            t0 = time.perf_counter()
-            batch, loader_iter, error = next_batch(loader_iter, loader)
-            failed = dist.failed_ranks(error is not None)  # every rank, every step: nobody hangs in DDP
-            if failed:
-                if error is not None:
-                    raise error
-                raise TrainError(f"stopping because rank(s) {failed} failed to read data (see their error)")
-            wait = time.perf_counter() - t0
+            tau = schedule.ema_tau(it, base=cfg.ema_base, total=total)
+            batch, wait = batches.next()
             counters.add(batch)
-
-            g = step_generator(cfg.seed, it, rank) if vcfg.gpu_aug else None
-            losses = train_step(
-                net,
-                model,
-                opt,
-                model_inputs(batch, vcfg, device, g),
-                tau=tau,
-                grad_clip=cfg.grad_clip,
-                autocast=autocast,
-            )
-
+            losses = step(batch, it, lr=lr, tau=tau)
             log.step(losses, wait)
-            evaluated = probe is not None and (step == end or (cfg.eval_every and step % cfg.eval_every == 0))
-            if step % cfg.log_every == 0 or step == end or evaluated:
+            evaluated = probe is not None and (n == end or (cfg.eval_every and n % cfg.eval_every == 0))
+            if n % cfg.log_every == 0 or n == end or evaluated:
                 t_eval = time.perf_counter()
                 extra = {"knn_top1": probe.knn(model.online.encoder)} if evaluated else None
-                log.write(step, lr, tau, batch_size * world, counters, extra, paused=time.perf_counter() - t_eval)
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
-                save(cfg, step, model, opt, steps_per_epoch, batch_size, streams)
+                log.write(n, lr, tau, batch_size * world, counters, extra, paused=time.perf_counter() - t_eval)
+            if (cfg.ckpt_every and n % cfg.ckpt_every == 0) or n == end:
+                save(cfg, n, model, opt, steps_per_epoch, batch_size, streams)
     finally:
         log.close()
     return {"model": model, "steps": max(0, end - start), "counters": counters}

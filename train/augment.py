@@ -15,6 +15,8 @@ Ops take float images in [0, 1], ``[B, 3, H, W]``, and per-sample factors ``[B]`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -62,7 +64,7 @@ def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     h = torch.where(delta > 0, h, torch.zeros_like(h))
     h = (h + 6 * f.view(-1, 1, 1)) % 6
     # HSV -> RGB: channel n in (5, 3, 1) for (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1: made on the device
     k = (n + h.unsqueeze(1)) % 6
     return maxc.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
@@ -99,12 +101,21 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(x >= threshold, 1 - x, x)
 
 
+@functools.cache
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std ``[1, 3, 1, 1]`` on ``device``, made once: a tensor built from host values is a
+    blocking host-to-device copy, which would make every training step wait for the device."""
+    with torch.inference_mode(False):  # ordinary tensors, even when the first call comes from inference mode
+        mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return mean, std
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` (0..255) or float (0..1) -> float normalised by the ImageNet mean and std."""
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device, x.dtype)
     return (x - mean) / std
 
 

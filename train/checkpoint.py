@@ -18,7 +18,7 @@ from torch import nn
 
 from shards import storage
 
-from .config import RESUME_MUST_MATCH, TrainConfig
+from .config import RESUME_MUST_MATCH, TrainConfig, upgrade
 
 CKPT_VERSION = 1
 _NAME_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -141,7 +141,7 @@ def load(path: str) -> dict[str, Any]:
 
 def check_config(ckpt: dict[str, Any], config: TrainConfig, world_size: int, path: str = "checkpoint") -> None:
     """Raise ``CheckpointError`` naming every field in ``RESUME_MUST_MATCH`` that differs from the checkpoint's."""
-    saved = ckpt["config"]
+    saved = upgrade(ckpt["config"])  # a checkpoint written before a field was renamed
     now = config.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
     if ckpt.get("world_size", world_size) != world_size:

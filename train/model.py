@@ -1,7 +1,10 @@
 """UniVIP networks (docs/method.md, "Networks"): ResNet encoder, BYOL MLPs, online and target branches, instance features.
 
 The training loop owns the EMA: it calls `model(view1, view2, boxes1, boxes2)` for the loss terms, steps the
-optimizer, then `update_target(model, momentum)`. Nothing here updates the target behind the loop's back.
+optimizer, then `update_target(model, tau)`. Nothing here updates the target behind the loop's back.
+
+`forward` runs four branch passes (online and target, each view) and then the loss region (`loss_terms`: predictor,
+scene-instance layer, losses); `compile_regions` (`--compile`) compiles exactly these, in place.
 
 Instance features, two ways (`ModelConfig.instance_mode`; docs/method.md, "Instances"):
 - "crop" (the paper's, default): K instance crops of `instance_size` pixels pass through the same encoder. The
@@ -224,6 +227,23 @@ class UniVIP(nn.Module):
         self.linear = nn.Linear(cfg.k * cfg.proj_dim, cfg.proj_dim) if cfg.method == "univip" else None
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
+        self._loss_region = self.loss_terms  # torch.compile'd by compile_regions
+
+    def compile_regions(self, mode: str = "default") -> None:
+        """torch.compile (static shapes) the encoder passes, each branch's forward (encoder, instance features,
+        projector), and the loss region (`loss_terms`: predictor, scene-instance layer, losses, Sinkhorn). In place:
+        parameter names and the state dict stay the same. ``mode``: torch.compile's ("reduce-overhead" replays CUDA
+        graphs). The first call of each region compiles it; a new input shape would compile it again."""
+        options = dict(dynamic=False, mode=mode)
+        self.online.compile(**options)
+        self.target.compile(**options)
+        self._loss_region = torch.compile(self.loss_terms, **options)
+
+    def predict(self, scene: Tensor, inst: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Predictor on online projections: scene [B, D], instances [B, K, D] or None -> (p [B, D], o [B, K, D])."""
+        p = self.predictor(scene)
+        o = None if inst is None else self.predictor(inst.flatten(0, 1)).reshape(inst.shape)
+        return p, o
 
     def online_forward(
         self, view: Tensor, boxes: Tensor | None = None, crops: Tensor | None = None
@@ -231,9 +251,7 @@ class UniVIP(nn.Module):
         """Online branch: view [B, 3, H, W], boxes [B, K, 4] or None, crops [B, K, 3, s, s] or None ->
         (p [B, D] scene prediction, o [B, K, D] instance predictions or None, y [B, D] scene projection)."""
         scene, inst = self.online(view, boxes, crops)
-        p = self.predictor(scene)
-        o = None if inst is None else self.predictor(inst.flatten(0, 1)).reshape(inst.shape)
-        return p, o, scene
+        return *self.predict(scene, inst), scene
 
     @torch.no_grad()
     def target_forward(
@@ -270,11 +288,29 @@ class UniVIP(nn.Module):
             raise ValueError("scene_instance weight is non-zero but the model was built with method='byol'")
         need_o = w["scene_instance"] != 0 or w["instance"] != 0
         need_t = w["instance"] != 0
-        p1, o1, y1 = self.online_forward(view1, *((boxes1, crops1) if need_o else (None, None)))
-        p2, o2, y2 = self.online_forward(view2, *((boxes2, crops2) if need_o else (None, None)))
+        y1, i1 = self.online(view1, *((boxes1, crops1) if need_o else (None, None)))
+        y2, i2 = self.online(view2, *((boxes2, crops2) if need_o else (None, None)))
         z1, t1 = self.target_forward(view1, *((boxes1, crops1) if need_t else (None, None)))
         z2, t2 = self.target_forward(view2, *((boxes2, crops2) if need_t else (None, None)))
+        return self._loss_region(y1, i1, y2, i2, z1, t1, z2, t2, w)
 
+    def loss_terms(
+        self,
+        y1: Tensor,
+        i1: Tensor | None,
+        y2: Tensor,
+        i2: Tensor | None,
+        z1: Tensor,
+        t1: Tensor | None,
+        z2: Tensor,
+        t2: Tensor | None,
+        w: Mapping[str, float],
+    ) -> dict[str, Tensor]:
+        """The loss region of `forward`, from the branches' projections: online scene y [B, D] and instances
+        i [B, K, D] (or None) of each view, target scene z [B, D] and instances t [B, K, D] (or None), weights ``w``.
+        Applies the predictor, then the terms `forward` documents."""
+        p1, o1 = self.predict(y1, i1)
+        p2, o2 = self.predict(y2, i2)
         zero = p1.new_zeros((), dtype=torch.float32)
         terms = dict.fromkeys(TERMS, zero)
         if w["scene"] != 0:
@@ -305,8 +341,8 @@ def embedding_std(y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def update_target(model: nn.Module, momentum: float) -> None:
-    """EMA step of the target branch: xi <- momentum * xi + (1 - momentum) * theta; buffers copied.
+def update_target(model: nn.Module, tau: float) -> None:
+    """EMA step of the target branch: xi <- tau * xi + (1 - tau) * theta; buffers copied.
 
     `model` is a UniVIP or a DDP wrapper of one. Buffers (BatchNorm running statistics, batch counters) are copied,
     not averaged: the target normalises with batch statistics in training, so they only matter for evaluation.
@@ -316,6 +352,12 @@ def update_target(model: nn.Module, momentum: float) -> None:
     target = [p for p in model.target.parameters()]
     if len(online) != len(target):
         raise RuntimeError(f"update_target: online has {len(online)} parameters, target {len(target)}")
-    torch._foreach_lerp_(target, online, 1.0 - momentum)
+    torch._foreach_lerp_(target, online, 1.0 - tau)
+    # buffers copied in one multi-tensor call per dtype (running statistics, batch counters): the fast path wants one
+    by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
     for b_t, b_o in zip(model.target.buffers(), model.online.buffers(), strict=True):
-        b_t.copy_(b_o)
+        dst, src = by_dtype.setdefault(b_t.dtype, ([], []))
+        dst.append(b_t)
+        src.append(b_o)
+    for dst, src in by_dtype.values():
+        torch._foreach_copy_(dst, src)

@@ -13,6 +13,10 @@ import sys
 LOSS_PREFIX = "loss"
 
 
+# Log fields renamed since, old name -> new: rows of older logs are read under the new names.
+RENAMED = {"momentum": "ema_tau"}
+
+
 def read_log(path: str) -> list[dict]:
     rows = []
     with open(path) as f:
@@ -21,9 +25,13 @@ def read_log(path: str) -> list[dict]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not JSON ({e})") from e
+            for old, new in RENAMED.items():
+                if old in row and new not in row:
+                    row[new] = row.pop(old)
+            rows.append(row)
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Learning-rate and EMA-momentum schedules: pure functions of the step (no optimizer, no state)."""
+"""Learning-rate and EMA (tau) schedules: pure functions of the step (no optimizer, no state)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def lr(step: int, *, peak: float, total: int, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def momentum(step: int, *, base: float, total: int) -> float:
-    """BYOL's EMA momentum: tau = 1 - (1 - base) * (cos(pi * step / total) + 1) / 2, from ``base`` to 1."""
+def ema_tau(step: int, *, base: float, total: int) -> float:
+    """BYOL's EMA decay of the target: tau = 1 - (1 - base) * (cos(pi * step / total) + 1) / 2, from ``base`` to 1."""
     t = min(1.0, step / total) if total > 0 else 1.0
     return 1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1.0) / 2.0

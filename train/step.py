@@ -1,5 +1,7 @@
 """One training step, shared by the loop (``train.__main__``) and the benchmarks: a collated batch -> model inputs on
-the device (``model_inputs``), then forward, backward, optimizer step and EMA update (``train_step``).
+the device (``model_inputs``), then forward, backward, optimizer step and EMA update (``train_step``). ``TrainStep``
+binds both to a run's model, optimizer and settings (``train.setup.make_step`` builds it): the loop and the
+benchmarks call that one object per batch.
 
 Inputs. The loader delivers uint8 views (or, with ``--gpu-decode``, JPEG bytes and crops that ``train.gpu_decode``
 turns into views on the device), boxes in view pixels, and, with ``--instance-source image``, the K instance crops of
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from train import augment, gpu_decode
+from train import augment, gpu_decode, optim
 from train.model import update_target
 from train.views import ViewConfig
 
@@ -35,11 +37,17 @@ def _repeat(params: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
 
 
 def model_inputs(
-    batch: Mapping[str, Any], vcfg: ViewConfig, device: torch.device, generator: torch.Generator | None = None
+    batch: Mapping[str, Any],
+    vcfg: ViewConfig,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    channels_last: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """A collated batch -> the keyword arguments of ``UniVIP.forward``: ``view1``, ``view2`` float ``[B, 3, S, S]``
     normalised, ``boxes1``, ``boxes2`` ``[B, K, 4]``, ``crops1``, ``crops2`` float ``[B, K, 3, s, s]`` or None.
-    ``generator`` (``step_generator``) drives the colour augmentation when ``vcfg.gpu_aug``."""
+    ``generator`` (``step_generator``) drives the colour augmentation when ``vcfg.gpu_aug``. ``channels_last``: views
+    and instance crops alike in the memory format of a channels_last encoder (each crop ``[3, s, s]`` image of the
+    flattened ``[B*K, 3, s, s]`` batch), converted once here rather than by each branch that reads them."""
     if vcfg.gpu_decode:  # the workers sent JPEG bytes, crops and flips: views (and instances) made on the device
         x = gpu_decode.decode_batch(batch, vcfg.size, device, vcfg.instance_size)
     else:
@@ -61,6 +69,12 @@ def model_inputs(
             if inst is not None:
                 out[f"crops{v}"] = augment.normalize(inst.flatten(0, 1)).view(inst.shape)
         out.setdefault(f"crops{v}", None)
+        if channels_last:
+            out[f"view{v}"] = out[f"view{v}"].contiguous(memory_format=torch.channels_last)
+            crops = out[f"crops{v}"]
+            if crops is not None:  # the [B, K] -> [B*K] split is a view: the encoder gets these strides
+                flat = crops.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+                out[f"crops{v}"] = flat.view(crops.shape)
     return out
 
 
@@ -81,7 +95,47 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     out["total"].backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        # the norm stays on the device (no check that it is finite: that would read it on the host every step);
+        # foreach kernels wherever the device has them
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, error_if_nonfinite=False, foreach=None)
     opt.step()
     update_target(model, tau)  # EMA: target <- tau * target + (1 - tau) * online
     return out
+
+
+class TrainStep:
+    """One step of a run: ``step(batch, it, lr=..., tau=...)`` sets the learning rate, makes the model inputs (GPU
+    colour augmentation drawn from ``step_generator(seed, it, rank)``) and runs ``train_step``. Returns the loss
+    terms and ``z_std`` on the device: nothing here waits for the device."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        vcfg: ViewConfig,
+        device: torch.device,
+        *,
+        seed: int,
+        rank: int = 0,
+        grad_clip: float = 0.0,
+        autocast=contextlib.nullcontext,
+        channels_last: bool = False,
+        cuda_graphs: bool = False,
+    ):
+        self.net, self.model, self.opt, self.vcfg, self.device = net, model, opt, vcfg, device
+        self.seed, self.rank, self.grad_clip, self.autocast = seed, rank, grad_clip, autocast
+        self.channels_last, self.cuda_graphs = channels_last, cuda_graphs
+
+    def __call__(self, batch: Mapping[str, Any], it: int, *, lr: float, tau: float) -> dict[str, torch.Tensor]:
+        """The returned tensors are valid until the next call: with ``cuda_graphs`` (``--compile-mode
+        reduce-overhead``) the next replay writes over them, so keep copies (the Logger stacks them)."""
+        if self.cuda_graphs:  # the previous step's graph outputs are no longer needed: their memory is reused
+            torch.compiler.cudagraph_mark_step_begin()
+        optim.set_lr(self.opt, lr)
+        g = step_generator(self.seed, it, self.rank) if self.vcfg.gpu_aug else None
+        inputs = model_inputs(batch, self.vcfg, self.device, g, self.channels_last)
+        return train_step(
+            self.net, self.model, self.opt, inputs, tau=tau, grad_clip=self.grad_clip, autocast=self.autocast
+        )
