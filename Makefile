@@ -9,7 +9,7 @@ WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 help:
 	@echo "make demo       set up .venv, build proposal shards from data/sample, train a few CPU steps, write pictures"
-	@echo "make lint       ruff format check and lint (prep shards train bench tests), mypy (shards prep)"
+	@echo "make lint       ruff format check and lint (prep shards train bench tests), mypy (shards prep train)"
 	@echo "make test       set up .venv with the dev extras, run make lint, then the whole test suite"
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make bench      run the CPU benchmarks (see docs/benchmarks.md)"
@@ -37,7 +37,7 @@ demo: $(VENV)/.train
 	@echo "demo done: $(DEMO)/proposals.png $(DEMO)/stats.png $(DEMO)/loss.png"
 
 LINT_PATHS := prep shards train bench tests
-TYPED_PATHS := shards prep
+TYPED_PATHS := shards prep train
 
 # Part of `make test`, so CI runs it: a format or lint finding or a type error fails the build like a test.
 # All three run before it fails, so one run reports every finding.

@@ -93,7 +93,7 @@ class Logger:
 
     def reset(self) -> None:
         self.t0, self.wait, self.steps = time.perf_counter(), 0.0, 0
-        self.terms = None
+        self.terms: torch.Tensor | None = None
 
     def step(self, losses: dict[str, torch.Tensor], wait: float) -> None:
         vals = torch.stack([losses[t].detach().float() for t in LOGGED])
@@ -115,6 +115,7 @@ class Logger:
         """A collective (every rank calls it at the same steps): losses averaged over ranks and the window.
         ``extra``: more fields for the row (the evaluation's); ``paused``: seconds of the window that were not
         training (the evaluation), left out of the rates."""
+        assert self.terms is not None, "Logger.write before any step"
         terms = dist.all_reduce_mean(self.terms / self.steps).tolist()
         elapsed = time.perf_counter() - self.t0 - paused
         c = counters.as_dict()
@@ -137,6 +138,7 @@ class Logger:
         }
         self.check_collapse(row)
         if self.main:
+            assert self.file is not None  # opened on the main rank
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", wait=f"{row['data_wait']:.0%}")
@@ -193,6 +195,7 @@ class KnnProbe:
         acc = 0.0
         if dist.is_main():
             ev = self.evaluation
+            assert self.train is not None and self.val is not None  # loaded on the main rank
             f_train = ev.extract(encoder, self.train.images, device=self.device)
             f_val = ev.extract(encoder, self.val.images, device=self.device)
             acc = ev.knn_top1(f_train, self.train.labels, f_val, self.val.labels)
@@ -225,6 +228,7 @@ class Batches:
             if error is not None:
                 raise error
             raise TrainError(f"stopping because rank(s) {failed} failed to read data (see their error)")
+        assert batch is not None  # no error on any rank
         return batch, time.perf_counter() - t0
 
 
@@ -239,6 +243,7 @@ def restore(ckpt: dict | None, path: str | None, model, opt) -> int:
     """Load the checkpoint's model, optimizer and this rank's RNG states; the step to start from (0 without one)."""
     if not ckpt:
         return 0
+    assert path is not None  # open_run returns a path with every checkpoint
     checkpoint.restore(ckpt, model=model, optimizer=opt, path=path)
     rng = ckpt.get("rng") or []
     if len(rng) == dist.world_size():
@@ -291,7 +296,7 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
             evaluated = probe is not None and (n == end or (cfg.eval_every and n % cfg.eval_every == 0))
             if n % cfg.log_every == 0 or n == end or evaluated:
                 t_eval = time.perf_counter()
-                extra = {"knn_top1": probe.knn(model.online.encoder)} if evaluated else None
+                extra = {"knn_top1": probe.knn(model.online.encoder)} if evaluated and probe is not None else None
                 log.write(n, lr, tau, batch_size * world, counters, extra, paused=time.perf_counter() - t_eval)
             if (cfg.ckpt_every and n % cfg.ckpt_every == 0) or n == end:
                 save(cfg, n, model, opt, steps_per_epoch, batch_size, streams)

@@ -61,7 +61,9 @@ def versions() -> dict[str, str]:
 # --- RNG states as weights_only-safe values ---------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """This process's torch / CUDA / numpy / random generator states."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    legacy = np.random.get_state()  # the global RandomState is MT19937: always the legacy tuple, never the dict
+    assert isinstance(legacy, tuple)
+    name, keys, pos, has_gauss, gauss = legacy
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 # A gloo group for small host-side flags and counters: on GPU runs it keeps them off NCCL, so checking them forces no
 # device synchronisation. None without a group or when the default group is already gloo.
-_CPU_GROUP = None
+_CPU_GROUP: dist.ProcessGroup | None = None
 
 
 def is_dist() -> bool:
@@ -63,7 +63,9 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> torch.device:
         )
         if use_cuda:
             global _CPU_GROUP
-            _CPU_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            assert isinstance(group, dist.ProcessGroup)  # every rank is a member: never GroupMember.NON_GROUP_MEMBER
+            _CPU_GROUP = group
     return dev
 
 

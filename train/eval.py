@@ -51,7 +51,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -593,7 +593,10 @@ def _arch_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith("fc.")}
 
 
-def _backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+_V = TypeVar("_V")  # a state dict's values: tensors, or their shapes
+
+
+def _backbone(state: dict[str, _V]) -> dict[str, _V]:
     # the classifier is not part of the backbone (a full torchvision model's weights evaluate too);
     # num_batches_tracked does not change the features and some writers drop it
     return {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
@@ -683,6 +686,7 @@ def load_encoder(
             "arch": saved,
             "encoder": encoder,
         }
+    assert export is not None  # exactly one source was given, and it is not checkpoint or random_init
     state = _read_export(export)
     found = infer_arch(state)
     if found is None:

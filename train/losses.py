@@ -10,6 +10,7 @@ and Sinkhorn's exp(-C/eps) needs the full exponent range. The inputs are tiny (B
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -121,4 +122,5 @@ def scene_instance_loss(o: Tensor, z_scenes: Tensor, linear: nn.Module) -> Tenso
     with _float32(o.device):
         inst = linear(o.float().flatten(1))  # [B, D]
         z = z_scenes.detach().float()
-        return sum(-F.cosine_similarity(inst, z[:, s], dim=-1).mean() for s in range(z.shape[1]))
+        # two scenes: never sum's 0 start
+        return cast(Tensor, sum(-F.cosine_similarity(inst, z[:, s], dim=-1).mean() for s in range(z.shape[1])))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +190,7 @@ class Branch(nn.Module):
             scene_feat = self.encoder(view)  # [B, C]
             inst_feat = self.encoder(_like_weights(crops.flatten(0, 1), self.encoder.net.conv1))  # [B*K, C]
             return self.projector(scene_feat), self.projector(inst_feat).reshape(b, k, -1)
+        assert boxes is not None  # both None returned above
         b, k, _ = boxes.shape
         if self.instance_mode == "crop":
             scene_feat = self.encoder(view)  # [B, C]
@@ -234,7 +236,7 @@ class UniVIP(nn.Module):
         projector), and the loss region (`loss_terms`: predictor, scene-instance layer, losses, Sinkhorn). In place:
         parameter names and the state dict stay the same. ``mode``: torch.compile's ("reduce-overhead" replays CUDA
         graphs). The first call of each region compiles it; a new input shape would compile it again."""
-        options = dict(dynamic=False, mode=mode)
+        options: dict[str, Any] = dict(dynamic=False, mode=mode)
         self.online.compile(**options)
         self.target.compile(**options)
         self._loss_region = torch.compile(self.loss_terms, **options)
@@ -317,16 +319,18 @@ class UniVIP(nn.Module):
             terms["scene"] = byol_loss(p1, z2) + byol_loss(p2, z1)
         if w["scene_instance"] != 0:
             z = torch.stack([z1, z2], dim=1)  # [B, 2, D]
+            assert o1 is not None and o2 is not None and self.linear is not None, "scene_instance needs instances"
             terms["scene_instance"] = 0.5 * (
                 scene_instance_loss(o1, z, self.linear) + scene_instance_loss(o2, z, self.linear)
             )
         if w["instance"] != 0:
             f_o, f_t = torch.stack([p1, p2], dim=1), torch.stack([z1, z2], dim=1)
             eps, iters = self.cfg.ot_eps, self.cfg.ot_iters
+            assert o1 is not None and o2 is not None and t1 is not None and t2 is not None, "instance needs instances"
             terms["instance"] = instance_ot_loss(o1, t2, f_o, f_t, eps, iters) + instance_ot_loss(
                 o2, t1, f_o, f_t, eps, iters
             )
-        terms["total"] = sum(w[t] * terms[t] for t in TERMS)
+        terms["total"] = cast(Tensor, sum(w[t] * terms[t] for t in TERMS))  # TERMS is not empty: never the 0 start
         terms["z_std"] = 0.5 * (embedding_std(y1) + embedding_std(y2))
         return terms
 
@@ -347,15 +351,15 @@ def update_target(model: nn.Module, tau: float) -> None:
     `model` is a UniVIP or a DDP wrapper of one. Buffers (BatchNorm running statistics, batch counters) are copied,
     not averaged: the target normalises with batch statistics in training, so they only matter for evaluation.
     """
-    model = getattr(model, "module", model)
-    online = [p for p in model.online.parameters()]
-    target = [p for p in model.target.parameters()]
+    net = cast(UniVIP, getattr(model, "module", model))  # the docstring's contract
+    online: list[Tensor] = [p for p in net.online.parameters()]
+    target: list[Tensor] = [p for p in net.target.parameters()]
     if len(online) != len(target):
         raise RuntimeError(f"update_target: online has {len(online)} parameters, target {len(target)}")
     torch._foreach_lerp_(target, online, 1.0 - tau)
     # buffers copied in one multi-tensor call per dtype (running statistics, batch counters): the fast path wants one
     by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
-    for b_t, b_o in zip(model.target.buffers(), model.online.buffers(), strict=True):
+    for b_t, b_o in zip(net.target.buffers(), net.online.buffers(), strict=True):
         dst, src = by_dtype.setdefault(b_t.dtype, ([], []))
         dst.append(b_t)
         src.append(b_o)

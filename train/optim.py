@@ -56,7 +56,8 @@ class LARS(torch.optim.Optimizer):
         return [self.state[p]["momentum_buffer"] for p in params]
 
     def _update_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
-        grads = [p.grad for p in params]
+        grads: list[torch.Tensor] | tuple[torch.Tensor, ...] = [p.grad for p in params if p.grad is not None]
+        assert len(grads) == len(params)  # step() passes only the parameters that have a gradient
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         if group["lars"]:
@@ -72,6 +73,7 @@ class LARS(torch.optim.Optimizer):
     def _update_loop(self, group: dict, params: list[torch.Tensor]) -> None:
         for p, buf in zip(params, self._buffers(params), strict=True):
             g = p.grad
+            assert g is not None  # step() passes only the parameters that have a gradient
             if group["weight_decay"]:
                 g = g.add(p, alpha=group["weight_decay"])
             if group["lars"]:
@@ -91,7 +93,8 @@ def is_excluded(name: str, p: torch.Tensor) -> bool:
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, exclude: bool) -> list[dict]:
     """[{params, weight_decay, lars}] with biases and BN parameters in a group of their own when ``exclude``."""
-    decay, rest = [], []
+    decay: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, p in named:
         if not p.requires_grad:
             continue

@@ -118,7 +118,7 @@ def make_step(cfg: TrainConfig, device: torch.device, model: UniVIP, opt: torch.
         model.compile_regions(cfg.compile_mode)  # in place, before DDP wraps the model
     # DDP reduces the gradients of the trainable (online) parameters; the target has requires_grad False, so DDP
     # leaves it alone: it changes only through the step's EMA update. A zero loss weight leaves a head unused.
-    net = model
+    net: torch.nn.Module = model
     if dist.world_size() > 1:
         unused = cfg.method == "univip" and min(cfg.loss_weights().values()) == 0
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)

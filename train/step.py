@@ -70,11 +70,13 @@ def model_inputs(
                 out[f"crops{v}"] = augment.normalize(inst.flatten(0, 1)).view(inst.shape)
         out.setdefault(f"crops{v}", None)
         if channels_last:
-            out[f"view{v}"] = out[f"view{v}"].contiguous(memory_format=torch.channels_last)
-            crops = out[f"crops{v}"]
-            if crops is not None:  # the [B, K] -> [B*K] split is a view: the encoder gets these strides
-                flat = crops.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-                out[f"crops{v}"] = flat.view(crops.shape)
+            view_out = out[f"view{v}"]
+            assert view_out is not None  # set above for both views
+            out[f"view{v}"] = view_out.contiguous(memory_format=torch.channels_last)
+            crops_out = out[f"crops{v}"]
+            if crops_out is not None:  # the [B, K] -> [B*K] split is a view: the encoder gets these strides
+                flat = crops_out.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+                out[f"crops{v}"] = flat.view(crops_out.shape)
     return out
 
 

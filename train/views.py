@@ -639,7 +639,7 @@ class UniVIPTransform:
         flips = rng.random(2) < cfg.flip
         lap("Algorithm 1 (crops, boxes, flips)")
         if cfg.gpu_decode:
-            out = {"jpeg": device_jpeg(sample["jpg"], width, height, name), "fallback": bool(fallback)}
+            out: dict[str, Any] = {"jpeg": device_jpeg(sample["jpg"], width, height, name), "fallback": bool(fallback)}
             lap("JPEG header, bytes to tensor")
             if cfg.instance_crops:
                 out["inst_boxes"] = torch.from_numpy(inst)  # image pixels: cut on the device
@@ -662,7 +662,7 @@ class UniVIPTransform:
             else []
         )
         lap("instances: crop + resize")
-        out: dict[str, Any] = {"fallback": bool(fallback)}
+        out = {"fallback": bool(fallback)}
         for v, (crop, flip) in enumerate(((crop1, bool(flips[0])), (crop2, bool(flips[1])))):
             box, covered = source_crop(crop, d, shape)
             stack = PixelStack([cfg.size] + [cfg.instance_size] * len(inst_px))  # the view, then its instances
