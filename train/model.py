@@ -13,7 +13,8 @@ Instance features, two ways (`ModelConfig.instance_mode`; docs/method.md, "Insta
   `torchvision.ops.roi_align` (one batched call; `--instance-source view`, cheaper but it upsamples small boxes).
   With 96 px crops of 224 px views this costs ~1.7x the encoder FLOPs of BYOL.
 - "roi" (cheaper, not the paper's): RoIAlign of each box on the encoder's last feature map of the view, averaged
-  over its `roi_output` x `roi_output` bins. One encoder pass per view, ~1.0x BYOL's FLOPs.
+  over its `roi_output` x `roi_output` bins (`train.roi.roi_mean`: the same numbers as torchvision's kernel, as one
+  bmm). One encoder pass per view, ~1.0x BYOL's FLOPs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torchvision.ops import roi_align
 
 from train.config import ARCHS, TrainConfig, loss_weights
 from train.losses import byol_loss, instance_ot_loss, scene_instance_loss
+from train.roi import roi_mean
 
 __all__ = [
     "ModelConfig",
@@ -199,16 +201,8 @@ class Branch(nn.Module):
         else:
             fmap = self.encoder.feature_map(view)  # [B, C, h, w]
             scene_feat = fmap.mean(dim=(2, 3))  # the same global average pool as ResNet's avgpool
-            rois = boxes_to_rois(boxes.to(fmap.dtype))
-            pooled = roi_align(
-                fmap,
-                rois,
-                output_size=self.roi_output,
-                spatial_scale=fmap.shape[-1] / view.shape[-1],
-                sampling_ratio=2,
-                aligned=True,
-            )  # [B*K, C, r, r]
-            inst_feat = pooled.mean(dim=(2, 3))
+            # RoIAlign (roi_output x roi_output bins, 2 x 2 samples each) averaged over its bins, as one bmm
+            inst_feat = roi_mean(fmap, boxes, fmap.shape[-1] / view.shape[-1], self.roi_output, 2).flatten(0, 1)
         # Scene and instances go through the projector separately: their BatchNorm statistics differ (whole views
         # vs object crops) and mixing them would couple the two batches.
         return self.projector(scene_feat), self.projector(inst_feat).reshape(b, k, -1)
