@@ -4,7 +4,8 @@
 # UniVIP crops, UniVIP RoIAlign; eager and --compile), a real `python -m train` run from shards that prep makes here
 # out of data/sample (or --data SHARDS), and the step's top CUDA kernels. Arguments go to bench/gpu_bench.py (see its
 # --help); `bench/gpu.sh --smoke` runs every part on the CPU at toy sizes. With $OUT set, the results go there:
-# gpu_bench.json, gpu_bench.md, profile.txt, train_log.jsonl, gpu_check.log, cuda_tests.txt, roi_bench.txt.
+# gpu_bench.json, gpu_bench.md, profile.txt, train_log.jsonl, gpu_check.log, cuda_tests.txt, roi_bench.txt,
+# colour_bench.txt.
 # A machine that lacks a package (OpenCV's contrib module for prep, say) takes wheels carried in .whl/: they are
 # installed into /tmp/site first (docs/benchmarks.md says how to fetch them).
 set -uo pipefail
@@ -47,6 +48,9 @@ case " $* " in
         | tee ${OUT:+"$OUT/cuda_tests.txt"} || status=1
     # the RoIAlign variant's pooling alone, torchvision's kernel against train.roi's bmm (seconds)
     timeout 120 "$PY" bench/roi_bench.py --device cuda --batch 512 2>&1 | tee ${OUT:+"$OUT/roi_bench.txt"} || status=1
+    # the colour augmentation eager against --compile's form (compiles two graphs first; their cache serves the step)
+    timeout 150 "$PY" bench/colour_bench.py --device cuda --batch 256 2>&1 \
+        | tee ${OUT:+"$OUT/colour_bench.txt"} || status=1
     ;;
 esac
 "$PY" bench/gpu_bench.py "$@" 2>&1 | tee ${OUT:+"$OUT/gpu_check.log"} || status=1

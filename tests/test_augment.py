@@ -149,6 +149,33 @@ def test_deterministic_for_a_generator_seed(batch):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def full_params(n: int, seed: int) -> tuple[ViewConfig, dict[str, torch.Tensor]]:
+    """Every op drawn by some samples, hue at every position of the order."""
+    cfg = ViewConfig(jitter_p=0.7, gray_p=0.3, blur_p=(1.0, 0.5), solarize_p=(0.0, 0.5))
+    p = sample_params(n, 1, torch.Generator().manual_seed(seed), cfg)
+    p["order"] = torch.stack([torch.roll(torch.arange(4), i) for i in range(n)])
+    return cfg, p
+
+
+def test_hue_on_every_sample_kept_where_drawn_equals_the_subset_path(batch):
+    """The static-shape form (what --compile compiles: hue computed for all, ``where`` keeps the drawn ones) gives the
+    eager subset path's numbers: the same elementwise ops on the same pixels."""
+    cfg, p = full_params(len(batch), 4)
+    eager = augment._jitter_and_gray(batch, p, host=p)
+    static = augment._jitter_and_gray(batch, p, host=None)
+    torch.testing.assert_close(static, eager, rtol=0, atol=1e-6)
+    assert not torch.equal(eager, batch.float() / 255)  # jitter did something
+
+
+@pytest.mark.slow  # the first compilation takes a minute or more on a small CPU (torch's compile cache: seconds after)
+def test_compiled_colour_equals_eager(batch):
+    cfg, p = full_params(len(batch), 5)
+    for images in (batch, batch[:, :, :24, :24].contiguous()):  # two shapes: views and instances get a graph each
+        eager = gpu_colour(images, 1, None, cfg, params=p)
+        compiled = gpu_colour(images, 1, None, cfg, params=p, compiled=True)
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_batch_with_cpu_generator_matches_cpu(batch):
     a = gpu_colour(batch, 1, torch.Generator().manual_seed(5))
@@ -162,3 +189,12 @@ def test_errors():
         gpu_colour(torch.zeros(1, 3, 8, 8), 2, g)
     with pytest.raises(ValueError, match="expected \\[B, 3, H, W\\]"):
         gpu_colour(torch.zeros(3, 8, 8), 0, g)
+
+
+@pytest.mark.slow  # compiles two small graphs (~30 s on 2 cores with an empty compile cache)
+def test_colour_bench_runs(capsys):
+    import bench.colour_bench as colour_bench
+
+    assert colour_bench.main(["--batch", "2", "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("max |compiled - eager|") == 2 and out.count("median:") == 2

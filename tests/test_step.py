@@ -367,3 +367,18 @@ def test_compiled_step_equals_the_eager_step(case):
     assert list(comp.state_dict()) == list(eager.state_dict())  # compiled in place: the checkpoint keys hold
     for (name, a), b in zip(eager.state_dict().items(), comp.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
+
+
+def test_compiled_colour_only_on_cuda():
+    """--compile --gpu-aug compiles the colour augmentation on CUDA only (on a CPU it measured slower)."""
+    from train import setup
+    from train.config import parse_args
+
+    cfg = parse_args([*SMALL, "--gpu-aug", "--compile"])
+    model = setup.build_model(cfg, torch.device("cpu"))
+    step = setup.make_step(cfg, torch.device("cpu"), model, setup.build_optimizer(model, cfg))
+    assert step.compiled_colour is False
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda", torch.cuda.current_device())
+        model = setup.build_model(cfg, cuda)
+        assert setup.make_step(cfg, cuda, model, setup.build_optimizer(model, cfg)).compiled_colour is True

@@ -161,7 +161,8 @@ class TrainConfig:
     channels_last: bool = _f(True, "channels_last memory format on GPU (ignored on CPU)")
     compile: bool = _f(
         False,
-        "torch.compile the encoder passes and the loss region (static shapes; train.model.UniVIP.compile_regions). "
+        "torch.compile the encoder passes and the loss region (static shapes; train.model.UniVIP.compile_regions), "
+        "and with --gpu-aug on CUDA the colour augmentation's pointwise chains (train.augment.gpu_colour). "
         "The first step compiles them: tiny preset on 2 CPU cores about 4 minutes the first time, a few seconds "
         "once torch's compile cache holds the graphs; ResNet-50 on a GPU: bench/gpu.sh reports it",
     )

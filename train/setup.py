@@ -135,4 +135,8 @@ def make_step(cfg: TrainConfig, device: torch.device, model: UniVIP, opt: torch.
         autocast=autocast(cfg, device),
         channels_last=channels_last(cfg, device),
         cuda_graphs=cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type == "cuda",
+        # on CUDA only: the compiled form computes hue for every sample, memory-bound work on a GPU (a few fused
+        # kernels instead of ~440 eager operations, dozens of them passes over the batch) but compute on a CPU, where it measured no faster
+        # (docs/benchmarks.md, bench/colour_bench.py)
+        compiled_colour=cfg.compile and cfg.gpu_aug and device.type == "cuda",
     )

@@ -42,12 +42,14 @@ def model_inputs(
     device: torch.device,
     generator: torch.Generator | None = None,
     channels_last: bool = False,
+    compiled_colour: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """A collated batch -> the keyword arguments of ``UniVIP.forward``: ``view1``, ``view2`` float ``[B, 3, S, S]``
     normalised, ``boxes1``, ``boxes2`` ``[B, K, 4]``, ``crops1``, ``crops2`` float ``[B, K, 3, s, s]`` or None.
     ``generator`` (``step_generator``) drives the colour augmentation when ``vcfg.gpu_aug``. ``channels_last``: views
     and instance crops alike in the memory format of a channels_last encoder (each crop ``[3, s, s]`` image of the
-    flattened ``[B*K, 3, s, s]`` batch), converted once here rather than by each branch that reads them."""
+    flattened ``[B*K, 3, s, s]`` batch), converted once here rather than by each branch that reads them.
+    ``compiled_colour`` (``--compile``): the GPU colour augmentation's torch.compile'd kernels."""
     if vcfg.gpu_decode:  # the workers sent JPEG bytes, crops and flips: views (and instances) made on the device
         x = gpu_decode.decode_batch(batch, vcfg.size, device, vcfg.instance_size)
     else:
@@ -59,10 +61,12 @@ def model_inputs(
             if generator is None:
                 raise ValueError("model_inputs: gpu_aug needs the step's generator")
             params = augment.sample_params(view.shape[0], v - 1, generator, vcfg)
-            out[f"view{v}"] = augment.gpu_colour(view, v - 1, cfg=vcfg, params=params)
+            out[f"view{v}"] = augment.gpu_colour(view, v - 1, cfg=vcfg, params=params, compiled=compiled_colour)
             if inst is not None:
                 b, k = inst.shape[:2]
-                crops = augment.gpu_colour(inst.flatten(0, 1), v - 1, cfg=vcfg, params=_repeat(params, k))
+                crops = augment.gpu_colour(
+                    inst.flatten(0, 1), v - 1, cfg=vcfg, params=_repeat(params, k), compiled=compiled_colour
+                )
                 out[f"crops{v}"] = crops.view(b, k, *crops.shape[1:])
         else:
             out[f"view{v}"] = augment.normalize(view)
@@ -125,10 +129,11 @@ class TrainStep:
         autocast=contextlib.nullcontext,
         channels_last: bool = False,
         cuda_graphs: bool = False,
+        compiled_colour: bool = False,
     ):
         self.net, self.model, self.opt, self.vcfg, self.device = net, model, opt, vcfg, device
         self.seed, self.rank, self.grad_clip, self.autocast = seed, rank, grad_clip, autocast
-        self.channels_last, self.cuda_graphs = channels_last, cuda_graphs
+        self.channels_last, self.cuda_graphs, self.compiled_colour = channels_last, cuda_graphs, compiled_colour
 
     def __call__(self, batch: Mapping[str, Any], it: int, *, lr: float, tau: float) -> dict[str, torch.Tensor]:
         """The returned tensors are valid until the next call: with ``cuda_graphs`` (``--compile-mode
@@ -137,7 +142,7 @@ class TrainStep:
             torch.compiler.cudagraph_mark_step_begin()
         optim.set_lr(self.opt, lr)
         g = step_generator(self.seed, it, self.rank) if self.vcfg.gpu_aug else None
-        inputs = model_inputs(batch, self.vcfg, self.device, g, self.channels_last)
+        inputs = model_inputs(batch, self.vcfg, self.device, g, self.channels_last, self.compiled_colour)
         return train_step(
             self.net, self.model, self.opt, inputs, tau=tau, grad_clip=self.grad_clip, autocast=self.autocast
         )
