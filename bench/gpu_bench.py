@@ -23,7 +23,7 @@ Every phase checks the budget before it starts; a phase that does not fit is lis
 report on stdout and, under ``$OUT`` (or ``--out-dir``): ``gpu_bench.json``, ``gpu_bench.md``, ``profile.txt``,
 ``train_log.jsonl``.
 
-    bench/gpu.sh                                        # on the GPU machine: the whole check, about 8 minutes
+    bench/gpu.sh                                        # on the GPU machine: the whole check, 9 minutes at most
     python bench/gpu_bench.py --smoke --out-dir /tmp/x  # every part on the CPU at toy sizes
 """
 
