@@ -147,7 +147,9 @@ def test_compiled_resume_gives_the_uninterrupted_compiled_run(shards, tmp_path):
 
     args = [*TINY, "--data", shards, "--ckpt-every", "2", "--compile"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
-    run_train(*args, "--out", ref, "--max-steps", "4", timeout=900)
+    first = run_train(*args, "--out", ref, "--max-steps", "4", timeout=900)
+    said = first.stdout + first.stderr
+    assert "--compile: the first step compiles" in said and "first step, compilation included:" in said
     run_train(*args, "--out", out, "--max-steps", "2", timeout=900)
     run_train(*args, "--out", out, "--max-steps", "4", "--resume", timeout=900)
     expected = {r["step"]: r for r in read_log(ref)}

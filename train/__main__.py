@@ -145,6 +145,11 @@ class Logger:
         self.reset()
         return row
 
+    def note(self, text: str) -> None:
+        """A line above the progress bar (rank 0)."""
+        if self.main:
+            tqdm.write(text, file=sys.stderr)
+
     def check_collapse(self, row: dict) -> None:
         """Warn once per run when the online projections collapse (BYOL's loss falls for a collapsed network too)."""
         level = row["z_std"] * self.proj_dim**0.5  # 1: spread over the sphere; 0: every input maps to one vector
@@ -283,6 +288,11 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
         f"steps {start}..{end} of {total}, peak lr {cfg.peak_lr:.4g}, device {device}"
     )
 
+    if cfg.compile:
+        dist.print0(
+            "--compile: the first step compiles the model (minutes on a small CPU, about a minute or two on a GPU; "
+            "seconds once torch's compile cache holds the graphs)"
+        )
     log, counters, batches = Logger(cfg, start, end), data.DataCounters(), Batches(loader)
     try:
         for it in range(start, end):
@@ -291,7 +301,11 @@ def train(cfg: TrainConfig, device: torch.device) -> dict:
             tau = schedule.ema_tau(it, base=cfg.ema_base, total=total)
             batch, wait = batches.next()
             counters.add(batch)
+            t_step = time.perf_counter()
             losses = step(batch, it, lr=lr, tau=tau)
+            if cfg.compile and it == start:  # one wait for the device, on the first step only
+                float(losses["total"])
+                log.note(f"first step, compilation included: {time.perf_counter() - t_step:.1f} s")
             log.step(losses, wait)
             evaluated = probe is not None and (n == end or (cfg.eval_every and n % cfg.eval_every == 0))
             if n % cfg.log_every == 0 or n == end or evaluated:
