@@ -14,6 +14,9 @@ On a machine shared with other jobs, time CPU instead of wall-clock (one thread)
     python -m bench.step_bench --threads 1 --clock cpu
 Quick check that it runs:
     python -m bench.step_bench --batch 4 --size 64 --instance-size 32 --proj-hidden 256 --steps 2 --warmup 1
+Operations a step dispatches (a proxy for kernel launches on a GPU, where the small ops of the loss region cost a
+launch each), instead of timing:
+    python -m bench.step_bench --count-ops --batch 4 --size 64 --instance-size 32 --proj-hidden 256
 """
 
 from __future__ import annotations
@@ -71,6 +74,24 @@ def step_flops(model: UniVIP, inputs: Mapping[str, torch.Tensor | None]) -> int:
     return counter.get_total_flops()
 
 
+def count_ops(step, batch: dict, cfg: TrainConfig) -> int:
+    """aten operations dispatched by one step (after a first one: optimizer state, cached constants), a proxy for
+    kernel launches on a GPU (composite ops such as logsumexp count once here and launch several kernels there)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    step(batch, 0, lr=cfg.peak_lr, tau=cfg.ema_base)
+    with Count():
+        step(batch, 1, lr=cfg.peak_lr, tau=cfg.ema_base)
+    return Count.n
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,6 +117,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         flops[name] = step_flops(model, model_inputs(batch, setup.view_config(cfg), device))
         step = setup.make_step(cfg, device, model, setup.build_optimizer(model, cfg))
         steps[name] = (step, batch, cfg)
+    if args.count_ops:
+        return [dict(method=name, ops=count_ops(*steps[name])) for name in names]
     # CPU time of this process is immune to other processes' load on a shared machine, but it also counts the
     # spinning of idle OpenMP threads, so it is only meaningful with --threads 1.
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -160,10 +183,22 @@ def main(argv: list[str] | None = None) -> None:
         default="wall",
         help="wall: elapsed time; cpu: this process's CPU time (use with --threads 1 on a busy machine)",
     )
+    ap.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="instead of timing: count the aten operations of one step per method (a proxy for GPU kernel launches)",
+    )
     args = ap.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu needs --threads 1: with more threads CPU time includes idle threads spinning")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.count_ops:
+        rows = run(args)
+        print(f"{args.arch}, batch {args.batch}; aten operations dispatched by one step (after a first one)\n")
+        print("| method | aten ops / step | ÷ BYOL |\n|---|---:|---:|")
+        for r in rows:
+            print(f"| {r['method']} | {r['ops']} | {r['ops'] / rows[0]['ops']:.2f} |")
+        return
     print(format_table(run(args), args))
 
 

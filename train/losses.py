@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["byol_loss", "sinkhorn", "instance_ot_loss", "scene_instance_loss", "ot_masses"]
+__all__ = [
+    "byol_loss",
+    "sinkhorn",
+    "instance_ot_loss",
+    "symmetric_instance_ot_loss",
+    "scene_instance_loss",
+    "ot_masses",
+]
 
 
 def _float32(device: torch.device):
@@ -110,6 +117,17 @@ def instance_ot_loss(o: Tensor, t: Tensor, f_o: Tensor, f_t: Tensor, eps: float 
         rows, cols = ot_masses(o.detach(), t.detach(), f_o.detach(), f_t.detach())
         plan = sinkhorn(1.0 - cos.detach(), rows, cols, eps, iters)
         return -(cos * plan).sum(dim=(1, 2)).mean()
+
+
+def symmetric_instance_ot_loss(
+    o1: Tensor, o2: Tensor, t1: Tensor, t2: Tensor, f_o: Tensor, f_t: Tensor, eps: float = 0.05, iters: int = 50
+) -> Tensor:
+    """``instance_ot_loss(o1, t2, ...) + instance_ot_loss(o2, t1, ...)`` (docs/method.md: symmetrised over the views)
+    as one call over a 2B batch: the two directions are independent transport problems, so stacking them gives the
+    same plans and the same sum (up to float rounding of the mean), with one Sinkhorn loop instead of two. The loop is
+    ~14 small kernels an iteration, launch-bound on a GPU: this halves its launches (50 iterations: ~700 per step)."""
+    o, t = torch.cat([o1, o2]), torch.cat([t2, t1])
+    return 2 * instance_ot_loss(o, t, f_o.repeat(2, 1, 1), f_t.repeat(2, 1, 1), eps, iters)
 
 
 def scene_instance_loss(o: Tensor, z_scenes: Tensor, linear: nn.Module) -> Tensor:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from train.config import ARCHS, TrainConfig, loss_weights
-from train.losses import byol_loss, instance_ot_loss, scene_instance_loss
+from train.losses import byol_loss, scene_instance_loss, symmetric_instance_ot_loss
 from train.roi import roi_mean
 
 __all__ = [
@@ -321,9 +321,8 @@ class UniVIP(nn.Module):
             f_o, f_t = torch.stack([p1, p2], dim=1), torch.stack([z1, z2], dim=1)
             eps, iters = self.cfg.ot_eps, self.cfg.ot_iters
             assert o1 is not None and o2 is not None and t1 is not None and t2 is not None, "instance needs instances"
-            terms["instance"] = instance_ot_loss(o1, t2, f_o, f_t, eps, iters) + instance_ot_loss(
-                o2, t1, f_o, f_t, eps, iters
-            )
+            # OT(o1, t2) + OT(o2, t1), both directions in one batched Sinkhorn loop
+            terms["instance"] = symmetric_instance_ot_loss(o1, o2, t1, t2, f_o, f_t, eps, iters)
         terms["total"] = cast(Tensor, sum(w[t] * terms[t] for t in TERMS))  # TERMS is not empty: never the 0 start
         terms["z_std"] = 0.5 * (embedding_std(y1) + embedding_std(y2))
         return terms

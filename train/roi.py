@@ -25,20 +25,16 @@ def sample_weights(lo: Tensor, hi: Tensor, size: int, bins: int, sampling_ratio:
     aligned=True's half pixel) -> ``[N, size]``: entry j is the average, over the ``bins * sampling_ratio`` samples
     spread evenly over the box, of the weight sample s gives pixel j.
 
-    Per sample, torchvision's ``bilinear_interpolate`` rule: a sample beyond (-1, size) gives nothing; one in (-1, 0]
-    reads pixel 0; one at or past the last pixel reads it alone."""
+    Per sample, torchvision's ``bilinear_interpolate`` rule: a sample beyond [-1, size] gives nothing; one in [-1, 0]
+    reads pixel 0; one at or past the last pixel reads it alone. Clamping the position into [0, size - 1] and taking
+    the hat function max(0, 1 - |pos - j|) gives exactly these weights, in a few batched ops (no scatter)."""
     n = bins * sampling_ratio
     step = (hi - lo) / n  # bin / sampling_ratio: the samples sit at the centres of n equal slices of the box
     pos = lo[:, None] + (torch.arange(n, device=lo.device, dtype=lo.dtype) + 0.5) * step[:, None]  # [N, n]
     valid = ((pos >= -1.0) & (pos <= size)).to(lo.dtype)
-    pos = pos.clamp(min=0.0)
-    low = pos.floor().clamp(max=size - 1)
-    frac = torch.where(low >= size - 1, torch.zeros_like(pos), pos - low)
-    high = (low + 1).clamp(max=size - 1)
-    w = torch.zeros(lo.shape[0], size, device=lo.device, dtype=lo.dtype)
-    w.scatter_add_(1, low.long(), (1 - frac) * valid)
-    w.scatter_add_(1, high.long(), frac * valid)
-    return w / n
+    pixels = torch.arange(size, device=lo.device, dtype=lo.dtype)
+    hat = (1 - (pos.clamp(0, size - 1)[:, :, None] - pixels).abs()).clamp_min(0)  # [N, n, size]
+    return (hat * valid[:, :, None]).sum(dim=1) / n
 
 
 def roi_mean(fmap: Tensor, boxes: Tensor, spatial_scale: float, bins: int, sampling_ratio: int) -> Tensor:
@@ -54,8 +50,12 @@ def roi_mean(fmap: Tensor, boxes: Tensor, spatial_scale: float, bins: int, sampl
     k = boxes.shape[1]
     coords = torch.promote_types(boxes.dtype, torch.float32)  # float32 at least (bf16 boxes would move by pixels)
     xyxy = boxes.reshape(b * k, 4).to(coords) * spatial_scale - 0.5  # aligned=True: pixel centres at integer + 0.5
-    rows = sample_weights(xyxy[:, 1], xyxy[:, 3], h, bins, sampling_ratio)  # [B*K, H]
-    cols = sample_weights(xyxy[:, 0], xyxy[:, 2], w, bins, sampling_ratio)  # [B*K, W]
+    if h == w:  # both axes in one call (half the small kernels a GPU launches)
+        both = sample_weights(xyxy[:, [1, 0]].T.reshape(-1), xyxy[:, [3, 2]].T.reshape(-1), h, bins, sampling_ratio)
+        rows, cols = both.split(b * k)  # [B*K, H], [B*K, W]
+    else:
+        rows = sample_weights(xyxy[:, 1], xyxy[:, 3], h, bins, sampling_ratio)
+        cols = sample_weights(xyxy[:, 0], xyxy[:, 2], w, bins, sampling_ratio)
     weights = (rows[:, :, None] * cols[:, None, :]).reshape(b, k, h * w)
     pixels = fmap.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for channels_last maps, a small copy otherwise
     return torch.bmm(weights.to(pixels.dtype), pixels)
