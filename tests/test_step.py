@@ -384,3 +384,35 @@ def test_compiled_colour_only_on_cuda():
         cuda = torch.device("cuda", torch.cuda.current_device())
         model = setup.build_model(cfg, cuda)
         assert setup.make_step(cfg, cuda, model, setup.build_optimizer(model, cfg)).compiled_colour is True
+
+
+def test_one_sinkhorn_loop_per_step():
+    """Both OT directions share one batched Sinkhorn loop: 2 logsumexp per iteration in the whole step (two loops,
+    as before the batching, would launch twice the small kernels on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from train import setup
+    from train.config import parse_args
+
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    cfg = parse_args(SMALL)  # tiny preset: --sinkhorn-iters 10
+    model = setup.build_model(cfg, torch.device("cpu"))
+    step = setup.make_step(cfg, torch.device("cpu"), model, setup.build_optimizer(model, cfg))
+    with Count():
+        step(seeded_batch(cfg, 0), 0, lr=0.1, tau=0.99)
+    assert seen.count("aten::logsumexp") == 2 * cfg.sinkhorn_iters
+
+
+def test_step_bench_counts_ops(capsys):
+    from bench import step_bench
+
+    step_bench.main(["--count-ops", "--batch", "2", "--size", "32", "--instance-size", "16", "--proj-hidden", "64"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    ops = {r[1].strip(): int(r[2]) for r in rows}
+    assert set(ops) == {"byol", "univip-crop", "univip-roi"} and ops["univip-crop"] > ops["byol"] > 0
