@@ -10,6 +10,8 @@ Pipelines, each producing the two 224 px views of one sample from its JPEG bytes
   ``--method univip``): K = 4 boxes cut from the source image at 96 px, flipped and coloured like their view.
 - ``univip-gpu_aug``: the same with ``gpu_aug=True``: the CPU decodes, crops and flips; colour ops are left to
   ``train.augment.gpu_colour`` (its CPU time per batch is reported for the record, not counted).
+- ``univip-gpu_aug + instances``: the same with the paper's instances cut on the CPU (colour on the device): the
+  loader's work per sample in a ``python -m train --gpu-aug`` UniVIP run, what the data-wait target depends on.
 - ``univip-gpu_decode``: ``gpu_decode=True``: the CPU reads the JPEG header and runs Algorithm 1 and the flips, and
   hands over the bytes as a tensor; ``train.gpu_decode.decode_views`` decodes, crops and resizes on the GPU (its GPU
   time per batch is reported when CUDA is available, not counted).
@@ -62,14 +64,16 @@ NAIVE = "naive torchvision BYOL"
 CPU = "univip-cpu"
 CPU_INST = "univip-cpu + instances"
 GPU_AUG = "univip-gpu_aug (CPU part)"
+GPU_AUG_INST = "univip-gpu_aug + instances (CPU part)"
 GPU_DECODE = "univip-gpu_decode (CPU part)"
 DECODE = "decode only (PIL, full size)"
 DECODE_CV = "decode only (OpenCV, full size)"
-ORDER = (NAIVE, CPU, CPU_INST, GPU_AUG, GPU_DECODE, DECODE, DECODE_CV)
+ORDER = (NAIVE, CPU, CPU_INST, GPU_AUG, GPU_AUG_INST, GPU_DECODE, DECODE, DECODE_CV)
 SHORT = {
     CPU: "cpu",
     CPU_INST: "cpu+inst",
     GPU_AUG: "gpu_aug",
+    GPU_AUG_INST: "gpu_aug+inst",
     GPU_DECODE: "gpu_decode",
     DECODE: "decode PIL",
     DECODE_CV: "decode OpenCV",
@@ -214,12 +218,14 @@ def pipelines() -> dict[str, Callable[[dict, np.random.Generator], Any]]:
     cpu = UniVIPTransform(ViewConfig())
     inst = UniVIPTransform(ViewConfig(instance_crops=True))
     gpu = UniVIPTransform(ViewConfig(gpu_aug=True))
+    gpu_inst = UniVIPTransform(ViewConfig(gpu_aug=True, instance_crops=True))
     gdec = UniVIPTransform(ViewConfig(gpu_decode=True))
     return {
         NAIVE: lambda s, r: naive(s["jpg"]),
         CPU: cpu,
         CPU_INST: inst,
         GPU_AUG: gpu,
+        GPU_AUG_INST: gpu_inst,
         GPU_DECODE: gdec,
         DECODE: lambda s, r: Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
         DECODE_CV: lambda s, r: cv2.imdecode(np.frombuffer(s["jpg"], np.uint8), cv2.IMREAD_COLOR_RGB),
