@@ -120,10 +120,14 @@ def test_channels_last_and_bfloat16():
     want = reference(fmap, boxes, 7 / 224, 7, 2)
     cl = fmap.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(roi_mean(cl, boxes, 7 / 224, 7, 2), want, rtol=1e-5, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = roi_mean(cl, boxes, 7 / 224, 7, 2)
-    assert low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float(), want, rtol=2e-2, atol=2e-2)
+    low = cl.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer's encoder hands it over: a bf16 map
+        got = roi_mean(low, boxes, 7 / 224, 7, 2)
+        tv = reference(low, boxes, 7 / 224, 7, 2)  # torchvision's autocast runs roi_align in float32
+    assert got.dtype == tv.dtype == torch.bfloat16  # computed in float32, returned in the map's dtype, as torchvision
+    exact = reference(low.float(), boxes, 7 / 224, 7, 2)  # float32 sums, rounded once to bf16 below
+    torch.testing.assert_close(got.float(), exact, rtol=2**-8, atol=1e-6)  # within one bf16 rounding (2^-9)
+    torch.testing.assert_close(got, tv)
 
 
 def test_rejects_adaptive_sampling():
