@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.test_gpu_decode import batch_of
+from tests.test_train import TINY
 from tests.test_views import make_sample, random_boxes
 from train.model import ModelConfig, UniVIP
 from train.step import model_inputs, step_generator, train_step
@@ -126,26 +127,9 @@ RECORDED = {
         4816.096980218615,
     ),
 }
-SMALL = [
-    "--preset",
-    "tiny",
-    "--proj-hidden",
-    "64",
-    "--proj-dim",
-    "32",
-    "--pred-hidden",
-    "64",
-    "--image-size",
-    "32",
-    "--instance-size",
-    "16",
-    "--sinkhorn-iters",
-    "10",
-    "--batch-size",
-    "4",
-    "--lr-batch",
-    "4",
-]
+# the trainer's tiny test settings (tests/test_train.py), at batch 4 with the lr scaled for batch 4 (its loader
+# settings do not reach the step)
+SMALL = [*TINY, "--batch-size", "4", "--lr-batch", "4"]
 CASES = {
     "sgd": [],
     "lars-clip-gpuaug-roi": [
