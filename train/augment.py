@@ -175,7 +175,7 @@ def _jitter_and_gray(x: torch.Tensor, p: dict[str, torch.Tensor], host: dict[str
 
     ``host`` (the parameters where the generator made them): hue runs on the sub-batch that draws it at each position
     (index lists, eager). None: hue runs on every sample and ``where`` keeps it where drawn: the same numbers with
-    static shapes, which torch.compile fuses into the pointwise chain (``_compiled_jitter_and_gray``)."""
+    static shapes, which torch.compile fuses into the pointwise chain (``_compiled``)."""
     # a float32 copy we own (the in-place steps below must not touch the caller's tensor)
     x = x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
     for pos in range(4):
@@ -225,8 +225,8 @@ def gpu_colour(
 
     ``compiled`` (``--compile``): the pointwise chains before and after the blur run as torch.compile'd kernels (hue
     on every sample, kept where drawn; a few fused kernels instead of ~440 eager operations, dozens of them passes
-    over the batch); the
-    blur stays an eager grouped convolution on the sub-batch that draws it. Same numbers up to float rounding."""
+    over the batch); the blur stays an eager grouped convolution on the sub-batch that draws it. Same numbers up to
+    float rounding."""
     cfg = cfg or ViewConfig()
     if view not in (0, 1):
         raise ValueError(f"view must be 0 or 1, got {view}")

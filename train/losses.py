@@ -125,7 +125,8 @@ def symmetric_instance_ot_loss(
     """``instance_ot_loss(o1, t2, ...) + instance_ot_loss(o2, t1, ...)`` (docs/method.md: symmetrised over the views)
     as one call over a 2B batch: the two directions are independent transport problems, so stacking them gives the
     same plans and the same sum (up to float rounding of the mean), with one Sinkhorn loop instead of two. The loop is
-    ~14 small kernels an iteration, launch-bound on a GPU: this halves its launches (50 iterations: ~700 per step)."""
+    ~22 small CUDA kernels an iteration (logsumexp alone ~9), launch-bound on a GPU: at 50 iterations this saves
+    ~1,100 launches a step."""
     o, t = torch.cat([o1, o2]), torch.cat([t2, t1])
     return 2 * instance_ot_loss(o, t, f_o.repeat(2, 1, 1), f_t.repeat(2, 1, 1), eps, iters)
 
