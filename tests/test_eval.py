@@ -474,3 +474,45 @@ def test_usage_errors_and_help(capsys):
         "--encoder {online,target}",
     ):
         assert text in out, text
+
+
+# --- BatchNorm statistics re-estimated on the probe's images --------------------------------------------------------
+def test_recompute_bn_averages_each_batch_statistics_and_leaves_the_encoder_alone():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.ReLU(), torch.nn.BatchNorm2d(5)
+    )
+    net[1].running_mean.fill_(7.0)  # statistics from "training", to be replaced
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    out = ev.recompute_bn(net, images, device=CPU, batch_size=4)  # batches of 4, 4, 2
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the caller's encoder untouched
+    assert not out.training and all(m.momentum is None for m in ev._bn_layers(out))
+    # naive: the plain average over the batches of each batch's mean and unbiased variance, layer by layer
+    x = ev.normalize(images)
+    with torch.no_grad():
+        conv = net[0](x)
+        means = [conv[i : i + 4].mean(dim=(0, 2, 3)) for i in (0, 4, 8)]
+        variances = [conv[i : i + 4].var(dim=(0, 2, 3), unbiased=True) for i in (0, 4, 8)]
+    torch.testing.assert_close(out[1].running_mean, torch.stack(means).mean(0))
+    torch.testing.assert_close(out[1].running_var, torch.stack(variances).mean(0))
+    assert int(out[1].num_batches_tracked) == 3
+    # a batch of one is skipped (no statistics of one value), not an error; nothing but batches of one is
+    assert int(ev.recompute_bn(net, images[:9], device=CPU, batch_size=4)[1].num_batches_tracked) == 2
+    with pytest.raises(ev.EvalError, match="at least one batch"):
+        ev.recompute_bn(net, images[:1], device=CPU)
+
+
+def test_cli_recompute_bn_uses_only_the_train_split(labelled, tmp_path, capsys):
+    common = ["--random-init", "--arch", "resnet18", "--data", labelled, "--val-fraction", "0.3", *SIZE]
+    code, _, err = _main(capsys, *common, "--workers", "0", "--json", tmp_path / "a.json")
+    assert code == 0, err
+    code, _, err = _main(capsys, *common, "--workers", "0", "--recompute-bn", "--json", tmp_path / "b.json")
+    assert code == 0, err
+    a, b = _load_json(tmp_path / "a.json"), _load_json(tmp_path / "b.json")
+    assert b["settings"]["recompute_bn"] and not a["settings"]["recompute_bn"]
+    # the same as the API on the in-memory train split: statistics of the train images only
+    train, val = ev.split(ev.load_labelled(labelled, size=32), 0.3)
+    encoder, _ = ev.load_encoder(random_init=True, arch="resnet18")
+    adapted = ev.recompute_bn(encoder, train.images, device=CPU)
+    assert b["knn_top1"] == ev.evaluate(adapted, train, val, device=CPU, linear=False)["knn_top1"]

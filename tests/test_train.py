@@ -341,3 +341,35 @@ def test_plot_writes_a_png(tmp_path):
     from PIL import Image
 
     assert Image.open(png2).height > Image.open(png).height
+
+
+def test_plot_overlays_several_runs_with_baselines(tmp_path, capsys):
+    from PIL import Image
+
+    from train import plot
+
+    logs = []
+    for name, slope in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        log = tmp_path / name / "log.jsonl"
+        rows = [{"step": s, "loss": -slope * s, **({"knn_top1": 0.3 + 0.01 * s} if s % 2 else {})} for s in range(1, 8)]
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        logs.append(str(log))
+    png = str(tmp_path / "runs.png")
+    assert plot.main([*logs, "--baseline", "random-init=0.31", "-o", png]) == 0
+    assert Image.open(png).height > 0
+    with pytest.raises(SystemExit):
+        plot.main([*logs, "--labels", "only-one", "-o", png])
+    with pytest.raises(SystemExit):
+        plot.main([logs[0], "--baseline", "no-value", "-o", png])
+    capsys.readouterr()
+    assert plot.main([str(tmp_path / "missing.jsonl"), logs[0], "-o", png]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_no_blur_turns_off_both_views_blur():
+    from train import setup
+    from train.config import parse_args
+
+    assert setup.view_config(parse_args([*TINY, "--data", "x"])).blur_p == (1.0, 0.1)  # BYOL's, the default
+    assert setup.view_config(parse_args([*TINY, "--data", "x", "--no-blur"])).blur_p == (0.0, 0.0)

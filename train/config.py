@@ -67,6 +67,12 @@ class TrainConfig:
     k: int = _f(4, "instances per view (Algorithm 1's K)")
     view_iters: int = _f(20, "Algorithm 1: tries for an overlap holding K boxes before the random-box fallback")
     crop_min_scale: float = _f(0.08, "random resized crop: smallest area fraction of a view")
+    blur: bool = _f(
+        True,
+        "BYOL's Gaussian blur (p 1.0 / 0.1, sigma 0.1-2 px); --no-blur for small images, as the small-image "
+        "literature does (SimCLR's CIFAR-10 setting, lightly's and solo-learn's CIFAR recipes): at 32 px a 2 px "
+        "sigma erases what a 224 px view keeps",
+    )
     image_size: int = _f(224, "view side in pixels")
     instance_size: int = _f(96, "instance crop side in pixels (instance_mode=crop)")
     instance_mode: str = _f(

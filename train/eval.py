@@ -37,6 +37,11 @@ backbone) sits inside the range of sklearn's default C = 1, which is wd = 1 / N:
 for ImageNet. That bounds a small probe and is light on a large one; sweep ``--wd`` (1e-6 .. 1e-2 on a held-out part
 of the train split) for headline numbers.
 
+``--recompute-bn`` (``BNEstimate``, ``recompute_bn``): every BatchNorm layer's statistics re-estimated on the train
+split's images before features are taken (a checkpoint's were accumulated on its training views, a random-init
+encoder has none). A label-free adaptation to the probe's images, reported beside the standard numbers, never
+instead of them.
+
 kNN and the probe run on ``--device`` too: each needs the train features there (kNN also blocks of val x train
 similarities, 256 MiB at most).
 """
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -382,6 +388,56 @@ def extract(
             for i in tqdm(starts, desc="features", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         ]
     return torch.cat(out) if out else torch.zeros(0, getattr(encoder, "dim", 0))
+
+
+def _bn_layers(net: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+class BNEstimate:
+    """A copy of an encoder whose BatchNorm running statistics are re-estimated from images fed to it (``add``):
+    reset, then the plain average over the batches seen (``momentum=None``), each a train-mode forward without
+    gradient. Label-free; the encoder it was made from is untouched. ``net`` (eval mode) is the result.
+
+    Why: a checkpoint's statistics were accumulated on its training views (another scale, crop and colour
+    distribution than a probe's images), and a random-init encoder has none (mean 0, var 1: identities). With
+    statistics of the probe's own images both are judged on the features alone; the standard numbers keep the
+    encoder's own (see the module docstring), and this is reported beside them, never instead."""
+
+    def __init__(self, encoder: torch.nn.Module, device: torch.device):
+        self.net, self.device = copy.deepcopy(encoder), device
+        self.layers = _bn_layers(self.net)
+        for m in self.layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        self.batches = 0
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor) -> None:
+        """uint8 ``[B, 3, S, S]``; a batch of one is skipped (BatchNorm cannot take the statistics of one value
+        per channel when the last feature map is 1 x 1)."""
+        if len(images) < 2:
+            return
+        self.net.train()
+        _features(self.net, images, self.device)
+        self.net.eval()
+        self.batches += 1
+
+    def result(self) -> torch.nn.Module:
+        if self.layers and not self.batches:
+            raise EvalError("re-estimating BatchNorm statistics needs at least one batch of two or more images")
+        return self.net.eval()
+
+
+def recompute_bn(
+    encoder: torch.nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 256
+) -> torch.nn.Module:
+    """A copy of ``encoder`` (already on ``device``) with its BatchNorm statistics re-estimated on uint8 ``images``
+    ``[N, 3, S, S]`` (``BNEstimate``), in eval mode."""
+    est = BNEstimate(encoder, device)
+    for i in range(0, len(images), batch_size):
+        est.add(images[i : i + batch_size])
+    return est.result()
 
 
 @torch.no_grad()
@@ -776,6 +832,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LINEAR_ITERS,
         help=f"linear probe L-BFGS iterations at most (default: {DEFAULT_LINEAR_ITERS})",
     )
+    g.add_argument(
+        "--recompute-bn",
+        action="store_true",
+        help="re-estimate every BatchNorm layer's statistics on the train split's images first (label-free; "
+        "report it beside the standard numbers, which keep the encoder's own statistics)",
+    )
     g.add_argument("--no-knn", action="store_true", help="skip the kNN classifier")
     g.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     g = p.add_argument_group("output")
@@ -838,7 +900,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation of parsed, checked arguments -> the JSON result."""
     storage.configure(endpoint_url=args.s3_endpoint or None, allow_pipe=args.allow_pipe)
     device = _device(args.device)
-    encoder, loaded = load_encoder(
+    net, loaded = load_encoder(
         checkpoint=args.checkpoint,
         export=args.export,
         random_init=args.random_init,
@@ -846,9 +908,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         encoder=args.encoder or "online",
         seed=args.seed,
     )
-    encoder = encoder.to(device)
+    encoder: torch.nn.Module = net.to(device)
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
+    if args.recompute_bn:  # one more pass over the train split's images, before any feature is taken
+        est = BNEstimate(encoder, device)
+        view = _View(args.size, args.resize, args.boxes, args.max_boxes)
+        loader_kw = dict(batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+        for images, _, keys in _batches(args.data or args.train_data, view, desc="BatchNorm statistics", **loader_kw):
+            est.add(images[~in_val(keys, args.val_fraction)] if args.data else images)
+        encoder = est.result()
     features = functools.partial(
         stream_features,
         encoder,
@@ -898,6 +967,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "temperature",
             "wd",
             "linear_iters",
+            "recompute_bn",
         )
     }
     settings.update(device=str(device), knn=not args.no_knn, linear=not args.no_linear)

@@ -26,6 +26,7 @@ def view_config(cfg: TrainConfig) -> ViewConfig:
     return ViewConfig(
         size=cfg.image_size,
         scale=(cfg.crop_min_scale, 1.0),
+        blur_p=(1.0, 0.1) if cfg.blur else (0.0, 0.0),
         k=cfg.k,
         iters=cfg.view_iters,
         instance_size=cfg.instance_size,
