@@ -335,6 +335,7 @@ def prep():
     prep coco data/coco --annotations data/coco/annotations/instances_train2017.json --out shards/coco
     prep stats shards/coco
     prep show shards/coco -n 16 -o grid.png
+    prep report shards/coco -o report.html
 
     Rerunning a command resumes it (done shards are skipped, partial ones redone).
     """
@@ -487,6 +488,45 @@ def show(out, count, output, seed, max_boxes, cell):
     except (check.CheckError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{output}: {len(keys)} samples")
+
+
+@prep.command()
+@_s3_endpoint_option
+@click.argument("out", callback=_check_summary_out)
+@click.option(
+    "-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False), help="HTML to write."
+)
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(min=0),
+    default=48,
+    show_default=True,
+    help="Samples in the gallery, each among the first few of its shard (0: none, no tar is read).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which samples (random choice with this seed).")
+@click.option(
+    "--proposals-eval",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also show the recall table of this `prep eval-proposals --json` output.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar for the tar reads.")
+def report(out, output, count, seed, proposals_eval, no_progress):
+    """One self-contained HTML file of an output, to open offline in a browser: the summary of `prep stats`,
+    inputs by status with the failed paths, a sortable shard table, a gallery of N samples with their proposals, and
+    the recall of `prep eval-proposals`. Reads the Parquet, stats files and manifest, and the head of at most N tars.
+    OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
+    from prep import check
+    from prep import report as reports
+
+    try:
+        made = reports.report(out, output, n=count, seed=seed, proposals_eval=proposals_eval, progress=not no_progress)
+    except (reports.ReportError, check.CheckError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(
+        f"{output}: {made['bytes'] / 1e6:.2f} MB, {made['shards']} shards, {made['samples']} samples in the gallery "
+        f"({made['tars']} tars opened, {made['tar_samples_read']} samples read), {made['seconds']:.1f} s"
+    )
 
 
 @prep.command()
