@@ -530,6 +530,38 @@ def report(out, output, count, seed, proposals_eval, no_progress):
 
 
 @prep.command()
+@_s3_endpoint_option
+@click.argument("out", callback=_check_summary_out)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["coco-results"]),
+    default="coco-results",
+    show_default=True,
+    help="coco-results: the JSON list of detections pycocotools' COCO.loadRes, FiftyOne and CVAT read.",
+)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON file to write.")
+@click.option(
+    "--images",
+    type=click.Path(dir_okay=False),
+    help="The images list to write beside it (ids, paths, sizes).  [default: OUTPUT with .images.json]",
+)
+def export(out, fmt, output, images):
+    """The kept proposals of an output for other tools, streamed from the Parquet files: one detection per box,
+    bbox [x, y, w, h] in the source image's pixels, score 1 / (1 + rank), category_id 1; and an images list mapping
+    image ids to paths (the COCO image ids when the output has them, else 1, 2, 3, …).
+    OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
+    from prep import export as exports
+
+    try:
+        done = exports.export_coco_results(out, output, images)
+    except (OSError, ValueError) as e:  # both name the file
+        raise click.ClickException(str(e)) from None
+    ids = "ids assigned 1.." if done["assigned_ids"] else "COCO image ids"
+    click.echo(f"{output}: {done['boxes']} boxes of {done['images']} images ({ids}; images list {done['images_list']})")
+
+
+@prep.command()
 @_out_arg
 @click.option("--quick", is_flag=True, help="Do not hash the stored images (skips the SHA-256 check of their bytes).")
 def verify(out, quick):
