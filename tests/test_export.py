@@ -1,7 +1,7 @@
 """prep export --format coco-results: pycocotools loads the file against the output's COCO annotations, with every
 kept box of the shards scaled back to the source image's pixels and ranked by score; an ImageNet output (no COCO ids)
 gets ids 1.. and an images list that maps them to paths and loads as the ground truth; an s3:// output exports the
-same; clear errors."""
+same, and so does an http(s) one; clear errors."""
 
 from __future__ import annotations
 
@@ -104,15 +104,16 @@ def test_an_output_without_ids_gets_an_images_list_that_maps_them_to_paths(image
         assert loaded_boxes(results, image_id) == in_source_pixels(row)  # stored at source size: exact integers
 
 
-def test_s3_output_exports_the_same(s3_server, sample_output, tmp_path):
+def test_remote_outputs_export_the_same(s3_server, http_server, sample_output, tmp_path):
     client = s3_server.client()
     for name in os.listdir(sample_output):
         if not name.endswith(schema.TAR_SUFFIX):  # an export reads no tar
             client.upload_file(os.path.join(sample_output, name), s3_server.bucket, f"out/{name}")
-    assert invoke("export", s3_server.url("out"), "-o", tmp_path / "s3.json").exit_code == 0
     assert invoke("export", sample_output, "-o", tmp_path / "local.json").exit_code == 0
-    assert (tmp_path / "s3.json").read_bytes() == (tmp_path / "local.json").read_bytes()
-    assert (tmp_path / "s3.images.json").read_bytes() == (tmp_path / "local.images.json").read_bytes()
+    for name, url in (("s3", s3_server.url("out")), ("http", http_server(sample_output).url)):
+        assert invoke("export", url, "-o", tmp_path / f"{name}.json").exit_code == 0
+        assert (tmp_path / f"{name}.json").read_bytes() == (tmp_path / "local.json").read_bytes()
+        assert (tmp_path / f"{name}.images.json").read_bytes() == (tmp_path / "local.images.json").read_bytes()
 
 
 def test_paths_and_errors(tmp_path):

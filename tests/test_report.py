@@ -308,19 +308,27 @@ def test_errors_name_the_file(sample_output, tmp_path):
     assert not (tmp_path / "r.html").exists()
 
 
+def assert_same_report(url: str, page: tuple[str, Element], local: str, html) -> None:
+    """The report of ``url`` is the local output's page but for the output's name in it."""
+    r = invoke("report", url, "-o", html, "--no-progress")
+    assert r.exit_code == 0, r.output
+    text = html.read_text()
+    assert json.loads(parse(text).find("script", id="summary-json").all_text()) == stats_json(local)
+    assert text.replace(url, "OUT") == page[0].replace(local, "OUT")
+
+
 def test_s3_output_gives_the_same_report(s3_server, sample_output, tmp_path, page):
     client = s3_server.client()
     for name in os.listdir(sample_output):
         client.upload_file(os.path.join(sample_output, name), s3_server.bucket, f"out/{name}")
-    url = s3_server.url("out")
-    r = invoke("report", url, "-o", tmp_path / "s3.html", "--no-progress")
-    assert r.exit_code == 0, r.output
-    text = (tmp_path / "s3.html").read_text()
-    doc = parse(text)
-    assert json.loads(doc.find("script", id="summary-json").all_text()) == stats_json(sample_output)
-    # the same page but for the output's name in it
-    local_text, _ = page
-    assert text.replace(url, "OUT") == local_text.replace(str(sample_output), "OUT")
+    assert_same_report(s3_server.url("out"), page, sample_output, tmp_path / "s3.html")
+
+
+def test_https_output_gives_the_same_report(http_server, sample_output, tmp_path, page):
+    # an http(s) output cannot be listed: its shards come from the manifest, tars included
+    server = http_server(sample_output)
+    assert_same_report(server.url, page, sample_output, tmp_path / "http.html")
+    assert any(path.endswith(".tar") for _, path, _ in server.log)
 
 
 def test_size_stays_small(page):
