@@ -385,6 +385,15 @@ def _check_out(ctx, param, value):
     return value
 
 
+def _check_output_file(ctx, param, value):
+    """A file to write: its directory must exist (else the error would name a temporary file)."""
+    if value is not None and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        raise click.BadParameter(
+            f"{value!r}: directory {os.path.dirname(os.path.abspath(value))} does not exist", ctx=ctx, param=param
+        )
+    return value
+
+
 def _out_arg(f):
     # a callback, not click.Path(exists=True): OUT may be an s3:// URL; --s3-endpoint is processed first (eager)
     return _s3_endpoint_option(click.argument("out", callback=_check_out)(f))
@@ -494,7 +503,13 @@ def show(out, count, output, seed, max_boxes, cell):
 @_s3_endpoint_option
 @click.argument("out", callback=_check_summary_out)
 @click.option(
-    "-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False), help="HTML to write."
+    "-o",
+    "--output",
+    default="report.html",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    callback=_check_output_file,
+    help="HTML to write.",
 )
 @click.option(
     "-n",
@@ -540,10 +555,18 @@ def report(out, output, count, seed, proposals_eval, no_progress):
     show_default=True,
     help="coco-results: the JSON list of detections pycocotools' COCO.loadRes, FiftyOne and CVAT read.",
 )
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON file to write.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    callback=_check_output_file,
+    help="JSON file to write.",
+)
 @click.option(
     "--images",
     type=click.Path(dir_okay=False),
+    callback=_check_output_file,
     help="The images list to write beside it (ids, paths, sizes).  [default: OUTPUT with .images.json]",
 )
 def export(out, fmt, output, images):

@@ -23,6 +23,7 @@ FLAGS = (
     "--headless",
     "--no-sandbox",  # tests run as root in CI, where Chromium's sandbox cannot start
     "--disable-gpu",
+    "--disable-dev-shm-usage",  # containers often have a small /dev/shm, which Chromium's renderer fills and crashes
     "--no-first-run",
     "--no-default-browser-check",
     "--disable-background-networking",

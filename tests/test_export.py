@@ -123,5 +123,7 @@ def test_paths_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     r = invoke("export", tmp_path / "empty", "-o", tmp_path / "p.json")
     assert r.exit_code == 1 and "no shard parquet files" in r.output and not (tmp_path / "p.json").exists()
+    r = invoke("export", tmp_path / "empty", "-o", tmp_path / "p.json", "--images", tmp_path / "no" / "i.json")
+    assert r.exit_code == 2 and f"directory {tmp_path / 'no'} does not exist" in r.output
     r = invoke("export", tmp_path / "empty", "--format", "voc", "-o", tmp_path / "p.json")
     assert r.exit_code == 2 and "'voc' is not 'coco-results'" in r.output

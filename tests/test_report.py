@@ -302,6 +302,8 @@ def test_errors_name_the_file(sample_output, tmp_path):
     assert r.exit_code == 1 and "notjson.json: not JSON" in r.output
     r = invoke("report", tmp_path / "absent", "-o", tmp_path / "r.html")
     assert r.exit_code == 2 and "does not exist" in r.output
+    r = invoke("report", sample_output, "-o", tmp_path / "no" / "r.html")
+    assert r.exit_code == 2 and f"directory {tmp_path / 'no'} does not exist" in r.output
     (tmp_path / "empty").mkdir()
     r = invoke("report", tmp_path / "empty", "-o", tmp_path / "r.html")
     assert r.exit_code == 1 and "no shard parquet files" in r.output
