@@ -8,7 +8,7 @@ WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 .PHONY: demo lint test test-fast bench clean-demo help
 
 help:
-	@echo "make demo       set up .venv, build proposal shards from data/sample, train a few CPU steps, write pictures"
+	@echo "make demo       set up .venv, build proposal shards from data/sample, train a few CPU steps, write a report and pictures"
 	@echo "make lint       ruff format check and lint (prep shards train bench tests), mypy (shards prep train)"
 	@echo "make test       set up .venv with the dev extras, run make lint, then the whole test suite"
 	@echo "make test-fast  the suite without tests marked slow"
@@ -32,9 +32,11 @@ demo: $(VENV)/.train
 	$(BIN)/prep stats $(DEMO)/shards --plot $(DEMO)/stats.png
 	$(BIN)/prep verify $(DEMO)/shards
 	$(BIN)/prep show $(DEMO)/shards -n 8 -o $(DEMO)/proposals.png
+	$(BIN)/prep report $(DEMO)/shards -o $(DEMO)/report.html --no-progress
+	$(BIN)/prep export $(DEMO)/shards --format coco-results -o $(DEMO)/proposals.json
 	$(BIN)/python -m train --preset tiny --data $(DEMO)/shards --out $(DEMO)/train --max-steps 40 --resume
 	$(BIN)/python -m train.plot $(DEMO)/train/log.jsonl -o $(DEMO)/loss.png
-	@echo "demo done: $(DEMO)/proposals.png $(DEMO)/stats.png $(DEMO)/loss.png"
+	@echo "demo done: $(DEMO)/report.html $(DEMO)/proposals.png $(DEMO)/stats.png $(DEMO)/loss.png $(DEMO)/proposals.json"
 
 LINT_PATHS := prep shards train bench tests
 TYPED_PATHS := shards prep train

@@ -147,6 +147,9 @@ def synthesise(real: str, out: str, shards: int, rows: int, boxes_per_image: flo
             "ss_seconds": pa.array(ss, pa.float64(), mask=failed),
             "image_bytes": pa.array(image_bytes, pa.int64(), mask=failed),
             "sha256": pa.array([f"{x:064x}" for x in rng.integers(0, 2**62, rows)], pa.string()),
+            # the columns format version 2 added, as nulls (no draws: the generator's stream stays as it was)
+            "fallback_boxes": pa.nulls(rows, pa.int32()),
+            "image_sha256": pa.nulls(rows, pa.string()),
         }
         table = pa.table(cols, schema=schema.PARQUET_SCHEMA)
         path = os.path.join(out, name + schema.PARQUET_SUFFIX)

@@ -91,6 +91,11 @@ def format_summary(summary: dict) -> str:
     """``summarize``'s result as text: ``shards.summary.format_summary`` and the accounting line."""
     from shards import summary as summaries
 
+    return summaries.format_summary(summary).rstrip() + "\n" + accounting_line(summary)
+
+
+def accounting_line(summary: dict) -> str:
+    """Whether every planned input of ``summarize``'s result ended up ok or failed, in one line."""
     a = summary["accounting"]
     if a["planned_inputs"] is None:
         line = f"inputs: {a['rows']} rows = {a['ok']} ok + {a['failed']} failed (no run config: plan unknown)"
@@ -103,7 +108,7 @@ def format_summary(summary: dict) -> str:
             f"inputs: {a['planned_inputs']} planned but {a['rows']} rows ({a['ok']} ok + {a['failed']} failed): "
             "the run is not finished (rerun it) or shards are missing"
         )
-    return summaries.format_summary(summary).rstrip() + "\n" + line
+    return line
 
 
 # --- show ------------------------------------------------------------------------------------------------------------

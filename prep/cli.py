@@ -335,6 +335,7 @@ def prep():
     prep coco data/coco --annotations data/coco/annotations/instances_train2017.json --out shards/coco
     prep stats shards/coco
     prep show shards/coco -n 16 -o grid.png
+    prep report shards/coco -o report.html
 
     Rerunning a command resumes it (done shards are skipped, partial ones redone).
     """
@@ -381,6 +382,15 @@ def _check_out(ctx, param, value):
     elif not os.path.isdir(storage.local_path(value)):
         what = "is not a directory" if os.path.exists(storage.local_path(value)) else "does not exist"
         raise click.BadParameter(f"{value!r} {what}", ctx=ctx, param=param)
+    return value
+
+
+def _check_output_file(ctx, param, value):
+    """A file to write: its directory must exist (else the error would name a temporary file)."""
+    if value is not None and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        raise click.BadParameter(
+            f"{value!r}: directory {os.path.dirname(os.path.abspath(value))} does not exist", ctx=ctx, param=param
+        )
     return value
 
 
@@ -487,6 +497,91 @@ def show(out, count, output, seed, max_boxes, cell):
     except (check.CheckError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{output}: {len(keys)} samples")
+
+
+@prep.command()
+@_s3_endpoint_option
+@click.argument("out", callback=_check_summary_out)
+@click.option(
+    "-o",
+    "--output",
+    default="report.html",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    callback=_check_output_file,
+    help="HTML to write.",
+)
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(min=0),
+    default=48,
+    show_default=True,
+    help="Samples in the gallery, each among the first few of its shard (0: none, no tar is read).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which samples (random choice with this seed).")
+@click.option(
+    "--proposals-eval",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also show the recall table of this `prep eval-proposals --json` output.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar for the tar reads.")
+def report(out, output, count, seed, proposals_eval, no_progress):
+    """One self-contained HTML file of an output, to open offline in a browser: the summary of `prep stats`,
+    inputs by status with the failed paths, a sortable shard table, a gallery of N samples with their proposals, and
+    the recall of `prep eval-proposals`. Reads the Parquet, stats files and manifest, and the head of at most N tars.
+    OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
+    from prep import check
+    from prep import report as reports
+
+    try:
+        made = reports.report(out, output, n=count, seed=seed, proposals_eval=proposals_eval, progress=not no_progress)
+    except (reports.ReportError, check.CheckError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(
+        f"{output}: {made['bytes'] / 1e6:.2f} MB, {made['shards']} shards, {made['samples']} samples in the gallery "
+        f"({made['tars']} tars opened, {made['tar_samples_read']} samples read), {made['seconds']:.1f} s"
+    )
+
+
+@prep.command()
+@_s3_endpoint_option
+@click.argument("out", callback=_check_summary_out)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["coco-results"]),
+    default="coco-results",
+    show_default=True,
+    help="coco-results: the JSON list of detections pycocotools' COCO.loadRes, FiftyOne and CVAT read.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    callback=_check_output_file,
+    help="JSON file to write.",
+)
+@click.option(
+    "--images",
+    type=click.Path(dir_okay=False),
+    callback=_check_output_file,
+    help="The images list to write beside it (ids, paths, sizes).  [default: OUTPUT with .images.json]",
+)
+def export(out, fmt, output, images):
+    """The kept proposals of an output for other tools, streamed from the Parquet files: one detection per box,
+    bbox [x, y, w, h] in the source image's pixels, score 1 / (1 + rank), category_id 1; and an images list mapping
+    image ids to paths (the COCO image ids when the output has them, else 1, 2, 3, …).
+    OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
+    from prep import export as exports
+
+    try:
+        done = exports.export_coco_results(out, output, images)
+    except (OSError, ValueError) as e:  # both name the file
+        raise click.ClickException(str(e)) from None
+    ids = "ids assigned 1.." if done["assigned_ids"] else "COCO image ids"
+    click.echo(f"{output}: {done['boxes']} boxes of {done['images']} images ({ids}; images list {done['images_list']})")
 
 
 @prep.command()

@@ -280,19 +280,7 @@ def _mabo(best: np.ndarray, category: np.ndarray) -> float | None:
 
 def format_evaluation(r: dict[str, Any]) -> str:
     """Human-readable text of an ``evaluate`` result."""
-    im, a = r["images"], r["annotations"]
-    lines = [
-        f"images: {im['evaluated']} evaluated of {im['rows']} rows ({im['failed_annotated']} failed, their objects "
-        f"missed; {im['not_annotated']} not in the annotations; {im['size_mismatch']} decoded at another size, "
-        f"skipped); {im['annotated_absent']} annotated images not in the output",
-        f"objects: {a['objects']} (small {a['objects_small']}, medium {a['objects_medium']}, large "
-        f"{a['objects_large']}); {a['crowd_ignored']} crowd annotations ignored",
-    ]
-    s = r["seconds_per_image"]
-    lines.append(
-        f"selective search: {_f(s['mean'], 3)} s per image (p50 {_f(s['p50'], 3)}, total {_f(s['total'], 1)} "
-        f"s); {_f(r['kept_boxes_per_image'], 1)} kept boxes per image"
-    )
+    lines = describe_evaluation(r)
     groups = ["all"] + [name for name, _ in SIZES]
     labels = [f"recall@{t}" for t in r["recall"]] + ["MABO"]
     width = 8 * len(groups)
@@ -303,6 +291,20 @@ def format_evaluation(r: dict[str, Any]) -> str:
         label = "all" if top == "all" else f"first {top}"
         lines.append(f"{label:10}" + "".join("  " + "".join(f"{_f(c[g], 3):>8}" for g in groups) for c in cells))
     return "\n".join(lines)
+
+
+def describe_evaluation(r: dict[str, Any]) -> list[str]:
+    """The lines of ``format_evaluation`` above its table: what was evaluated, the objects, selective-search time."""
+    im, a, s = r["images"], r["annotations"], r["seconds_per_image"]
+    return [
+        f"images: {im['evaluated']} evaluated of {im['rows']} rows ({im['failed_annotated']} failed, their objects "
+        f"missed; {im['not_annotated']} not in the annotations; {im['size_mismatch']} decoded at another size, "
+        f"skipped); {im['annotated_absent']} annotated images not in the output",
+        f"objects: {a['objects']} (small {a['objects_small']}, medium {a['objects_medium']}, large "
+        f"{a['objects_large']}); {a['crowd_ignored']} crowd annotations ignored",
+        f"selective search: {_f(s['mean'], 3)} s per image (p50 {_f(s['p50'], 3)}, total {_f(s['total'], 1)} "
+        f"s); {_f(r['kept_boxes_per_image'], 1)} kept boxes per image",
+    ]
 
 
 def _f(v: float | None, digits: int) -> str:

@@ -20,7 +20,7 @@ import os
 import re
 import tarfile
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -244,7 +244,9 @@ def _complete(sample: dict[str, Any], require: tuple[str, ...]) -> dict[str, Any
     return sample
 
 
-def read_shard(url: str, *, require: Iterable[str] = SAMPLE_MEMBERS, **open_kwargs) -> Iterator[dict[str, Any]]:
+def read_shard(
+    url: str, *, require: Iterable[str] = SAMPLE_MEMBERS, **open_kwargs
+) -> Generator[dict[str, Any], None, None]:
     """Samples of one shard (``require``: see ``group_by_key``); ``open_kwargs`` go to ``storage.open_stream``
     (retries, backoff, timeout, allow_pipe). The stream is closed when the generator is exhausted or closed early."""
     with storage.open_stream(url, **open_kwargs) as stream:

@@ -134,7 +134,7 @@ def summarize_output(
     # the stats file of every done shard (a parquet without one is reported by the check)
     stems = layout.shard_names(listing, schema.STATS_SUFFIX)
     shard_stats = list(
-        ordered_map(lambda n: _read_shard_stats(layout.shard_file(out, n, schema.STATS_SUFFIX)), stems, threads)
+        ordered_map(lambda n: read_shard_stats(layout.shard_file(out, n, schema.STATS_SUFFIX)), stems, threads)
     )
     return _summarize_shards(out, shards, threads).result(shard_stats, min_boxes)
 
@@ -166,7 +166,8 @@ def _key_column(url: str) -> pa.ChunkedArray:
     return read_parquet(url, ["key"])["key"]
 
 
-def _read_shard_stats(url: str) -> dict[str, Any]:
+def read_shard_stats(url: str) -> dict[str, Any]:
+    """One shard's ``NAME.stats.json``; ValueError naming it when it is not JSON."""
     try:
         return json.loads(storage.read_bytes(url))
     except ValueError as e:

@@ -96,3 +96,60 @@ def tcp_proxy():
     yield make
     for p in proxies:
         p.close()
+
+
+# --- a finished output of the bundled COCO sample, shared by the report and export tests ------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_COCO = os.path.join(REPO, "data", "sample", "coco")
+# Two ground-truth objects (x, y, w, h in source pixels) so that `prep eval-proposals` has something to find.
+SAMPLE_OBJECTS = {1: [120.0, 160.0, 200.0, 240.0], 2: [90.0, 40.0, 220.0, 150.0]}
+
+
+class SampleOutput(str):
+    """The output directory, carrying its annotation file (the sample's images, the two failed inputs' entries and
+    ``SAMPLE_OBJECTS``)."""
+
+    annotations: str
+
+
+@pytest.fixture(scope="session")
+def sample_output(tmp_path_factory) -> SampleOutput:
+    """``prep coco`` of the 8 sample photos plus an empty file and a missing one (10 inputs: 8 ok, failed ``empty``
+    and ``missing``) in 4 shards of 3, stored at 240 px (boxes are in stored pixels, sources are 400 px wide), with
+    first-tier sides >= 100 px and a fallback tier down to 40 px that 2 photos need. About a second."""
+    import json
+    import shutil
+
+    from prep import run as prep_run
+    from prep.config import PrepConfig
+
+    root = tmp_path_factory.mktemp("sample_coco")
+    images = root / "images"
+    shutil.copytree(os.path.join(SAMPLE_COCO, "images"), images)
+    (images / "000000000009.jpg").write_bytes(b"")
+    with open(os.path.join(SAMPLE_COCO, "annotations", "instances_sample.json")) as f:
+        ann = json.load(f)
+    ann["images"] += [
+        {"id": 9, "file_name": "000000000009.jpg", "width": 10, "height": 10},
+        {"id": 10, "file_name": "000000000010.jpg", "width": 10, "height": 10},
+    ]
+    ann["annotations"] = [
+        {"id": i + 1, "image_id": image, "bbox": box, "area": box[2] * box[3], "category_id": 1, "iscrowd": 0}
+        for i, (image, box) in enumerate(SAMPLE_OBJECTS.items())
+    ]
+    annotations = root / "annotations.json"
+    annotations.write_text(json.dumps(ann))
+    cfg = PrepConfig(
+        kind="coco",
+        root=str(images),
+        annotations=str(annotations),
+        ss_max_side=128,
+        max_side=240,
+        min_side=100,
+        fallback_min_side=40,
+        shard_size=3,
+    )
+    out = SampleOutput(root / "out")
+    prep_run.run(cfg, out, workers=1, progress=False)
+    out.annotations = str(annotations)
+    return out
