@@ -531,11 +531,13 @@ def report(out, output, count, seed, proposals_eval, no_progress):
     inputs by status with the failed paths, a sortable shard table, a gallery of N samples with their proposals, and
     the recall of `prep eval-proposals`. Reads the Parquet, stats files and manifest, and the head of at most N tars.
     OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
-    from prep import check
+    from prep import check, report_page
     from prep import report as reports
 
     try:
-        made = reports.report(out, output, n=count, seed=seed, proposals_eval=proposals_eval, progress=not no_progress)
+        made = report_page.report(
+            out, output, n=count, seed=seed, proposals_eval=proposals_eval, progress=not no_progress
+        )
     except (reports.ReportError, check.CheckError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(

@@ -1,6 +1,7 @@
 """``prep report``: one self-contained HTML file that holds a whole output together: the summary of ``prep stats``,
 inputs by status with the failed paths, a sortable table of shards, a gallery of samples with their proposals, and
-optionally the recall table of ``prep eval-proposals``. ``prep.report_page`` renders it; this module gathers it.
+optionally the recall table of ``prep eval-proposals``. ``prep.report_page`` renders and writes it; this module
+gathers it.
 
 What is read, so a report of a large or remote output stays cheap: the Parquet and stats files (through
 ``check.summarize``, the one source of ``prep stats --json``), the manifest or run config, and a bounded head of a
@@ -15,7 +16,6 @@ import io
 import json
 import math
 import random
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,40 +165,6 @@ def make_report(
         counts = {name: int(s["samples"]) for name, s in stats.items() if s.get("samples")}
         report.samples, report.tar_reads = _read_samples(out, choose_samples(counts, n, seed), progress)
     return report
-
-
-def write_report(report: Report, output: str) -> int:
-    """Render ``report`` into the HTML file ``output`` (written atomically); returns its size in bytes."""
-    from prep import report_page
-
-    page = report_page.render(report).encode()
-    with storage.atomic_file(output) as f:
-        f.write(page)
-    return len(page)
-
-
-def report(
-    out: str,
-    output: str,
-    *,
-    n: int = GALLERY_SAMPLES,
-    seed: int = 0,
-    proposals_eval: str | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """``prep report``: gather and write; returns what the command prints (bytes, samples, tars read, seconds)."""
-    start = time.perf_counter()
-    evaluation = read_evaluation(proposals_eval) if proposals_eval else None
-    r = make_report(out, n=n, seed=seed, evaluation=evaluation, progress=progress)
-    size = write_report(r, output)
-    return {
-        "bytes": size,
-        "shards": len(r.shards),
-        "samples": len(r.samples),
-        "tars": len(r.tar_reads),
-        "tar_samples_read": sum(r.tar_reads.values()),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
