@@ -627,5 +627,6 @@ def report(
         "samples": len(r.samples),
         "tars": len(r.tar_reads),
         "tar_samples_read": sum(r.tar_reads.values()),
+        "rejected": [item.message for item in r.rejected],
         "seconds": round(time.perf_counter() - start, 2),
     }
