@@ -237,7 +237,10 @@ class Batches:
         failed = dist.failed_ranks(error is not None)  # every rank, every step: nobody hangs in DDP
         if failed:
             if error is not None:
-                raise error
+                try:
+                    raise error
+                finally:  # no cycle frame -> error -> traceback -> frame keeping the model alive (dist.teardown)
+                    error = None
             raise TrainError(f"stopping because rank(s) {failed} failed to read data (see their error)")
         assert batch is not None  # no error on any rank
         return batch, time.perf_counter() - t0
