@@ -616,7 +616,8 @@ def report(
     proposals_eval: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """``prep report``: gather (``prep.report``) and write; returns what the command prints (bytes, samples, tars read, seconds)."""
+    """``prep report``: gather (``prep.report``) and write; returns what the command prints (bytes, samples, tars
+    read, the messages of the bad samples left out of the gallery, seconds)."""
     start = time.perf_counter()
     evaluation = read_evaluation(proposals_eval) if proposals_eval else None
     r = make_report(out, n=n, seed=seed, evaluation=evaluation, progress=progress)

@@ -326,17 +326,17 @@ def tar_members(stream: storage.Stream, limit: Callable[[str], int] = member_lim
     USTAR, PAX and GNU headers (long names, PAX ``path`` and ``size``). A block that is not a valid header where one
     is due (a bad checksum, zero blocks followed by data) starts a damaged stretch: the following blocks are tried
     until one is a valid header, and the stretch is yielded as a ``Member`` with ``name`` None, so one damaged header
-    costs its own member, not the rest of the shard. Members other than regular files, and members over ``limit(name)`` bytes, come
-    with ``problem`` set and their data skipped. Zero blocks end the archive when nothing but zeros follows them (the
-    end-of-archive marker, two zero blocks, and record padding); followed by data they are a damaged stretch too, and
-    reading goes on. Raises ``tarfile.ReadError`` when the stream ends before the end-of-archive marker, after the
-    members before the cut."""
+    costs its own member, not the rest of the shard. Members other than regular files, and members over
+    ``limit(name)`` bytes, come with ``problem`` set and their data skipped. Zero blocks end the archive when nothing
+    but zeros follows them (the end-of-archive marker, two zero blocks, and record padding); followed by data they are
+    a damaged stretch too, and reading goes on. Raises ``tarfile.ReadError`` when the stream ends before the
+    end-of-archive marker, after the members before the cut."""
     src = _Source(stream)
     damaged: int | None = None  # where a stretch without a valid header began
     name_ext: str | None = None  # the next member's name from a PAX or GNU long-name header
     size_ext: int | None = None  # its size from a PAX header
     bad_ext: str | None = None  # why the extended header before the next member is unusable
-    carried: bytes | None = None  # a block read after a lone zero block, still to be looked at
+    carried: bytes | None = None  # the block read after a run of zero blocks, still to be looked at
 
     def cut(at: int, where: str) -> tarfile.ReadError:
         if damaged is not None:

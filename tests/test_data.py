@@ -506,3 +506,22 @@ def test_collate_keeps_channels_last_images_as_they_lie():
     assert b["view1"].is_contiguous(memory_format=torch.channels_last) and b["inst1"].movedim(2, -1).is_contiguous()
     mixed = collate(samples[2:])  # one contiguous sample: the plain stack, same values
     assert torch.equal(mixed["view1"], torch.stack([s["view1"] for s in samples[2:]]))
+
+
+def test_a_spec_is_resolved_once_per_start(tmp_path, monkeypatch):
+    # python -m train reads the manifest once: the loader takes the resolved URLs and counts (on S3, each read or
+    # listing is a request)
+    from shards import storage
+    from train import setup
+    from train.config import parse_args
+
+    urls = make_shards(tmp_path, [6, 6])
+    write_manifest(tmp_path, urls, [6, 6])
+    calls = []
+    for name in ("read_bytes", "list_names"):
+        real = getattr(storage, name)
+        monkeypatch.setattr(storage, name, lambda url, _real=real, _name=name: calls.append(_name) or _real(url))
+    cfg = parse_args(["--preset", "tiny", "--data", str(tmp_path), "--batch-size", "4", "--workers", "0"])
+    loader, steps = setup.build_loader(cfg, torch.device("cpu"), rank=0, world=1, position=DataPosition(), streams=1)
+    assert steps == 3 and calls == ["list_names", "read_bytes"]  # the directory listed, its manifest read: once
+    assert loader.dataset.sizes == dict.fromkeys(urls, 6)

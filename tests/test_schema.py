@@ -214,7 +214,8 @@ json_values = st.recursive(
     | st.integers(-2, 70_000)
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), inner, max_size=4),
     max_leaves=20,
 )  # fmt: skip
 # coordinates around the edges of the 400 x 300 image of _valid(), where the rule decides

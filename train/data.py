@@ -131,12 +131,14 @@ def shard_samples(
     whose JPEG bytes do not have the SHA-256 its KEY.json records is a bad sample."""
     open_kwargs = open_kwargs or {}
     shown = storage.redact(url)
-    good = 0
+    good, looked = 0, False  # looked: whether the shard's head was read again for KEY.json members
     try:
         with storage.open_stream(url, **open_kwargs) as stream:
             for item in reader.shard_items(stream, url, verify_images=verify_images):
                 if isinstance(item, reader.Rejected):
-                    if good == 0 and item.reason == "missing_member" and _without_json(url, open_kwargs):
+                    plain = not good and not looked and item.reason == "missing_member"
+                    looked |= plain
+                    if plain and _without_json(url, open_kwargs):
                         policy.bad_shard(
                             url,
                             f"shard without boxes: {shown} (no KEY.{schema.META_EXT} members: a plain image tar, "

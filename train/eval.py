@@ -224,10 +224,6 @@ class Skipped:
                 stacklevel=2,
             )
 
-    @property
-    def total(self) -> int:
-        return sum(self.by_reason.values())
-
 
 class _Items(IterableDataset):
     """(image, label, key) of every valid sample of ``urls``, and a ``_Skip`` for each invalid one. Worker w of W

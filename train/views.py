@@ -286,8 +286,8 @@ def decode_for_crops(
 ) -> tuple[Image.Image, int]:
     """Decode ``jpeg`` with PIL as RGB, at 1/d scale when ``draft_factor`` allows it for every ``(box, output
     side)`` target -> ``(image, d)``; image-pixel coordinates divide by d. Raises ``schema.InvalidSample`` naming
-    ``name`` when the JPEG's size differs from the metadata's or its data is corrupt. (``train.eval``'s decoder, and ``decode_array``'s
-    for what OpenCV is not given.)"""
+    ``name`` when the JPEG's size differs from the metadata's or its data is corrupt. (``train.eval``'s decoder, and
+    ``decode_array``'s for what OpenCV is not given.)"""
     img = open_image(jpeg, width, height, name)
     d = draft_factor(width, height, targets) if draft else 1
     if d > 1 and img.format == "JPEG":
