@@ -203,7 +203,7 @@ def _json_variant(valid: bytes, rng: random.Random) -> bytes:
     choice = rng.choice(BAD_JSON)
     try:
         meta = json.loads(valid)
-    except ValueError:
+    except (ValueError, RecursionError):  # a payload broken by an earlier mutation
         meta = None
     if not choice.startswith(b'{"boxes"') or not isinstance(meta, dict):  # (a payload broken before)
         return choice
@@ -211,7 +211,7 @@ def _json_variant(valid: bytes, rng: random.Random) -> bytes:
     if rng.random() < 0.2:
         meta["boxes"] = [[0, 0, 1, 1]] * (schema.MAX_BOXES + 1)
     if rng.random() < 0.2:
-        del meta[rng.choice(["width", "height", "format_version", "image_sha256", "key", "path"])]
+        meta.pop(rng.choice(["width", "height", "format_version", "image_sha256", "key", "path"]), None)
     return json.dumps(meta).encode()
 
 
