@@ -2,9 +2,9 @@
 
 'skip' (the default) warns once per URL and counts; 'fail' raises ``BadShardError`` naming the URL (and the key for
 one sample). The stream (``train.data``) detects the faults and hands them here:
-- a shard that cannot be opened or read (missing object, corrupt or truncated tar, network failure after the storage
-  layer's retries, a sample missing a member: ``reader.ShardError``); a tar with no ``KEY.json`` members at all gets
-  the message "shard without boxes: URL". Samples it yielded before the fault are kept, and it is read again wherever
+- a shard that cannot be opened or read as a tar (missing object, not a tar, cut short, network failure after the
+  storage layer's retries: ``reader.ShardError``, OSError); a tar with no ``KEY.json`` members at all gets the
+  message "shard without boxes: URL". Samples it yielded before the fault are kept, and it is read again wherever
   the plan meets it, so the order stays a function of the bytes (counted once per process that meets it: each
   DataLoader worker may count it);
 - a single sample that breaks the rule every reader applies (``shards.reader``: a missing, duplicated or odd member,
