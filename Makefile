@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DEMO   ?= demo_out
 WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: demo lint test test-fast bench clean-demo help
+.PHONY: demo lint test test-fast bench fuzz clean-demo help
 
 help:
 	@echo "make demo       set up .venv, build proposal shards from data/sample, train a few CPU steps, write a report and pictures"
@@ -13,6 +13,7 @@ help:
 	@echo "make test       set up .venv with the dev extras, run make lint, then the whole test suite"
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make bench      run the CPU benchmarks (see docs/benchmarks.md)"
+	@echo "make fuzz       fuzz the shard reader with mutated prep shards for FUZZ_MINUTES minutes (default 10)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +67,12 @@ bench: $(VENV)/.dev
 	PYTHONPATH=. $(BIN)/python bench/ray_bench.py
 	PYTHONPATH=. $(BIN)/python bench/stats_bench.py
 	PYTHONPATH=. $(BIN)/python bench/proposals_bench.py
+
+# The reader under mutations of real prep shards (bench/fuzz.py), as long as asked; the suite runs a bounded campaign.
+FUZZ_MINUTES ?= 10
+FUZZ_SEED ?= 0
+fuzz: $(VENV)/.dev
+	PYTHONPATH=. $(BIN)/python bench/fuzz.py --minutes $(FUZZ_MINUTES) --seed $(FUZZ_SEED)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -342,10 +342,11 @@ def bench_step(name: str, args, device, batch: int, deadline: float, compile: bo
 def find_shards(spec: str) -> tuple[list[str], dict[str, int]]:
     """(tar URLs, samples per URL) of a shard spec; raises FileNotFoundError naming the spec when it has none."""
     try:
-        urls = reader.expand_spec(spec)
+        shards = reader.resolve(spec)
     except Exception as e:  # SpecError and OS errors alike
         raise FileNotFoundError(f"no shards at {spec!r}: {e}") from e
-    sizes = reader.shard_sizes(spec) or data.count_samples(urls)
+    urls = list(shards.urls)
+    sizes = dict(shards.sizes or data.count_samples(urls))
     if not sum(sizes.get(u, 0) for u in urls):
         raise FileNotFoundError(f"no samples in the shards at {spec!r}")
     return urls, {u: sizes[u] for u in urls}

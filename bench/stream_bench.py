@@ -5,8 +5,8 @@
     python bench/stream_bench.py --json out.json # also write the figures
 
 The S3 server is moto in server mode in a separate process (so it does not share this process's GIL, as a real
-store would not). The loader is ``reader.read_shards`` (next shard opened ahead) + ``reader.decode`` (metadata
-only), and a variant that also decodes every JPEG to RGB. Passes alternate local / S3 so drift in machine load hits
+store would not). The loader is ``reader.read_shards`` (next shard opened ahead; metadata decoded and checked), and a
+variant that also decodes every JPEG to RGB. Passes alternate local / S3 so drift in machine load hits
 both; the median pass counts. Target: S3 samples/s ÷ local samples/s >= 0.9.
 
 CPU time per sample is reported too (loader process, and the S3 server process): on a machine shared with other
@@ -95,7 +95,7 @@ def one_pass(urls: list[str], decode_images: bool) -> tuple[int, float, float]:
     from PIL import Image
 
     n, t, cpu = 0, time.perf_counter(), time.process_time()
-    for sample in map(reader.decode, reader.read_shards(urls)):
+    for sample in reader.read_shards(urls):
         if decode_images:
             with Image.open(io.BytesIO(sample["jpg"])) as im:
                 im.convert("RGB").load()

@@ -128,17 +128,28 @@ def _ok_keys(out: str, name: str) -> list[str]:
     ]
 
 
-def _samples(url: str) -> Iterator[dict]:
-    """The decoded samples of a shard (``shards.reader``), errors as CheckError naming the shard."""
+def _samples(url: str, on_reject: Callable[[reader.Rejected], None]) -> Iterator[dict]:
+    """The valid samples of a shard (``shards.reader``), invalid ones to ``on_reject``; a shard that cannot be read
+    as a tar is a CheckError naming it."""
     try:
-        yield from map(reader.decode, reader.read_shard(url))
+        yield from reader.read_shard(url, on_reject=on_reject)
     except reader.ShardError as e:
         raise CheckError(str(e)) from None
 
 
-def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 20, cell: int = 256) -> list[str]:
+def show(
+    out: str,
+    output: str,
+    *,
+    n: int = 16,
+    seed: int = 0,
+    max_boxes: int = 20,
+    cell: int = 256,
+    on_reject: Callable[[reader.Rejected], None] | None = None,
+) -> list[str]:
     """Draw the first ``max_boxes`` boxes of ``n`` random ok samples (chosen with ``seed``) on a grid PNG; returns
-    the keys drawn, in grid order."""
+    the keys drawn, in grid order. A chosen sample that breaks the format's rule (``shards.reader``; or its JPEG does
+    not decode to its recorded size) is left out and goes to ``on_reject`` (default: ignored)."""
     from PIL import Image, ImageDraw, ImageFont
 
     listing = set(storage.list_names(out))
@@ -158,13 +169,22 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
     drawn: list[str] = []
+
+    def rejected(item: reader.Rejected) -> None:
+        if on_reject is not None and item.key in wanted.get(name, ()):
+            on_reject(item)
+
     for name in sorted(wanted):
-        for sample in _samples(layout.shard_file(out, name, schema.TAR_SUFFIX)):
+        for sample in _samples(layout.shard_file(out, name, schema.TAR_SUFFIX), rejected):
             key = sample["__key__"]
             if key not in wanted[name]:
                 continue
             meta = sample["meta"]
-            img = Image.open(io.BytesIO(sample[schema.IMAGE_EXT])).convert("RGB")
+            try:
+                img = _decoded(sample)
+            except schema.InvalidSample as e:
+                rejected(reader.Rejected(sample["__url__"], key, e.reason, str(e)))
+                continue
             scale = min(cell / img.width, cell / img.height)
             thumb = img.resize(
                 (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR
@@ -189,14 +209,21 @@ def show(out: str, output: str, *, n: int = 16, seed: int = 0, max_boxes: int = 
     return drawn
 
 
+def _decoded(sample: dict):
+    """The sample's JPEG decoded as an RGB PIL image; ``schema.InvalidSample`` (``bad_image``) when it does not decode
+    or its size is not the one its KEY.json records."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(sample[schema.IMAGE_EXT])) as im:
+            rgb = im.convert("RGB")  # decodes every byte: a truncated or corrupt JPEG raises here
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError … for damaged data
+        raise schema.InvalidSample("bad_image", f"{sample['__key__']}.{schema.IMAGE_EXT} does not decode: {e}") from e
+    schema.check_image_size(sample["meta"], rgb.size)
+    return rgb
+
+
 # --- verify ----------------------------------------------------------------------------------------------------------
-def _boxes_inside(boxes: np.ndarray, width: int, height: int) -> bool:
-    if boxes.size == 0:
-        return True
-    x0, y0, x1, y1 = boxes.T
-    return bool(np.all((x0 >= 0) & (x0 < x1) & (x1 <= width) & (y0 >= 0) & (y0 < y1) & (y1 <= height)))
-
-
 def _decode_size(jpeg: bytes) -> tuple[tuple[int, int], str, str]:
     from PIL import Image
 
@@ -206,11 +233,18 @@ def _decode_size(jpeg: bytes) -> tuple[tuple[int, int], str, str]:
 
 
 def verify_shard(
-    out: str, name: str, fingerprint: str | None = None, listing: set[str] | None = None, *, quick: bool = False
+    out: str,
+    name: str,
+    fingerprint: str | None = None,
+    listing: set[str] | None = None,
+    *,
+    quick: bool = False,
+    skipped: dict[str, int] | None = None,
 ) -> tuple[list[str], dict | None]:
     """Problems of one shard (each line starts with the shard name) and its stats (None if unreadable).
     ``listing``: the set of ``storage.list_names(out)`` when the caller has it already. ``quick``: do not hash the
-    stored images (their SHA-256 is checked against ``KEY.json`` otherwise, in format version 2)."""
+    stored images (their SHA-256 is checked against ``KEY.json`` otherwise, in format version 2). ``skipped``: gets
+    the samples readers would skip, counted by reason (``schema.INVALID_REASONS``)."""
     problems: list[str] = []
 
     def problem(msg: str) -> None:
@@ -262,28 +296,35 @@ def verify_shard(
         if st.get(k) != v:
             problem(f"stats {k} = {st.get(k)!r}, but the shard has {v!r}")
 
-    # tar vs parquet ok rows, in order; samples as the reader finds them (its check of the end-of-archive marker
-    # included), incomplete ones too: _check_sample names what they lack
-    expected = iter(ok_rows)
-    seen = 0
+    # tar vs parquet ok rows: the samples as every reader finds them (``shards.reader``: the format's rule, the
+    # image hashes unless ``quick``, the end-of-archive marker); a sample a reader would skip is a problem naming why
+    order = {r["key"]: i for i, r in enumerate(ok_rows)}
+    found: set[str] = set()
+    last = -1
+
+    def reject(item: reader.Rejected) -> None:
+        problem(f"{item.key or 'tar'}: {item.detail} (readers skip it: {item.reason})")
+        if skipped is not None:
+            skipped[item.reason] = skipped.get(item.reason, 0) + 1
+        if item.key is not None:
+            found.add(item.key)
+
     try:
-        for sample in reader.read_shard(file(schema.TAR_SUFFIX), require=()):
+        for sample in reader.read_shard(file(schema.TAR_SUFFIX), on_reject=reject, verify_images=not quick):
             key = sample["__key__"]
-            group = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
-            row = next(expected, None)
-            if row is None:
-                problem(f"tar member {key}.* has no parquet row")
+            found.add(key)
+            if key not in order:
+                problem(f"tar sample {key!r} has no parquet ok row")
                 continue
-            seen += 1
-            if key != row["key"]:
-                problem(f"tar sample {seen} is {key!r}, parquet ok row {seen} is {row['key']!r}")
-                continue
-            _check_sample(key, group, row, problem, quick=quick)
+            if order[key] < last:
+                problem(f"tar sample {key!r} comes before parquet ok rows listed ahead of it (order differs)")
+            last = max(last, order[key])
+            _check_sample(key, sample, ok_rows[order[key]], problem)
             if len(problems) > MAX_PROBLEMS_PER_SHARD:
                 break
     except (reader.ShardError, OSError) as e:
-        problem(f"tar unreadable after {seen} samples: {e}")
-    rest = [r["key"] for r in expected]
+        problem(f"tar unreadable after {len(found)} samples: {e}")
+    rest = [r["key"] for r in ok_rows if r["key"] not in found]
     if rest and len(problems) <= MAX_PROBLEMS_PER_SHARD:
         problem(f"{len(rest)} parquet ok rows have no tar sample (first: {rest[0]!r})")
     if len(problems) > MAX_PROBLEMS_PER_SHARD:
@@ -291,23 +332,10 @@ def verify_shard(
     return problems, st
 
 
-def _check_sample(
-    key: str, group: dict[str, bytes], row: dict, problem: Callable[[str], None], *, quick: bool = False
-) -> None:
-    extra = sorted(set(group) - {schema.IMAGE_EXT, schema.META_EXT})
-    if extra:
-        problem(f"{key}: unexpected members {', '.join(key + '.' + e for e in extra)}")
-    if schema.IMAGE_EXT not in group or schema.META_EXT not in group:
-        problem(f"{key}: needs both {key}.{schema.IMAGE_EXT} and {key}.{schema.META_EXT}, has {sorted(group)}")
-        return
-    try:
-        meta = schema.decode_meta(group[schema.META_EXT])
-    except (ValueError, TypeError) as e:
-        problem(f"{key}.{schema.META_EXT}: {e}")
-        return
-    w, h = meta.get("width"), meta.get("height")
+def _check_sample(key: str, sample: dict, row: dict, problem: Callable[[str], None]) -> None:
+    """A valid sample (``shards.reader``: the format's rule holds) against its Parquet row, and its JPEG decoded."""
+    meta = sample["meta"]
     for field, value in (
-        ("key", key),
         ("path", row["path"]),
         ("width", row["width"]),
         ("height", row["height"]),
@@ -322,24 +350,18 @@ def _check_sample(
         problem(f"{key}: boxes in {key}.{schema.META_EXT} differ from the parquet row")
     if len(boxes) != row["kept_boxes"]:
         problem(f"{key}: {len(boxes)} boxes, parquet kept_boxes = {row['kept_boxes']}")
-    if isinstance(w, int) and isinstance(h, int) and not _boxes_inside(boxes, w, h):
-        problem(f"{key}: boxes outside the {w}x{h} image (or empty)")
-    jpeg = group[schema.IMAGE_EXT]
+    jpeg = sample[schema.IMAGE_EXT]
     if len(jpeg) != row["image_bytes"]:
         problem(f"{key}.{schema.IMAGE_EXT}: {len(jpeg)} bytes, parquet image_bytes = {row['image_bytes']}")
-    # a flipped byte can leave a JPEG that still decodes to the right size: only its hash tells (format version 2)
-    if not quick and meta["image_sha256"] is not None and schema.image_sha256(jpeg) != meta["image_sha256"]:
-        problem(
-            f"{key}.{schema.IMAGE_EXT}: SHA-256 of the stored bytes differs from {key}.{schema.META_EXT} "
-            "(the image was damaged after it was written)"
-        )
     try:
         size, fmt, mode = _decode_size(jpeg)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError … for damaged data
-        problem(f"{key}.{schema.IMAGE_EXT}: does not decode: {e}")
+        problem(f"{key}.{schema.IMAGE_EXT}: does not decode: {e} (readers skip it: bad_image)")
         return
-    if size != (w, h):
-        problem(f"{key}.{schema.IMAGE_EXT}: decodes to {size[0]}x{size[1]}, metadata says {w}x{h}")
+    try:
+        schema.check_image_size(meta, size)
+    except schema.InvalidSample as e:
+        problem(f"{key}.{schema.IMAGE_EXT}: {e} (readers skip it: {e.reason})")
     if fmt != "JPEG" or mode != "RGB":
         problem(f"{key}.{schema.IMAGE_EXT}: is {fmt} {mode}, expected an RGB JPEG")
 
@@ -358,7 +380,7 @@ def _size(url: str) -> int | None:
 def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False) -> tuple[list[str], dict]:
     """Check every shard of ``out`` (``verify_shard``; ``quick``: without hashing the images), keys unique across
     shards, the plan of the run config and the manifest totals. ``echo`` gets each problem line as found. Returns
-    (problems, totals)."""
+    (problems, totals); ``totals["samples_skipped"]``: the samples readers would skip, by reason."""
     problems: list[str] = []
 
     def report(lines: list[str]) -> None:
@@ -378,8 +400,9 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
     fingerprint = run_cfg.get("fingerprint") if run_cfg else None
     shard_stats = []
     owner: dict[str, str] = {}
+    skipped: dict[str, int] = {}
     for name in names:
-        shard_problems, st = verify_shard(out, name, fingerprint, listing, quick=quick)
+        shard_problems, st = verify_shard(out, name, fingerprint, listing, quick=quick, skipped=skipped)
         report(shard_problems)
         if st is not None:
             shard_stats.append(st)
@@ -398,6 +421,7 @@ def verify(out: str, echo: Callable[[str], None] = print, *, quick: bool = False
         "shards": len(names),
         "samples": sum(s.get("samples", 0) for s in shard_stats),
         "inputs": sum(s.get("inputs", 0) for s in shard_stats),
+        "samples_skipped": dict(sorted(skipped.items())),
     }
     return problems, totals
 

@@ -189,7 +189,7 @@ def _run_options(f):
         ),
         click.option(
             "--max-boxes",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=schema.MAX_BOXES),
             default=d.max_boxes,
             show_default=True,
             help="Keep the first N boxes after the filters.",
@@ -492,11 +492,17 @@ def show(out, count, output, seed, max_boxes, cell):
     """Draw the proposal boxes of N random samples onto a grid PNG (key as caption)."""
     from prep import check
 
+    skipped: list = []
+
+    def reject(item) -> None:  # a chosen sample that breaks the format's rule: named, then left out
+        click.echo(f"skipping a bad sample: {item.message}", err=True)
+        skipped.append(item)
+
     try:
-        keys = check.show(out, output, n=count, seed=seed, max_boxes=max_boxes, cell=cell)
+        keys = check.show(out, output, n=count, seed=seed, max_boxes=max_boxes, cell=cell, on_reject=reject)
     except (check.CheckError, OSError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"{output}: {len(keys)} samples")
+    click.echo(f"{output}: {len(keys)} samples" + (f" ({len(skipped)} bad ones skipped)" if skipped else ""))
 
 
 @prep.command()
@@ -531,13 +537,17 @@ def report(out, output, count, seed, proposals_eval, no_progress):
     inputs by status with the failed paths, a sortable shard table, a gallery of N samples with their proposals, and
     the recall of `prep eval-proposals`. Reads the Parquet, stats files and manifest, and the head of at most N tars.
     OUT: a directory, s3://bucket/prefix, or an http(s):// URL of an output with a manifest."""
-    from prep import check
+    from prep import check, report_page
     from prep import report as reports
 
     try:
-        made = reports.report(out, output, n=count, seed=seed, proposals_eval=proposals_eval, progress=not no_progress)
+        made = report_page.report(
+            out, output, n=count, seed=seed, proposals_eval=proposals_eval, progress=not no_progress
+        )
     except (reports.ReportError, check.CheckError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    for message in made["rejected"]:
+        click.echo(f"left out of the gallery, a bad sample: {message}", err=True)
     click.echo(
         f"{output}: {made['bytes'] / 1e6:.2f} MB, {made['shards']} shards, {made['samples']} samples in the gallery "
         f"({made['tars']} tars opened, {made['tar_samples_read']} samples read), {made['seconds']:.1f} s"
@@ -599,6 +609,10 @@ def verify(out, quick):
     except OSError as e:  # the output itself unreachable (a broken shard is a problem line, not this)
         raise click.ClickException(str(e)) from None
     if problems:
+        skipped = summary["samples_skipped"]
+        if skipped:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+            click.echo(f"{sum(skipped.values())} sample(s) that readers skip ({reasons})", err=True)
         click.echo(f"{len(problems)} problem(s) in {out}", err=True)
         sys.exit(1)
     click.echo(f"ok: {summary['shards']} shards, {summary['samples']} samples, {summary['inputs']} inputs")

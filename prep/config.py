@@ -51,6 +51,8 @@ class PrepConfig:
         for name in ("ss_max_side", "max_boxes", "shard_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_boxes > schema.MAX_BOXES:
+            raise ValueError(f"max_boxes must be at most {schema.MAX_BOXES} (readers skip samples with more)")
         if not 0 < self.iou <= 1:
             raise ValueError(f"iou must be in (0, 1], got {self.iou}")
         if self.max_aspect < 1:

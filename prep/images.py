@@ -191,6 +191,10 @@ def load_image(
         if orientation in _SWAPS_SIDES:
             width, height = height, width
         stored_w, stored_h = _scaled_size(width, height, max_side)
+        if max(stored_w, stored_h) > schema.MAX_SIDE:  # no JPEG can hold it; readers refuse the size
+            raise ImageError(
+                "too_large", f"{path}: {stored_w}x{stored_h} has a side over {schema.MAX_SIDE} px, a JPEG's limit"
+            )
         if min(stored_w, stored_h) < min_size:
             size = f"{width}x{height}"
             if (stored_w, stored_h) != (width, height):
@@ -232,6 +236,8 @@ def load_image(
             # Decode what we wrote, so `rgb` is always exactly the stored pixels: boxes are computed on what readers
             # see. Still inside the guards: our own output must not trip PIL's bomb check when max_pixels is raised.
             rgb = _decode_rgb(jpeg)
+    if len(jpeg) > schema.IMAGE_MAX_BYTES:  # readers skip a KEY.jpg over the limit: never write one
+        raise ImageError("too_large", f"{path}: {len(jpeg)} bytes stored, over the limit of {schema.IMAGE_MAX_BYTES}")
     return LoadedImage(
         rgb=rgb,
         jpeg=jpeg,

@@ -1,6 +1,7 @@
 """``prep report``: one self-contained HTML file that holds a whole output together: the summary of ``prep stats``,
 inputs by status with the failed paths, a sortable table of shards, a gallery of samples with their proposals, and
-optionally the recall table of ``prep eval-proposals``. ``prep.report_page`` renders it; this module gathers it.
+optionally the recall table of ``prep eval-proposals``. ``prep.report_page`` renders and writes it; this module
+gathers it.
 
 What is read, so a report of a large or remote output stays cheap: the Parquet and stats files (through
 ``check.summarize``, the one source of ``prep stats --json``), the manifest or run config, and a bounded head of a
@@ -15,7 +16,6 @@ import io
 import json
 import math
 import random
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +85,8 @@ class Report:
     seed: int = 0
     page_size: int = PAGE_SIZE
     tar_reads: dict[str, int] = field(default_factory=dict)  # shard -> samples read from its tar
+    # chosen samples left out of the gallery: they break the format's rule (shards.reader), each with its reason
+    rejected: list[reader.Rejected] = field(default_factory=list)
 
     @property
     def min_boxes(self) -> int:
@@ -163,42 +165,10 @@ def make_report(
     if n:
         # only done shards: a shard without its stats file may have a partial tar
         counts = {name: int(s["samples"]) for name, s in stats.items() if s.get("samples")}
-        report.samples, report.tar_reads = _read_samples(out, choose_samples(counts, n, seed), progress)
+        report.samples, report.tar_reads, report.rejected = _read_samples(
+            out, choose_samples(counts, n, seed), progress
+        )
     return report
-
-
-def write_report(report: Report, output: str) -> int:
-    """Render ``report`` into the HTML file ``output`` (written atomically); returns its size in bytes."""
-    from prep import report_page
-
-    page = report_page.render(report).encode()
-    with storage.atomic_file(output) as f:
-        f.write(page)
-    return len(page)
-
-
-def report(
-    out: str,
-    output: str,
-    *,
-    n: int = GALLERY_SAMPLES,
-    seed: int = 0,
-    proposals_eval: str | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """``prep report``: gather and write; returns what the command prints (bytes, samples, tars read, seconds)."""
-    start = time.perf_counter()
-    evaluation = read_evaluation(proposals_eval) if proposals_eval else None
-    r = make_report(out, n=n, seed=seed, evaluation=evaluation, progress=progress)
-    size = write_report(r, output)
-    return {
-        "bytes": size,
-        "shards": len(r.shards),
-        "samples": len(r.samples),
-        "tars": len(r.tar_reads),
-        "tar_samples_read": sum(r.tar_reads.values()),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
@@ -247,47 +217,65 @@ def _ok_rows(out: str, name: str) -> list[dict[str, Any]]:
     return t.filter(pc.equal(t["status"], schema.STATUS_OK)).to_pylist()
 
 
-def _read_samples(out: str, chosen: Mapping[str, list[int]], progress: bool) -> tuple[list[Sample], dict[str, int]]:
-    """The chosen samples, each shard's tar read up to its last chosen one; (samples, shard -> samples read)."""
+def _read_samples(
+    out: str, chosen: Mapping[str, list[int]], progress: bool
+) -> tuple[list[Sample], dict[str, int], list[reader.Rejected]]:
+    """The chosen samples (ordinals of the Parquet's ok rows, which follow the tar's order), each shard's tar read
+    until all its chosen ones were met; (samples, shard -> samples read, chosen samples left out because they break
+    the format's rule). Tar samples are matched to rows by key, so a bad sample elsewhere shifts nothing."""
     from tqdm import tqdm
 
     total = sum(max(ordinals) + 1 for ordinals in chosen.values())
     samples: list[Sample] = []
+    rejected: list[reader.Rejected] = []
     reads: dict[str, int] = {}
     with tqdm(total=total, unit="sample", desc="reading tars", disable=not progress, leave=False) as bar:
         for name, ordinals in sorted(chosen.items()):
             rows = _ok_rows(out, name)
+            ordinal = {row["key"]: i for i, row in enumerate(rows)}
             url = layout.shard_file(out, name, schema.TAR_SUFFIX)
             wanted = set(ordinals)
-            samples_of = reader.read_shard(url)
+            reads[name] = 0
             try:
-                for i, sample in enumerate(samples_of):
-                    bar.update(1)
-                    reads[name] = i + 1
-                    if i in wanted:
-                        samples.append(_sample(name, sample, rows[i] if i < len(rows) else None, url))
-                    if i == ordinals[-1]:
-                        break
+                with storage.open_stream(url) as stream:
+                    items = reader.shard_items(stream, url)
+                    try:
+                        for item in items:
+                            key = item.key if isinstance(item, reader.Rejected) else item["__key__"]
+                            if key is None:  # a damaged stretch of the tar: no row of its own
+                                continue
+                            bar.update(1)
+                            reads[name] += 1
+                            i = ordinal.get(key)
+                            if i not in wanted:
+                                continue
+                            wanted.discard(i)
+                            got = item if isinstance(item, reader.Rejected) else _sample(name, item, rows[i], url)
+                            if isinstance(got, reader.Rejected):
+                                rejected.append(got)
+                            else:
+                                samples.append(got)
+                            if not wanted:
+                                break
+                    finally:
+                        items.close()  # stops the read: the rest of the tar is never fetched
             except reader.ShardError as e:
                 raise ReportError(str(e)) from None
-            finally:
-                samples_of.close()  # stops the read: the rest of the tar is never fetched
-            if reads.get(name, 0) <= ordinals[-1]:
+            if wanted:
                 raise ReportError(
-                    f"{storage.redact(url)}: {reads.get(name, 0)} samples, but its stats file counts more "
-                    "(run `prep verify`)"
+                    f"{storage.redact(url)}: {reads[name]} samples, but its stats file counts more (run `prep verify`)"
                 )
-    return samples, reads
+    return samples, reads, rejected
 
 
-def _sample(shard: str, sample: dict[str, Any], row: dict[str, Any] | None, url: str) -> Sample:
-    meta = reader.decode(sample)["meta"]
+def _sample(shard: str, sample: dict[str, Any], row: dict[str, Any], url: str) -> Sample | reader.Rejected:
+    """A valid sample (``shards.reader``) for the gallery; a Rejected when its JPEG is not what KEY.json says."""
+    meta = sample["meta"]
     key = sample["__key__"]
-    if row is None or row["key"] != key:
-        raise ReportError(
-            f"{storage.redact(url)}: tar sample {key!r} is not the Parquet's ok row at its place "
-            f"({None if row is None else row['key']!r}); run `prep verify`"
-        )
+    try:
+        thumb = thumbnail(sample[schema.IMAGE_EXT], size=(meta["width"], meta["height"]))
+    except schema.InvalidSample as e:
+        return reader.Rejected(url, key, e.reason, str(e))
     return Sample(
         shard=shard,
         key=key,
@@ -296,17 +284,27 @@ def _sample(shard: str, sample: dict[str, Any], row: dict[str, Any] | None, url:
         height=int(meta["height"]),
         boxes=meta["boxes"],
         fallback=int(row["fallback_boxes"] or 0),
-        thumbnail=thumbnail(sample[schema.IMAGE_EXT]),
+        thumbnail=thumb,
     )
 
 
-def thumbnail(jpeg: bytes, side: int = THUMB_SIDE, quality: int = THUMB_QUALITY) -> bytes:
-    """A JPEG of ``jpeg`` with its longer side at most ``side`` px."""
+def thumbnail(
+    jpeg: bytes, side: int = THUMB_SIDE, quality: int = THUMB_QUALITY, size: tuple[int, int] | None = None
+) -> bytes:
+    """A JPEG of ``jpeg`` with its longer side at most ``side`` px. ``size``: the (width, height) its KEY.json
+    records; ``schema.InvalidSample`` (``bad_image``) when the JPEG is not that size or does not decode."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(jpeg)) as im:
-        im.draft("RGB", (side, side))  # JPEG decodes at 1/2, 1/4, 1/8 scale when that is still large enough
-        rgb = im.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(jpeg)) as im:
+            if size is not None:
+                schema.check_image_size({"width": size[0], "height": size[1]}, im.size)
+            im.draft("RGB", (side, side))  # JPEG decodes at 1/2, 1/4, 1/8 scale when that is still large enough
+            rgb = im.convert("RGB")
+    except schema.InvalidSample:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError … for damaged data
+        raise schema.InvalidSample("bad_image", f"the JPEG does not decode: {e}") from e
     scale = min(1.0, side / max(rgb.size))
     size = (max(1, math.floor(rgb.width * scale + 0.5)), max(1, math.floor(rgb.height * scale + 0.5)))
     if size != rgb.size:

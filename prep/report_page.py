@@ -1,5 +1,6 @@
 """The HTML of ``prep report``: one page with its style, script, pictures and data inside, nothing fetched when it is
-viewed (a Content-Security-Policy allows data: pictures and the page's own inline style and script only).
+viewed (a Content-Security-Policy allows data: pictures and the page's own inline style and script only); and the
+command's body (``report``): the report gathered (``prep.report``), rendered and written.
 
 Every number shown comes from the report's data as gathered (``prep.report``): the summary tiles and tables from the
 ``check.summarize`` result that ``prep stats --json`` prints (also embedded whole as JSON, ``#summary-json``), each
@@ -13,15 +14,14 @@ from __future__ import annotations
 import html
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prep import check, evaluate
-from shards import schema
+from prep.report import GALLERY_SAMPLES, Report, Sample, ShardRow, data_uri, make_report, read_evaluation
+from shards import schema, storage
 from shards import summary as summaries
-
-if TYPE_CHECKING:
-    from prep.report import Report, Sample, ShardRow
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -293,8 +293,6 @@ def _gallery_section(report: Report) -> str:
 
 
 def _card(sample: Sample, k: int) -> str:
-    from prep.report import data_uri
-
     boxes = sample.boxes.tolist()
     n = len(boxes)
     fb_from = n - sample.fallback  # boxes from here on came from the fallback tier
@@ -598,3 +596,38 @@ if (gallery) {
   show();
 }
 """
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+def write_report(report: Report, output: str) -> int:
+    """Render ``report`` into the HTML file ``output`` (written atomically); returns its size in bytes."""
+    page = render(report).encode()
+    with storage.atomic_file(output) as f:
+        f.write(page)
+    return len(page)
+
+
+def report(
+    out: str,
+    output: str,
+    *,
+    n: int = GALLERY_SAMPLES,
+    seed: int = 0,
+    proposals_eval: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """``prep report``: gather (``prep.report``) and write; returns what the command prints (bytes, samples, tars
+    read, the messages of the bad samples left out of the gallery, seconds)."""
+    start = time.perf_counter()
+    evaluation = read_evaluation(proposals_eval) if proposals_eval else None
+    r = make_report(out, n=n, seed=seed, evaluation=evaluation, progress=progress)
+    size = write_report(r, output)
+    return {
+        "bytes": size,
+        "shards": len(r.shards),
+        "samples": len(r.samples),
+        "tars": len(r.tar_reads),
+        "tar_samples_read": sum(r.tar_reads.values()),
+        "rejected": [item.message for item in r.rejected],
+        "seconds": round(time.perf_counter() - start, 2),
+    }

@@ -114,6 +114,9 @@ def listing(out: str) -> set[str]:
     if storage.exists(manifest_url):
         # a manifest is written only when every shard is done: each has its parquet and stats file
         names = [s["name"] for s in json.loads(storage.read_bytes(manifest_url))["shards"]]
+        for name in names:  # a manifest names the shards beside it: nothing that would resolve elsewhere
+            if not isinstance(name, str) or "/" in name or not is_shard_name(name):
+                raise ValueError(f"{storage.redact(manifest_url)}: {name!r:.100} is not the name of a shard beside it")
         return {schema.MANIFEST_NAME} | {n + s for n in names for s in (schema.PARQUET_SUFFIX, schema.STATS_SUFFIX)}
     config_url = storage.join(out, schema.RUN_CONFIG_NAME)
     if not storage.exists(config_url):

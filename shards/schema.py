@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import pyarrow as pa
@@ -130,20 +130,125 @@ def encode_meta(
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def decode_meta(data: bytes) -> dict[str, Any]:
+# --- what a reader accepts (docs/format.md, "What a reader accepts") ---------------------------------------------
+# Every reader (train's stream, train.eval, prep show / verify / report) applies this one rule to each sample and skips
+# a sample that breaks it alone, counted under one of ``INVALID_REASONS``; prep never writes one (the writer checks).
+META_MAX_BYTES = 1 << 20  # KEY.json: MAX_BOXES boxes of 5-digit numbers take ~0.3 MB
+IMAGE_MAX_BYTES = 512 << 20  # KEY.jpg: above the largest JPEG prep makes within its default pixel limit
+MAX_BOXES = 10_000
+MAX_SIDE = 65_535  # the largest side a JPEG can have
+SAMPLE_MEMBERS = (IMAGE_EXT, META_EXT)  # a sample is exactly these two members, consecutive, in any order
+
+INVALID_REASONS = {
+    "missing_member": "KEY.jpg or KEY.json is missing (or its tar header is damaged)",
+    "duplicate_member": "a member, or the whole sample, appears twice in the shard",
+    "unexpected_member": "a member other than KEY.jpg and KEY.json",
+    "bad_member": "a member that is not a regular file (link, device, directory) or is over its size limit",
+    "bad_name": "a member name that is not KEY.jpg / KEY.json with a valid key (absolute, ../, dots, no extension)",
+    "bad_meta": "KEY.json is not a JSON object of a readable format version within the size limit",
+    "bad_boxes": "boxes not [N][4] integers with 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height, N <= MAX_BOXES",
+    "bad_image": "KEY.jpg does not decode, or its size is not width x height (checked where it is decoded)",
+    "image_sha256": "KEY.jpg does not have the SHA-256 that KEY.json records (checked on request)",
+    "damaged_tar": "bytes of the tar that hold no valid header, skipped up to the next valid one",
+}
+
+
+class InvalidSample(ValueError):
+    """A sample that breaks the rule of ``docs/format.md`` ("What a reader accepts"); ``reason`` is a key of
+    ``INVALID_REASONS``, the message says what is wrong (the reader adds the shard URL and the key)."""
+
+    def __init__(self, reason: str, message: str):
+        assert reason in INVALID_REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+
+
+def _no_repeated_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal names: which "boxes" a tool reads would depend on the tool
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = [k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])]
+        raise InvalidSample("bad_meta", f"KEY.json repeats the name {seen[0]!r}")
+    return out
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def decode_meta(data: bytes, key: str | None = None) -> dict[str, Any]:
     """``KEY.json`` bytes -> dict with ``boxes`` as an int32 ``[N, 4]`` array and ``image_sha256`` (None in version 1,
-    which has no hash). Raises ValueError on a bad payload."""
-    meta = json.loads(data)
-    if not isinstance(meta, dict) or "boxes" not in meta:
-        raise ValueError("sample metadata has no 'boxes'")
+    which has no hash), when the metadata follows the rule of ``docs/format.md``: at most ``META_MAX_BYTES``, a JSON
+    object without repeated names, ``format_version`` in ``READABLE_VERSIONS``, ``key`` a string (equal to ``key``
+    when given: the member's), ``path`` a string, ``width`` and ``height`` integers in [1, ``MAX_SIDE``], ``boxes``
+    a list of at most ``MAX_BOXES`` lists of 4 integers with ``0 <= x0 < x1 <= width`` and ``0 <= y0 < y1 <=
+    height``, ``image_sha256`` 64 lowercase hex digits (version 2), ``label`` and ``image_id`` integers or null.
+    Other names are allowed (and kept). Raises ``InvalidSample`` (a ValueError) with reason ``bad_meta`` or
+    ``bad_boxes``; never anything else, whatever the bytes."""
+    if len(data) > META_MAX_BYTES:
+        raise InvalidSample("bad_meta", f"KEY.json is {len(data)} bytes, more than the limit of {META_MAX_BYTES}")
+    try:
+        meta = json.loads(data, object_pairs_hook=_no_repeated_names)
+    except InvalidSample:
+        raise
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; deep nesting recurses
+        raise InvalidSample("bad_meta", f"KEY.json is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise InvalidSample("bad_meta", f"KEY.json is a JSON {type(meta).__name__}, not an object")
+    if "boxes" not in meta:
+        raise InvalidSample("bad_meta", "sample metadata has no 'boxes'")
     version = meta.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise ValueError(f"sample metadata has format_version {version}, this reader knows {READABLE_VERSIONS}")
-    if version >= 2 and not isinstance(meta.get("image_sha256"), str):
-        raise ValueError(f"sample metadata of format_version {version} has no image_sha256")
-    meta.setdefault("image_sha256", None)
-    meta["boxes"] = np.asarray(meta["boxes"], dtype=np.int32).reshape(-1, 4)
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise InvalidSample(
+            "bad_meta", f"sample metadata has format_version {version!r:.40}, this reader knows {READABLE_VERSIONS}"
+        )
+    sha = meta.setdefault("image_sha256", None)
+    if (version >= 2 or sha is not None) and not (isinstance(sha, str) and _SHA256_RE.match(sha)):
+        raise InvalidSample(
+            "bad_meta", f"sample metadata of format_version {version} has no image_sha256 of 64 lowercase hex digits"
+        )
+    if not isinstance(meta.get("key"), str) or (key is not None and meta["key"] != key):
+        raise InvalidSample("bad_meta", f"KEY.json has key {meta.get('key')!r:.100}, the member's key is {key!r}")
+    if not isinstance(meta.get("path"), str):
+        raise InvalidSample("bad_meta", f"KEY.json has path {meta.get('path')!r:.100}, not a string")
+    for name in ("label", "image_id"):
+        if meta.setdefault(name, None) is not None and not _is_int(meta[name]):
+            raise InvalidSample("bad_meta", f"KEY.json has {name} {meta[name]!r:.40}, not an integer or null")
+    width, height = meta.get("width"), meta.get("height")
+    if not (_is_int(width) and _is_int(height) and 1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise InvalidSample(
+            "bad_meta", f"KEY.json has width {width!r:.40}, height {height!r:.40}: not integers in [1, {MAX_SIDE}]"
+        )
+    meta["boxes"] = _boxes(meta["boxes"], width, height)
     return meta
+
+
+def _boxes(boxes: Any, width: int, height: int) -> np.ndarray:
+    """``boxes`` of KEY.json checked against the rule -> int32 ``[N, 4]``; InvalidSample naming the first bad box."""
+    if not isinstance(boxes, list):
+        raise InvalidSample("bad_boxes", f"boxes is a JSON {type(boxes).__name__}, not a list")
+    if len(boxes) > MAX_BOXES:
+        raise InvalidSample("bad_boxes", f"{len(boxes)} boxes, more than the limit of {MAX_BOXES}")
+    for i, box in enumerate(boxes):
+        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_int, box))):
+            raise InvalidSample("bad_boxes", f"box {i} is {box!r:.80}, not 4 integers [x0, y0, x1, y1]")
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise InvalidSample(
+                "bad_boxes",
+                f"box {i} {box!r:.80} is not inside the {width}x{height} image with positive area "
+                "(0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)",
+            )
+    return np.array(boxes, dtype=np.int32).reshape(-1, 4)
+
+
+def check_image_size(meta: Mapping[str, Any], size: tuple[int, int]) -> None:
+    """The stored JPEG, decoded (or its header read), must be ``width`` x ``height`` of its KEY.json: the boxes are in
+    its pixels. ``size``: (width, height) as the decoder found it. InvalidSample ``bad_image`` otherwise."""
+    if tuple(size) != (meta["width"], meta["height"]):
+        raise InvalidSample(
+            "bad_image", f"JPEG is {size[0]}x{size[1]} but its metadata says {meta['width']}x{meta['height']}"
+        )
 
 
 # --- parquet rows ------------------------------------------------------------------------------------------------
@@ -319,6 +424,18 @@ def make_manifest(
             "tar_bytes": sum(s["tar_bytes"] for s in stats),
         },
     }
+
+
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def tar_entry_inside(tar: Any) -> bool:
+    """Whether a manifest's ``tar`` entry names a file in the manifest's own directory or prefix (or below it): a
+    relative path of non-empty parts, none of them ``.`` or ``..``, without a scheme (``s3:``, ``https:``, ``pipe:``
+    ...). Readers refuse other entries unless the user allows them: a manifest must not send a reader elsewhere."""
+    if not isinstance(tar, str) or not tar or "\\" in tar or "\0" in tar or _SCHEME_RE.match(tar):
+        return False
+    return all(part not in ("", ".", "..") for part in tar.split("/"))
 
 
 def dumps(obj: Mapping[str, Any]) -> bytes:

@@ -100,6 +100,15 @@ class ShardWriter:
                 row["image_sha256"] = digest
             elif row["image_sha256"] != digest:
                 raise ValueError(f"shard {self.name}: row {key!r} has an image_sha256 that is not the jpeg's")
+            # never write a sample every reader would skip (docs/format.md, "What a reader accepts")
+            if len(jpeg) > schema.IMAGE_MAX_BYTES:
+                raise ValueError(f"shard {self.name}: {key}.jpg is {len(jpeg)} bytes, over {schema.IMAGE_MAX_BYTES}")
+            try:
+                written = schema.decode_meta(meta, key=key)
+            except schema.InvalidSample as e:
+                raise ValueError(f"shard {self.name}: {key}.json breaks the format's rule: {e}") from None
+            if written["image_sha256"] not in (None, digest):
+                raise ValueError(f"shard {self.name}: {key}.json records an image_sha256 that is not the jpeg's")
             self._add(f"{key}.{schema.IMAGE_EXT}", jpeg)
             self._add(f"{key}.{schema.META_EXT}", meta)
         self._keys.add(key)

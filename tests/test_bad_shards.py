@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 
+from shards import schema
 from train.bad_shards import MAX_FAILURES_IN_A_ROW, BadShardError, BadShardPolicy
 
 
@@ -15,13 +16,24 @@ def test_skip_counts_each_shard_and_sample_once_and_warns_once_per_url():
         warnings.simplefilter("always")
         p.bad_shard("/d/a.tar", "cannot read shard: /d/a.tar")
         p.bad_shard("/d/a.tar", "cannot read shard: /d/a.tar")  # met again wherever the plan meets it
-        p.bad_sample("/d/b.tar", "k1", "bad metadata")
-        p.bad_sample("/d/b.tar", "k1", "bad metadata")  # met again while borrowing
-        p.bad_sample("/d/b.tar", "k2", "bad metadata")
-    assert p.counts == {"shards_skipped": 1, "samples_skipped": 2}
+        p.bad_sample("/d/b.tar", "k1", "/d/b.tar: sample 'k1': bad metadata", reason="bad_meta")
+        p.bad_sample("/d/b.tar", "k1", "/d/b.tar: sample 'k1': bad metadata", reason="bad_meta")  # met again: borrowing
+        p.bad_sample("/d/b.tar", "k2", "/d/b.tar: sample 'k2': box 0 ...", reason="bad_boxes")
+        p.bad_sample("/d/b.tar", None, "/d/b.tar: tar: 512 bytes at byte 0 ...", reason="damaged_tar")
+    assert p.counts["shards_skipped"] == 1 and p.counts["samples_skipped"] == 3
+    assert {k: n for k, n in p.counts.items() if n and k.startswith("skipped_")} == {
+        "skipped_bad_meta": 1,
+        "skipped_bad_boxes": 1,
+        "skipped_damaged_tar": 1,
+    }
     assert p.bad_urls == {"/d/a.tar"}
     messages = [str(w.message) for w in record]
-    assert len(messages) == 2 and "/d/a.tar" in messages[0] and "/d/b.tar" in messages[1]
+    assert len(messages) == 2 and "/d/a.tar" in messages[0]
+    assert messages[1] == (
+        "skipping a bad sample: /d/b.tar: sample 'k1': bad metadata (further bad samples of /d/b.tar are not reported)"
+    )
+    with pytest.raises(ValueError, match="unknown skip reason"):
+        p.bad_sample("/d/b.tar", "k3", "?", reason="gremlins")
 
 
 def test_fail_raises_naming_the_url_and_counts_nothing():
@@ -31,8 +43,8 @@ def test_fail_raises_naming_the_url_and_counts_nothing():
         p.bad_shard("/d/a.tar", "cannot read shard: /d/a.tar", cause)
     assert e.value.__cause__ is cause
     with pytest.raises(BadShardError, match="k7"):
-        p.bad_sample("/d/a.tar", "k7", "sample 'k7': bad metadata")
-    assert p.counts == {"shards_skipped": 0, "samples_skipped": 0}
+        p.bad_sample("/d/a.tar", "k7", "sample 'k7': bad metadata", reason="bad_meta")
+    assert not any(p.counts.values())
 
 
 def test_transform_failures_skip_until_the_transform_looks_broken():
@@ -41,7 +53,9 @@ def test_transform_failures_skip_until_the_transform_looks_broken():
         warnings.simplefilter("ignore", RuntimeWarning)
         for n in range(1, 6):
             p.transform_failed("/d/a.tar", f"k{n}", ValueError("bad jpeg"), in_a_row=n, total_samples=5)
-    assert p.counts["samples_skipped"] == 5
+        p.transform_failed("/d/a.tar", "k0", schema.InvalidSample("bad_image", "JPEG is 8x8 but ..."), 1, 5)
+    assert p.counts["samples_skipped"] == 6
+    assert p.counts["skipped_transform"] == 5 and p.counts["skipped_bad_image"] == 1  # the data's fault, by name
     # one more failure than there are samples: nothing can succeed, so stop under 'skip' too
     with pytest.raises(BadShardError, match="failed on 6 samples in a row.*bad jpeg"):
         p.transform_failed("/d/a.tar", "k6", ValueError("bad jpeg"), in_a_row=6, total_samples=5)

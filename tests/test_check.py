@@ -62,7 +62,7 @@ def rewrite_tar(path: str, change) -> None:
 
 def test_clean_output_verifies(output):
     problems, totals = check.verify(output, echo=lambda line: None)
-    assert problems == [] and totals == {"shards": 3, "samples": 7, "inputs": 7}
+    assert problems == [] and totals == {"shards": 3, "samples": 7, "inputs": 7, "samples_skipped": {}}
 
 
 def test_truncated_tar(copy):
@@ -85,9 +85,9 @@ def test_tar_cut_between_members_is_caught_by_the_readers_end_marker_check(copy)
     with open(path, "r+b") as f:
         f.truncate(end)
     problems = problems_of(copy)
-    # the reader holds back the last sample until the archive ends: the cut one is not counted as read
+    # every sample is whole before the cut (the last one too): only the missing end-of-archive marker tells
     assert any(
-        p.startswith("folder-000000: tar unreadable after 2 samples") and "no end-of-archive marker" in p
+        p.startswith("folder-000000: tar unreadable after 3 samples") and "no end-of-archive marker" in p
         for p in problems
     ), problems
     assert all(p.startswith("folder-000000") for p in problems), problems
@@ -98,8 +98,10 @@ def test_deleted_member(copy):
     keys = []
     rewrite_tar(path, lambda name, data: keys.append(name) or (None if len(keys) == 3 else data))  # 2nd sample's jpg
     problems = problems_of(copy)
-    assert any(f"{keys[2].split('.')[0]}: needs both" in p for p in problems), problems
-    assert all(p.startswith("folder-000001") for p in problems)
+    key = keys[2].split(".")[0]
+    assert problems == [f"folder-000001: {key}: has no {key}.jpg (readers skip it: missing_member)"]
+    r = CliRunner().invoke(prep, ["verify", copy])
+    assert r.exit_code == 1 and "1 sample(s) that readers skip (missing_member 1)" in r.output
 
 
 def test_extra_member_without_parquet_row(copy):
@@ -107,45 +109,56 @@ def test_extra_member_without_parquet_row(copy):
     with tarfile.open(path) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members + [("stray.jpg", members[0][1]), ("stray.json", members[1][1])]:
+        stray_meta = json.dumps({**json.loads(members[1][1]), "key": "stray"}).encode()
+        for name, data in members + [("stray.jpg", members[0][1]), ("stray.json", stray_meta)]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    assert any("tar member stray.* has no parquet row" in p for p in problems_of(copy))
+    assert "folder-000002: tar sample 'stray' has no parquet ok row" in problems_of(copy)
 
 
 def test_boxes_outside_image_and_undecodable_image(copy):
+    names = []
+
     def damage(name: str, data: bytes):
-        if name.endswith(".json"):
+        names.append(name)
+        if len(names) == 2:  # the first sample's KEY.json: a box past the right edge
             meta = json.loads(data)
             meta["boxes"][0] = [0, 0, meta["width"] + 5, 10]
             return json.dumps(meta).encode()
-        return b"\xff\xd8" + b"\x00" * (len(data) - 2)  # same length, not a JPEG any more
+        if len(names) == 3:  # the second sample's JPEG: same length, not a JPEG any more
+            return b"\xff\xd8" + b"\x00" * (len(data) - 2)
+        return data
 
-    rewrite_tar(os.path.join(copy, "folder-000002.tar"), damage)
+    rewrite_tar(os.path.join(copy, "folder-000001.tar"), damage)
+    first, second = names[0].split(".")[0], names[2].split(".")[0]
     problems = problems_of(copy)
-    assert any("boxes outside the" in p for p in problems)
-    assert any("differ from the parquet row" in p for p in problems)
-    assert any(".jpg: does not decode" in p for p in problems)
+    assert any(p.startswith(f"folder-000001: {first}: box 0 [0, 0, ") and "(readers skip it: bad_boxes)" in p
+               for p in problems), problems  # fmt: skip
+    # the hash tells first; the decode is checked too, as --quick shows
+    assert f"folder-000001: {second}: {second}.jpg does not have the SHA-256 recorded in {second}.json (damaged in " \
+        "storage) (readers skip it: image_sha256)" in problems  # fmt: skip
+    quick = check.verify(copy, echo=lambda line: None, quick=True)[0]
+    assert any(f"{second}.jpg: does not decode" in p and "bad_image" in p for p in quick), quick
 
 
 def test_damaged_but_decodable_image_is_caught_by_its_hash(copy):
     key = damage_jpeg_in_tar(os.path.join(copy, "folder-000001.tar")).split(".")[0]
     problems = problems_of(copy)
     assert problems == [
-        f"folder-000001: {key}.jpg: SHA-256 of the stored bytes differs from {key}.json (the image "
-        "was damaged after it was written)"
+        f"folder-000001: {key}: {key}.jpg does not have the SHA-256 recorded in {key}.json (damaged in storage) "
+        "(readers skip it: image_sha256)"
     ]
     assert check.verify(copy, echo=lambda line: None, quick=True)[0] == []  # --quick does not hash
     r = CliRunner().invoke(prep, ["verify", copy])
-    assert r.exit_code == 1 and f"folder-000001: {key}.jpg: SHA-256" in r.output
+    assert r.exit_code == 1 and f"folder-000001: {key}: {key}.jpg does not have the SHA-256" in r.output
     r = CliRunner().invoke(prep, ["verify", "--quick", copy])
     assert r.exit_code == 0 and "ok: 3 shards, 7 samples" in r.output
 
 
 def test_format_version_2_records_image_hashes(output):
     for name in ("folder-000000", "folder-000002"):
-        samples = list(map(reader.decode, reader.read_shard(os.path.join(output, name + ".tar"))))
+        samples = list(reader.read_shard(os.path.join(output, name + ".tar")))
         rows = [r for r in check._read_parquet(os.path.join(output, name + ".parquet")).to_pylist()]
         assert [s["meta"]["format_version"] for s in samples] == [2] * len(samples)
         assert [s["meta"]["image_sha256"] for s in samples] == [schema.image_sha256(s["jpg"]) for s in samples]
@@ -197,7 +210,7 @@ def test_format_version_1_is_still_read(copy, tmp_path):
     assert summary["images"]["ok"] == 7 and summary["counts_add_up"]
     assert len(check.show(copy, str(tmp_path / "g.png"), n=3)) == 3
     urls = reader.expand_spec(os.path.join(copy, schema.MANIFEST_NAME))
-    metas = [reader.decode(s)["meta"] for u in urls for s in reader.read_shard(u)]
+    metas = [s["meta"] for u in urls for s in reader.read_shard(u)]
     assert len(metas) == 7 and {m["format_version"] for m in metas} == {1}
     assert {m["image_sha256"] for m in metas} == {None}
     row = check._read_parquet(urls[0][: -len(".tar")] + ".parquet").to_pylist()[0]
@@ -242,6 +255,28 @@ def test_show_draws_the_chosen_samples(output, tmp_path):
     assert (pixels == (255, 0, 0)).all(axis=1).any()  # the first-ranked box is drawn in red
     assert len(check.show(output, str(tmp_path / "c.png"), n=50)) == 7  # n larger than the output: every sample
     assert check.rank_colour(0, 10) == (255, 0, 0) and check.rank_colour(9, 10)[2] == 255
+
+
+def test_show_leaves_out_a_bad_sample_and_names_it(copy, tmp_path):
+    names = []
+
+    def damage(name: str, data: bytes):
+        names.append(name)
+        if len(names) == 2:  # the first sample's KEY.json: a box far outside the image
+            return json.dumps({**json.loads(data), "boxes": [[0, 0, 9000, 9000]]}).encode()
+        if len(names) == 3:  # the second sample's JPEG: it does not decode
+            return b"\xff\xd8" + b"\x00" * (len(data) - 2)
+        return data
+
+    rewrite_tar(os.path.join(copy, "folder-000000.tar"), damage)
+    bad = {names[0].split(".")[0], names[2].split(".")[0]}
+    r = CliRunner().invoke(prep, ["show", copy, "-n", "50", "-o", str(tmp_path / "g.png")])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"{tmp_path / 'g.png'}: 5 samples (2 bad ones skipped)"
+    lines = [line for line in r.stderr.splitlines() if line.startswith("skipping a bad sample: ")]
+    assert len(lines) == 2 and all(os.path.join(copy, "folder-000000.tar") in line for line in lines)
+    assert {line.split("sample '")[1].split("'")[0] for line in lines} == bad
+    assert "bad_image" not in r.stderr and "does not decode" in lines[1]
 
 
 def test_show_and_stats_on_empty_output(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -48,3 +49,17 @@ def test_renamed_momentum_reads_old_flags_and_configs(capsys):
     assert TrainConfig.from_dict(old) == dataclasses.replace(preset("tiny"), sgd_momentum=0.45)
     with pytest.raises(ValueError, match="unknown config fields"):
         TrainConfig.from_dict({**old, "bogus": 1})
+
+
+def test_default_worker_counts_follow_the_usable_cores(monkeypatch):
+    from train import config
+    from train import eval as ev
+
+    cores = config.usable_cores()
+    assert cores == len(os.sched_getaffinity(0))
+    assert config.default_workers(64) == cores and config.default_workers(1) == 1
+    # the coco preset's default and train.eval's: never more workers than cores (the DataLoader would warn)
+    assert TrainConfig().workers == min(8, cores)
+    assert ev.build_parser().parse_args(["--random-init"]).workers == min(4, cores)
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert config.default_workers(8) == 3

@@ -28,15 +28,27 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(
-    path, keys, *, boxes: int = 3, with_json: bool = True, bad_meta=(), damaged=(), version_1: bool = False
+    path,
+    keys,
+    *,
+    boxes: int = 3,
+    with_json: bool = True,
+    bad_meta=(),
+    damaged=(),
+    version_1: bool = False,
+    meta_change=None,
+    drop=(),
 ) -> str:
     """``damaged``: keys whose jpg bytes differ from the hash in their KEY.json; ``version_1``: KEY.json as format
-    version 1 wrote it (no hash)."""
+    version 1 wrote it (no hash); ``meta_change``: {key: fields replaced in its KEY.json}; ``drop``: member names
+    left out."""
+    meta_change = meta_change or {}
     with tarfile.open(path, "w") as tar:
         for k in keys:
             jpeg = b"jpeg bytes of " + k.encode()
-            _add(tar, f"{k}.jpg", jpeg.upper() if k in damaged else jpeg)
-            if with_json:
+            if f"{k}.jpg" not in drop:
+                _add(tar, f"{k}.jpg", jpeg.upper() if k in damaged else jpeg)
+            if with_json and f"{k}.json" not in drop:
                 meta = schema.encode_meta(
                     key=k,
                     path=f"{k}.jpg",
@@ -49,6 +61,8 @@ def write_shard(
                     d = json.loads(meta)
                     del d["image_sha256"]
                     meta = json.dumps({**d, "format_version": 1}).encode()
+                if k in meta_change:
+                    meta = json.dumps({**json.loads(meta), **meta_change[k]}).encode()
                 _add(tar, f"{k}.json", b"{broken" if k in bad_meta else meta)
     return str(path)
 
@@ -359,12 +373,59 @@ def test_shard_without_json_is_an_error_but_zero_boxes_is_not(tmp_path):
 def test_bad_metadata_sample_skipped_and_counted(tmp_path):
     urls = make_shards(tmp_path, [6, 6], bad_meta={"s1_002"})
     ds = stream(urls, [6, 6], batch_size=2)
-    with pytest.warns(RuntimeWarning, match="bad metadata"):
+    with pytest.warns(RuntimeWarning, match=r"t-000001.tar: sample 's1_002': KEY.json is not JSON"):
         outs = list(ds)
     assert len(outs) == 12 and "s1_002" not in {o["__key__"] for o in outs}
     assert sum(o["stats"]["samples_skipped"] for o in outs) == 1
+    assert sum(o["stats"]["skipped_bad_meta"] for o in outs) == 1
     with pytest.raises(BadShardError, match="s1_002"):
         list(stream(urls, [6, 6], on_bad_shard="fail"))
+
+
+# The cases of issue 17 (KEY.json edited by hand, a member lost): each costs its own sample, nothing else
+ISSUE_17 = {
+    "k1": dict(boxes=[[0, 0, 1e12, 1e12]]),
+    "k2": dict(boxes=[[0.5, 1e308, float("nan"), 3]]),
+    "k3": dict(boxes=[[-4, 0, 10, 10]]),
+    "k4": dict(boxes=[[5000, 5000, 9000, 9000]]),
+    "k5": dict(boxes=[[10, 10, 10, 20]]),
+    "k6": dict(boxes=[[30, 2, 4, 40]]),
+    "k7": dict(boxes=[[0, 0, 1, 1]] * 200_000),  # over the size limit of KEY.json before it is over MAX_BOXES
+}
+
+
+def test_every_bad_sample_of_issue_17_costs_only_itself(tmp_path):
+    keys = [f"g{i}" for i in range(3)] + list(ISSUE_17) + ["k8"] + [f"h{i}" for i in range(3)]
+    url = write_shard(tmp_path / "t-000000.tar", keys, meta_change=ISSUE_17, drop={"k8.json"})
+    with pytest.warns(RuntimeWarning) as record:
+        outs = list(stream([url], [len(keys)], batch_size=2, transform=None))
+    delivered = {o["__key__"] for o in outs}
+    assert {"g0", "g1", "g2", "h0", "h1", "h2"} <= delivered and not delivered & {*ISSUE_17, "k8"}
+    stats = {k: sum(o["stats"][k] for o in outs) for k in outs[0]["stats"]}
+    assert stats["samples_skipped"] == 8 and stats["skipped_bad_boxes"] == 6 and stats["skipped_missing_member"] == 1
+    assert stats["skipped_bad_member"] == 1  # k7: 200,000 boxes make a KEY.json member over its size limit
+    assert stats["shards_skipped"] == 0  # the shard itself is fine
+    (message,) = [str(w.message) for w in record]  # once per shard, naming it and the key
+    assert message.startswith(f"skipping a bad sample: {url}: sample 'k1': box 0 is [0, 0, 1000000000000.0, ")
+
+
+def test_bad_samples_on_one_rank_leave_the_ranks_in_step(tmp_path):
+    # 4 shards of 6, 2 ranks x 2 slots, batch 2: each slot reads one whole shard; a third of shard 1 is bad
+    bad = {f"s1_{i:03d}": dict(boxes=[[0, 0, 999, 999]]) for i in (0, 2, 4)}
+    urls = [
+        write_shard(tmp_path / f"t-00000{j}.tar", [f"s{j}_{i:03d}" for i in range(6)], meta_change=bad)
+        for j in range(4)
+    ]
+    ranks = [stream(urls, [6] * 4, batch_size=2, rank=r, world_size=2, streams=2) for r in (0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        outs = [[list(ds) for _ in range(2)] for ds in ranks]  # two epochs
+    for r in (0, 1):
+        assert [len(epoch) for epoch in outs[r]] == [ranks[r].samples_per_epoch] * 2 == [12, 12]
+    # in epoch 0 one rank met the bad shard: it skipped the three samples and borrowed to fill its quota
+    skipped = [sum(o["stats"]["skipped_bad_boxes"] for o in outs[r][0]) for r in (0, 1)]
+    borrowed = [sum(o["stats"]["samples_borrowed"] for o in outs[r][0]) for r in (0, 1)]
+    assert sorted(skipped) == [0, 3] and borrowed[skipped.index(3)] > 0 and borrowed[skipped.index(0)] == 0
 
 
 def test_verify_images_skips_and_counts_a_damaged_image(tmp_path):
@@ -445,3 +506,22 @@ def test_collate_keeps_channels_last_images_as_they_lie():
     assert b["view1"].is_contiguous(memory_format=torch.channels_last) and b["inst1"].movedim(2, -1).is_contiguous()
     mixed = collate(samples[2:])  # one contiguous sample: the plain stack, same values
     assert torch.equal(mixed["view1"], torch.stack([s["view1"] for s in samples[2:]]))
+
+
+def test_a_spec_is_resolved_once_per_start(tmp_path, monkeypatch):
+    # python -m train reads the manifest once: the loader takes the resolved URLs and counts (on S3, each read or
+    # listing is a request)
+    from shards import storage
+    from train import setup
+    from train.config import parse_args
+
+    urls = make_shards(tmp_path, [6, 6])
+    write_manifest(tmp_path, urls, [6, 6])
+    calls = []
+    for name in ("read_bytes", "list_names"):
+        real = getattr(storage, name)
+        monkeypatch.setattr(storage, name, lambda url, _real=real, _name=name: calls.append(_name) or _real(url))
+    cfg = parse_args(["--preset", "tiny", "--data", str(tmp_path), "--batch-size", "4", "--workers", "0"])
+    loader, steps = setup.build_loader(cfg, torch.device("cpu"), rank=0, world=1, position=DataPosition(), streams=1)
+    assert steps == 3 and calls == ["list_names", "read_bytes"]  # the directory listed, its manifest read: once
+    assert loader.dataset.sizes == dict.fromkeys(urls, 6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -354,7 +355,7 @@ def test_cli_checkpoint_export_and_encoders_agree(tiny_run, labelled, tmp_path, 
 
 
 def test_cli_boxes_give_one_item_per_box(labelled, capsys):
-    boxes = [len(reader.decode(s)["meta"]["boxes"]) for u in reader.expand_spec(labelled) for s in reader.read_shard(u)]
+    boxes = [len(s["meta"]["boxes"]) for u in reader.expand_spec(labelled) for s in reader.read_shard(u)]
     assert sum(boxes) > 48 and min(boxes) >= 1
     for extra, expected in (([], sum(boxes)), (["--max-boxes", "2"], sum(min(2, b) for b in boxes))):
         code, stdout, err = _main(
@@ -410,6 +411,43 @@ def test_unlabelled_shards_are_refused_naming_the_shard(tree, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("python -m train.eval: error: ") and "Traceback" not in proc.stderr
     assert os.path.join(unlabelled, "folder-000000.tar") in proc.stderr and "label null" in proc.stderr
+
+
+def test_bad_samples_are_skipped_counted_and_named(labelled, tmp_path, capsys):
+    from test_check import rewrite_tar
+
+    copy = tmp_path / "copy"
+    shutil.copytree(labelled, copy)
+    seen = []
+
+    def damage(name: str, data: bytes):
+        seen.append(name)
+        if len(seen) == 2:  # the first sample: a box past the image
+            return json.dumps({**json.loads(data), "boxes": [[0, 0, 9000, 9000]]}).encode()
+        if len(seen) == 3:  # the second sample's JPEG: another size than its KEY.json says
+            return jpeg_bytes(np.zeros((10, 10, 3), np.uint8))
+        if len(seen) == 6:  # the third sample's KEY.json: gone
+            return None
+        return data
+
+    rewrite_tar(str(copy / "imagenet-000001.tar"), damage)
+    bad = [seen[0], seen[2], seen[4]]
+    args = ["--random-init", "--arch", "resnet18", "--data", copy, "--val-fraction", "0.3", *SIZE, "--workers", "2"]
+    with pytest.warns(RuntimeWarning) as record:
+        code, stdout, err = _main(capsys, *args, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    r = _load_json(tmp_path / "r.json")
+    assert r["n_train"] + r["n_val"] == 45 and r["samples_skipped"] == {
+        "bad_boxes": 1,
+        "bad_image": 1,
+        "missing_member": 1,
+    }
+    assert stdout.rstrip().endswith("| 3 bad samples skipped (bad_boxes 1, bad_image 1, missing_member 1)")
+    (message,) = [str(w.message) for w in record]  # once per shard, naming it and the first bad key
+    shard = str(copy / "imagenet-000001.tar")
+    assert message.startswith(
+        f"skipping a bad sample: {shard}: sample {bad[0].split('.')[0]!r}: box 0 [0, 0, 9000, 9000] is"
+    )
 
 
 def test_wrong_architecture_is_refused(tiny_run, labelled, tmp_path, capsys):

@@ -148,6 +148,15 @@ def test_bomb_refused_from_header_without_decoding(tmp_path):
     assert load_image(photo, max_pixels=320 * 213).width == 320
 
 
+def test_a_side_no_jpeg_can_hold_is_refused_from_the_header(tmp_path):
+    # 70,000 x 8 px: few pixels, but a JPEG (and so a reader) cannot take a side over 65,535
+    path = tmp_path / "wide.png"
+    path.write_bytes(imagegen.huge_png_bytes(70_000, 8, complete=False))
+    with pytest.raises(ImageError, match="side over 65535") as e:
+        load_image(str(path))
+    assert e.value.reason == "too_large"
+
+
 def test_truncated_images_raise_even_if_pil_global_set(tmp_path):
     data = imagegen.jpeg_bytes(imagegen.textured_image(120, 90, seed=5))
     path = tmp_path / "cut.jpg"

@@ -104,3 +104,8 @@ def test_listing_over_http_follows_the_manifest_then_the_plan(tmp_path, http_ser
     assert layout.listing(server.url) == {schema.RUN_CONFIG_NAME, "a-000000.parquet", "a-000000.stats.json"}
     (out / schema.MANIFEST_NAME).write_bytes(schema.dumps({"shards": [{"name": "a-000000"}]}))
     assert layout.listing(server.url) == {schema.MANIFEST_NAME, "a-000000.parquet", "a-000000.stats.json"}
+    # the manifest names shards beside it: a name that would resolve elsewhere is refused, naming the manifest
+    for name in ("../other/a-000000", "sub/a-000000", "/etc/a-000000", "not-a-shard"):
+        (out / schema.MANIFEST_NAME).write_bytes(schema.dumps({"shards": [{"name": name}]}))
+        with pytest.raises(ValueError, match=r"manifest.json: .* is not the name of a shard beside it"):
+            layout.listing(server.url)

@@ -47,6 +47,7 @@ def test_frozen():
         ({"jpeg_quality": 0}, r"jpeg_quality must be in \[1, 100\]"),
         ({"jpeg_quality": 101}, r"jpeg_quality must be in \[1, 100\]"),
         ({"max_side": 15}, "max_side must be >= 16, got 15"),
+        ({"max_boxes": schema.MAX_BOXES + 1}, f"max_boxes must be at most {schema.MAX_BOXES}"),
     ],
 )
 def test_invalid_settings(setting, message):

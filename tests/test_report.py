@@ -267,6 +267,30 @@ def test_n_and_seed_choose_the_gallery_and_n_0_opens_no_tar(sample_output, tmp_p
     assert r.exit_code == 1 and "coco-000000.tar" in r.output and "Traceback" not in r.output
 
 
+def test_a_bad_sample_is_left_out_of_the_gallery_and_named(sample_output, tmp_path):
+    from test_check import rewrite_tar
+
+    def keys(path) -> list[str]:
+        return [c.attrs["data-key"] for c in parse(path.read_text()).find("div", id="gallery").iter("figure")]
+
+    out = tmp_path / "out"
+    shutil.copytree(sample_output, out)
+    r = invoke("report", out, "-o", tmp_path / "a.html", "--no-progress")  # every ok sample: 8
+    everything = keys(tmp_path / "a.html")
+    victim = sorted(everything)[0]  # the first sample of coco-000000: a box far outside its image
+
+    def damage(name: str, data: bytes):
+        if name == f"{victim}.json":
+            return json.dumps({**json.loads(data), "boxes": [[0, 0, 9000, 9000]]}).encode()
+        return data
+
+    rewrite_tar(str(out / "coco-000000.tar"), damage)
+    r = invoke("report", out, "-o", tmp_path / "b.html", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert sorted(keys(tmp_path / "b.html")) == sorted(k for k in everything if k != victim)
+    assert f"left out of the gallery, a bad sample: {out / 'coco-000000.tar'}: sample {victim!r}: box 0" in r.stderr
+
+
 def test_progress_bar_for_the_tar_reads(sample_output, tmp_path):
     r = invoke("report", sample_output, "-o", tmp_path / "r.html")
     # the bar counts the samples to read (8 here: every sample of 3 tars), cleared when done

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageStat
 
 from prep import report as reports
+from prep import report_page
 from prep.cli import prep
 from tests import browser
 
@@ -34,7 +35,7 @@ def chromium() -> str:
 def report_file(sample_output, tmp_path_factory) -> str:
     """The sample output's report, 3 gallery cards a page (so its 8 samples make 3 pages)."""
     path = str(tmp_path_factory.mktemp("page") / "report.html")
-    reports.write_report(reports.make_report(sample_output, page_size=3), path)
+    report_page.write_report(reports.make_report(sample_output, page_size=3), path)
     return path
 
 

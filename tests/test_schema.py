@@ -10,8 +10,15 @@ import re
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shards import schema
+
+# property tests in the suite: the same examples on every run (fixed seed, no example database)
+PROPERTY = settings(
+    max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 SHA = schema.image_sha256(b"jpeg bytes")
 
@@ -127,15 +134,177 @@ def test_meta_bytes_are_canonical():
     assert empty.shape == (0, 4)
 
 
-@pytest.mark.parametrize("data", [b"[1, 2]", b'{"format_version": 2}', b"null"])
-def test_decode_meta_without_boxes(data):
-    with pytest.raises(ValueError, match="no 'boxes'"):
+@pytest.mark.parametrize(
+    "data, reason, message",
+    [
+        (b"[1, 2]", "bad_meta", "a JSON list, not an object"),
+        (b"null", "bad_meta", "a JSON NoneType, not an object"),
+        (b'{"format_version": 2}', "bad_meta", "no 'boxes'"),
+        (b"{not json", "bad_meta", "not JSON"),
+        (b"[" * 100_000, "bad_meta", "not JSON: RecursionError"),  # deep nesting: not a crash
+        (b"\xff\xfe{}", "bad_meta", "not JSON"),
+        (b" " * (schema.META_MAX_BYTES + 1), "bad_meta", "more than the limit"),
+        (b'{"boxes": [], "boxes": [[0, 0, 1, 1]]}', "bad_meta", "repeats the name 'boxes'"),
+    ],
+)
+def test_decode_meta_refuses_what_is_not_a_key_json(data, reason, message):
+    with pytest.raises(schema.InvalidSample, match=re.escape(message)) as e:
         schema.decode_meta(data)
+    assert e.value.reason == reason and isinstance(e.value, ValueError)
 
 
-def test_decode_meta_not_json():
-    with pytest.raises(ValueError):  # json.JSONDecodeError is a ValueError: the reader's ShardError wraps it
-        schema.decode_meta(b"{not json")
+def _valid(**change) -> bytes:
+    meta = json.loads(schema.encode_meta(key="k", path="k.jpg", width=400, height=300, boxes=[[0, 0, 400, 300]],
+                                         image_sha256=SHA))  # fmt: skip
+    meta.update(change)
+    return json.dumps({k: v for k, v in meta.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize(
+    "change, reason, message",
+    [  # the cases of issue 17, then every field of the rule
+        (dict(boxes=[[0, 0, 1e12, 1e12]]), "bad_boxes", "not 4 integers"),
+        (dict(boxes=[[0.5, 1e308, float("nan"), 3]]), "bad_boxes", "not 4 integers"),
+        (dict(boxes=[[0, 0, 10**12, 10**12]]), "bad_boxes", "not inside the 400x300 image"),
+        (dict(boxes=[[-5, 0, 10, 10]]), "bad_boxes", "not inside"),
+        (dict(boxes=[[5000, 5000, 9000, 9000]]), "bad_boxes", "not inside"),
+        (dict(boxes=[[4, 4, 4, 10]]), "bad_boxes", "positive area"),  # zero area
+        (dict(boxes=[[10, 0, 4, 8]]), "bad_boxes", "positive area"),  # inverted
+        (
+            dict(boxes=[[0, 0, 1, 1]] * (schema.MAX_BOXES + 1)),
+            "bad_boxes",
+            f"more than the limit of {schema.MAX_BOXES}",
+        ),
+        (dict(boxes=[[0, 0, 1, 1, 1]]), "bad_boxes", "not 4 integers"),
+        (dict(boxes=[[True, 0, 1, 1]]), "bad_boxes", "not 4 integers"),
+        (dict(boxes={"0": [0, 0, 1, 1]}), "bad_boxes", "not a list"),
+        (dict(width=...), "bad_meta", "width None"),
+        (dict(height=0), "bad_meta", "not integers in [1, 65535]"),
+        (dict(width=70_000), "bad_meta", "not integers in [1, 65535]"),
+        (dict(width=400.0), "bad_meta", "not integers"),
+        (dict(format_version=True), "bad_meta", "format_version True"),
+        (dict(format_version=3), "bad_meta", "format_version 3"),
+        (dict(key="other"), "bad_meta", "key 'other', the member's key is 'k'"),
+        (dict(key=...), "bad_meta", "key None"),
+        (dict(path=7), "bad_meta", "path 7"),
+        (dict(label="cat"), "bad_meta", "label 'cat'"),
+        (dict(image_id=1.5), "bad_meta", "image_id 1.5"),
+        (dict(image_sha256="abc"), "bad_meta", "no image_sha256 of 64"),
+    ],
+)
+def test_decode_meta_applies_the_rule(change, reason, message):
+    with pytest.raises(schema.InvalidSample, match=re.escape(message)) as e:
+        schema.decode_meta(_valid(**change), key="k")
+    assert e.value.reason == reason
+
+
+def test_decode_meta_accepts_the_edges_of_the_rule():
+    meta = schema.decode_meta(_valid(boxes=[[0, 0, 400, 300], [399, 299, 400, 300]], extra="kept"), key="k")
+    assert meta["boxes"].tolist() == [[0, 0, 400, 300], [399, 299, 400, 300]] and meta["extra"] == "kept"
+    assert schema.decode_meta(_valid(boxes=[]))["boxes"].shape == (0, 4)  # no boxes: Algorithm 1 falls back
+    assert len(schema.decode_meta(_valid(boxes=[[0, 0, 1, 1]] * schema.MAX_BOXES))["boxes"]) == schema.MAX_BOXES
+
+
+# --- the rule under hypothesis -----------------------------------------------------------------------------------------
+FIELDS = ("format_version", "key", "path", "width", "height", "boxes", "image_sha256", "label", "image_id")
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.integers(-2, 70_000)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), inner, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+# coordinates around the edges of the 400 x 300 image of _valid(), where the rule decides
+x_edge, y_edge = st.sampled_from([-1, 0, 1, 399, 400, 401]), st.sampled_from([-1, 0, 1, 299, 300, 301])
+odd = st.floats(-1, 500) | st.booleans() | st.none() | st.integers(-(2**70), 2**70)
+box = st.tuples(x_edge, y_edge, x_edge, y_edge).map(list) | st.lists(x_edge | odd, min_size=3, max_size=5)
+boxes_like = st.lists(box, min_size=1, max_size=2) | st.lists(box, max_size=4)
+edge = x_edge | y_edge
+
+
+def _follows_the_rule(meta, key: str) -> bool:
+    """The rule of docs/format.md written out plainly, independently of schema.decode_meta."""
+
+    def integer(v):
+        return type(v) is int
+
+    if not isinstance(meta, dict) or "boxes" not in meta:
+        return False
+    w, h, version, sha = meta.get("width"), meta.get("height"), meta.get("format_version"), meta.get("image_sha256")
+    return (
+        integer(version) and version in (1, 2)
+        and (sha is None and version == 1 or isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha) is not None)
+        and meta.get("key") == key and isinstance(meta.get("path"), str)
+        and all(meta.get(f) is None or integer(meta[f]) for f in ("label", "image_id"))
+        and integer(w) and integer(h) and 1 <= w <= 65535 and 1 <= h <= 65535
+        and isinstance(meta["boxes"], list) and len(meta["boxes"]) <= schema.MAX_BOXES
+        and all(
+            isinstance(b, list) and len(b) == 4 and all(map(integer, b))
+            and 0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h
+            for b in meta["boxes"]
+        )
+    )  # fmt: skip
+
+
+@settings(PROPERTY, max_examples=600)
+@given(
+    st.fixed_dictionaries({"boxes": boxes_like}, optional={"width": edge, "height": edge})
+    | st.dictionaries(st.sampled_from(FIELDS), json_values | boxes_like | edge, max_size=2)
+)
+def test_decode_meta_accepts_exactly_what_the_rule_allows(changes):
+    base = json.loads(_valid())
+    meta = {**base, **changes}
+    data = json.dumps(meta).encode()  # NaN and Infinity as JSON's extensions: what another tool may write
+    try:
+        decoded = schema.decode_meta(data, key="k")
+    except schema.InvalidSample as e:
+        assert e.reason in ("bad_meta", "bad_boxes") and not _follows_the_rule(json.loads(data), "k")
+        return
+    assert _follows_the_rule(json.loads(data), "k")
+    assert decoded["boxes"].dtype == np.int32 and decoded["boxes"].tolist() == meta["boxes"]
+
+
+@PROPERTY
+@given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_decode_meta_raises_nothing_but_invalid_sample(data):
+    try:
+        schema.decode_meta(data)
+    except schema.InvalidSample:
+        pass
+
+
+@st.composite
+def written_samples(draw):
+    """What prep can write: any valid key, any path, sizes up to the JPEG limit, boxes inside, label and id or null."""
+    w, h = draw(st.integers(1, schema.MAX_SIDE)), draw(st.integers(1, schema.MAX_SIDE))
+    x0 = st.integers(0, w - 1)
+    y0 = st.integers(0, h - 1)
+    boxes = draw(
+        st.lists(st.tuples(x0, y0).flatmap(lambda p: st.tuples(st.just(p[0]), st.just(p[1]),
+                 st.integers(p[0] + 1, w), st.integers(p[1] + 1, h))), max_size=30)
+    )  # fmt: skip
+    return dict(
+        key=draw(st.from_regex(r"[A-Za-z0-9_\-]{1,80}", fullmatch=True)),
+        path=draw(st.text(max_size=200)),
+        width=w,
+        height=h,
+        boxes=np.array(boxes, dtype=np.int64).reshape(-1, 4),
+        image_sha256=schema.image_sha256(draw(st.binary(max_size=16))),
+        label=draw(st.none() | st.integers(0, 21_841)),
+        image_id=draw(st.none() | st.integers(0, 2**53)),
+    )
+
+
+@PROPERTY
+@given(written_samples())
+def test_whatever_prep_writes_passes_the_rule(fields):
+    meta = schema.decode_meta(schema.encode_meta(**fields), key=fields["key"])
+    assert meta["boxes"].tolist() == fields["boxes"].tolist()
+    assert {k: meta[k] for k in fields if k != "boxes"} == {k: v for k, v in fields.items() if k != "boxes"}
 
 
 # --- Parquet rows and format versions --------------------------------------------------------------------------------

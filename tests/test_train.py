@@ -278,6 +278,60 @@ def test_clear_data_errors(tmp_path, capsys):
     assert code == 1 and "0 samples" in err
 
 
+def test_each_bad_sample_of_issue_17_costs_one_sample(tmp_path, capsys):
+    # a one-shard data set edited by hand, run as the issue ran it: every case skipped alone, counted by reason, named
+    from test_check import rewrite_tar
+
+    data = make_train_shards(str(tmp_path / "shards"), [14])
+    tar = os.path.join(data, "t-000000.tar")
+    bad_boxes = [[[0, 0, 1e12, 1e12]], [[0.5, 1e308, float("nan"), 3]], [[-3, 0, 10, 10]], [[5000, 5000, 9000, 9000]],
+                 [[4, 4, 4, 9]], [[30, 2, 4, 40]]]  # fmt: skip
+    edits = {f"s0_{i + 2:03d}.json": boxes for i, boxes in enumerate(bad_boxes)}
+
+    def edit(name: str, payload: bytes):
+        if name == "s0_009.json":
+            return None  # the sample's KEY.json is missing
+        if name in edits:
+            return json.dumps({**json.loads(payload), "boxes": edits[name]}).encode()
+        return payload
+
+    rewrite_tar(tar, edit)
+    with pytest.warns(RuntimeWarning) as record:
+        code, err = _main(capsys, *TINY, "--data", tar, "--out", str(tmp_path / "o"), "--max-steps", "2",
+                          "--batch-size", "4")  # fmt: skip
+    assert code == 0, err
+    row = read_log(tmp_path / "o")[-1]
+    assert row["step"] == 2 and row["shards_skipped"] == 0
+    assert row["samples_skipped"] == 7 and row["samples_skipped_by_reason"] == {"bad_boxes": 6, "missing_member": 1}
+    messages = [str(w.message) for w in record if "bad sample" in str(w.message)]
+    assert messages == [
+        f"skipping a bad sample: {tar}: sample 's0_002': box 0 is [0, 0, 1000000000000.0, 1000000000000.0], not 4 "
+        f"integers [x0, y0, x1, y1] (further bad samples of {tar} are not reported)"
+    ]
+
+
+def test_a_manifest_pointing_elsewhere_is_refused_unless_allowed(shards, tmp_path, capsys):
+    manifest = tmp_path / "elsewhere" / "manifest.json"
+    manifest.parent.mkdir()
+    stats = []
+    for name in sorted(os.listdir(shards)):
+        if name.endswith(schema.STATS_SUFFIX):
+            with open(os.path.join(shards, name)) as f:
+                stats.append(json.load(f))
+    m = schema.make_manifest(config={}, versions={}, classes=None, stats=stats)
+    for entry in m["shards"]:
+        entry["tar"] = os.path.join(shards, entry["tar"])  # absolute paths into another directory
+    manifest.write_text(json.dumps(m))
+    args = [*TINY, "--data", str(manifest), "--max-steps", "1"]
+    code, err = _main(capsys, *args, "--out", str(tmp_path / "o1"))
+    assert (
+        code == 1 and "is not a name inside the manifest's own directory" in err and "--allow-manifest-outside" in err
+    )
+    assert err.count("\n") == 1  # one line, no traceback
+    code, err = _main(capsys, *args, "--out", str(tmp_path / "o2"), "--allow-manifest-outside")
+    assert code == 0, err
+
+
 def test_verify_images_skips_a_damaged_image(tmp_path, capsys):
     data = make_train_shards(str(tmp_path / "shards"), [8, 8])
     damage_jpeg_in_tar(os.path.join(data, "t-000001.tar"))  # still decodes: only the hash tells

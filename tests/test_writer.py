@@ -199,6 +199,12 @@ def test_unserialisable_config_fails_before_anything_moves(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _meta(key: str, boxes=((0, 0, 4, 4),), jpeg: bytes = b"j") -> bytes:
+    return schema.encode_meta(
+        key=key, path=f"{key}.jpg", width=8, height=8, boxes=np.array(boxes), image_sha256=schema.image_sha256(jpeg)
+    )
+
+
 @pytest.mark.parametrize(
     "row, jpeg, meta, match",
     [
@@ -210,6 +216,11 @@ def test_unserialisable_config_fails_before_anything_moves(tmp_path):
         (schema.make_row("ok", "x.jpg", image_bytes=3), b"j", b"m", "image_bytes=3"),
         (schema.make_row("ok", "x.jpg", image_sha256=schema.image_sha256(b"k")), b"j", b"m", "not the jpeg's"),
         ({"key": "k", "path": "p", "status": "ok"}, b"j", b"m", "not a schema.make_row dict"),
+        # never a sample every reader would skip: KEY.json follows the rule of docs/format.md
+        (schema.make_row("ok", "x.jpg"), b"j", b"m", "ok.json breaks the format's rule: KEY.json is not JSON"),
+        (schema.make_row("ok", "x.jpg"), b"j", _meta("ok", boxes=[[0, 0, 9, 4]]), "box 0 .* is not inside the 8x8"),
+        (schema.make_row("ok", "x.jpg"), b"j", _meta("other"), "key 'other', the member's key is 'ok'"),
+        (schema.make_row("ok", "x.jpg"), b"j", _meta("ok", jpeg=b"k"), "records an image_sha256 that is not the jp"),
     ],
 )
 def test_write_validates(tmp_path, row, jpeg, meta, match):

@@ -11,7 +11,8 @@ healthy, 0 when collapsed; a warning is printed once below ``--collapse-warn``/s
 evaluation steps, with ``--eval-data``: kNN top-1 of the online encoder's features, ``train.eval``); ``ema_tau``
 (the EMA decay of the target; logs before it was renamed call it ``momentum``); ``images_per_s`` (all ranks); ``data_wait`` (fraction of wall time spent waiting for batches);
 ``fallback_rate`` (Algorithm 1 fell back to random boxes), ``shards_skipped`` and ``samples_skipped``, summed over
-ranks since this process started.
+ranks since this process started, and ``samples_skipped_by_reason`` (the reasons of ``train.bad_shards.SKIP_REASONS``
+with a count: ``{"bad_boxes": 2, "missing_member": 1}``).
 
 Resume: a resumed run repeats the uninterrupted one exactly on CPU (data order, augmentation and RNG states are
 restored). On GPU it matches only to floating-point noise: cuDNN autotuning and atomic adds in backward kernels
@@ -118,9 +119,9 @@ class Logger:
         assert self.terms is not None, "Logger.write before any step"
         terms = dist.all_reduce_mean(self.terms / self.steps).tolist()
         elapsed = time.perf_counter() - self.t0 - paused
-        c = counters.as_dict()
-        wait, samples, fallbacks, shards_skipped, samples_skipped = dist.host_sum(
-            [self.wait, c["samples"], c["fallbacks"], c["shards_skipped"], c["samples_skipped"]]
+        c, by_reason = counters.as_dict(), counters.skipped_by_reason()
+        wait, samples, fallbacks, shards_skipped, samples_skipped, *reasons = dist.host_sum(
+            [self.wait, c["samples"], c["fallbacks"], c["shards_skipped"], c["samples_skipped"], *by_reason.values()]
         )
         row = {
             "step": step,
@@ -134,6 +135,7 @@ class Logger:
             "fallback_rate": fallbacks / max(samples, 1),
             "shards_skipped": int(shards_skipped),
             "samples_skipped": int(samples_skipped),
+            "samples_skipped_by_reason": {r: int(n) for r, n in zip(by_reason, reasons, strict=True) if n},
             **(extra or {}),
         }
         self.check_collapse(row)
@@ -181,9 +183,13 @@ class KnnProbe:
         if dist.is_main():
             size = cfg.eval_size or cfg.image_size
             try:
-                labelled = evaluation.load_labelled(cfg.eval_data, size=size)
+
+                def load(spec: str):
+                    return evaluation.load_labelled(evaluation.resolve(spec, cfg.allow_manifest_outside), size=size)
+
+                labelled = load(cfg.eval_data)
                 if cfg.eval_val_data:
-                    self.train, self.val = labelled, evaluation.load_labelled(cfg.eval_val_data, size=size)
+                    self.train, self.val = labelled, load(cfg.eval_val_data)
                 else:
                     self.train, self.val = evaluation.split(labelled, cfg.eval_val_fraction)
                 dist.print0(
@@ -231,7 +237,10 @@ class Batches:
         failed = dist.failed_ranks(error is not None)  # every rank, every step: nobody hangs in DDP
         if failed:
             if error is not None:
-                raise error
+                try:
+                    raise error
+                finally:  # no cycle frame -> error -> traceback -> frame keeping the model alive (dist.teardown)
+                    error = None
             raise TrainError(f"stopping because rank(s) {failed} failed to read data (see their error)")
         assert batch is not None  # no error on any rank
         return batch, time.perf_counter() - t0

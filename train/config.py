@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision ResNets the encoder builds
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as the DataLoader counts them when it warns about
+    more workers than cores), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
+def default_workers(most: int) -> int:
+    """A default worker count: ``most``, or the usable cores when there are fewer."""
+    return min(most, usable_cores())
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -115,7 +130,7 @@ class TrainConfig:
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 = off)")
     seed: int = _f(0, "seed for initialisation, data order and augmentation")
     # --- input pipeline
-    workers: int = _f(8, "DataLoader worker processes per rank")
+    workers: int = _f(default_workers(8), "DataLoader worker processes per rank (the default: 8, or the usable cores)")
     shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer of each stream")
     streams: int = _f(
         0,
@@ -137,6 +152,11 @@ class TrainConfig:
         "mismatch is a bad sample (see --on-bad-shard)",
     )
     allow_pipe: bool = _f(False, "allow pipe: shard URLs (they run a shell command)")
+    allow_manifest_outside: bool = _f(
+        False,
+        "follow manifest.json entries outside the manifest's own directory or prefix (absolute paths, '..', other "
+        "URLs); refused otherwise",
+    )
     s3_endpoint: str = _f(
         "",
         "S3 API endpoint of an S3-compatible store for s3:// data (MinIO, Ceph...); empty: "

@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -47,11 +47,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import reader, schema, storage
-from train.bad_shards import BadShardError, BadShardPolicy
+from train.bad_shards import SKIP_REASONS, BadShardError, BadShardPolicy, skip_name
 from train.plan import BUFFER, TRANSFORM, EpochPlanner, Range
 
 Transform = Callable[[dict, np.random.Generator], dict]
-STAT_NAMES = ("samples_skipped", "shards_skipped", "samples_borrowed")
+# The counts that travel with the samples (``sample["stats"]``): totals, then samples skipped by reason
+STAT_NAMES = ("samples_skipped", "shards_skipped", "samples_borrowed", *map(skip_name, SKIP_REASONS))
 
 
 @dataclass(frozen=True)
@@ -81,22 +82,36 @@ class DataCounters:
     """Totals the loop logs, accumulated from batches (``add``); one instance per rank."""
 
     samples: int = 0
-    samples_skipped: int = 0
-    shards_skipped: int = 0
-    samples_borrowed: int = 0
     fallbacks: int = 0  # Algorithm 1 fell back to random boxes (the transform's ``fallback`` output)
+    stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAT_NAMES, 0))  # STAT_NAMES' totals
 
     def add(self, batch: Mapping[str, Any]) -> None:
-        stats = batch.get("stats", {})
+        got = batch.get("stats", {})
         for name in STAT_NAMES:
-            setattr(self, name, getattr(self, name) + int(stats.get(name, 0)))
+            self.stats[name] += int(got.get(name, 0))
         if "fallback" in batch:
             fb = batch["fallback"]
             self.fallbacks += int(fb.sum()) if isinstance(fb, torch.Tensor) else sum(map(int, fb))
         self.samples += len(batch["__key__"])
 
+    @property
+    def samples_skipped(self) -> int:
+        return self.stats["samples_skipped"]
+
+    @property
+    def shards_skipped(self) -> int:
+        return self.stats["shards_skipped"]
+
+    @property
+    def samples_borrowed(self) -> int:
+        return self.stats["samples_borrowed"]
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Samples skipped per reason of ``SKIP_REASONS`` (every reason, zeros included)."""
+        return {reason: self.stats[skip_name(reason)] for reason in SKIP_REASONS}
+
     def as_dict(self) -> dict[str, float]:
-        d = {name: getattr(self, name) for name in ("samples", *STAT_NAMES, "fallbacks")}
+        d: dict[str, float] = {"samples": self.samples, **self.stats, "fallbacks": self.fallbacks}
         d["fallback_rate"] = self.fallbacks / self.samples if self.samples else 0.0
         return d
 
@@ -108,63 +123,46 @@ def shard_samples(
     open_kwargs: Mapping[str, Any] | None = None,
     verify_images: bool = False,
 ) -> Iterator[dict]:
-    """Decoded samples (``reader.decode``: with ``meta``) of one shard; faults are named and go to ``policy``.
+    """The valid samples of one shard (``shards.reader``: with ``meta``); each invalid one goes to ``policy`` as a bad
+    sample (skipped alone, counted by reason), a shard that cannot be read to its end as a bad shard (the samples
+    before the fault are kept).
 
     ``open_kwargs`` go to ``storage.open_stream`` (retries, backoff, timeout, allow_pipe). ``verify_images``: a sample
     whose JPEG bytes do not have the SHA-256 its KEY.json records is a bad sample."""
     open_kwargs = open_kwargs or {}
-    good = 0
+    shown = storage.redact(url)
+    good, looked = 0, False  # looked: whether the shard's head was read again for KEY.json members
     try:
-        for raw in reader.read_shard(url, **open_kwargs):
-            try:
-                sample = reader.decode(raw)
-            except ValueError as e:  # the reader's message names the URL and the key
-                policy.bad_sample(url, raw.get("__key__", "?"), str(e), e)
-                continue
-            if verify_images and not _image_intact(url, sample, policy):
-                continue
-            good += 1
-            yield sample
+        with storage.open_stream(url, **open_kwargs) as stream:
+            for item in reader.shard_items(stream, url, verify_images=verify_images):
+                if isinstance(item, reader.Rejected):
+                    plain = not good and not looked and item.reason == "missing_member"
+                    looked |= plain
+                    if plain and _without_json(url, open_kwargs):
+                        policy.bad_shard(
+                            url,
+                            f"shard without boxes: {shown} (no KEY.{schema.META_EXT} members: a plain image tar, "
+                            "not a prep shard)",
+                        )
+                        return
+                    policy.bad_sample(url, item.key, item.message, reason=item.reason)
+                    continue
+                if verify_images and item["meta"]["image_sha256"] is None:
+                    policy.warn(url, f"{shown}: format version 1 records no image hashes; its images are not verified")
+                good += 1
+                yield item
     except BadShardError:
         raise
-    except Exception as e:  # open / tar / network / missing-member errors, from inside the reader's generator
-        shown = storage.redact(url)
-        if good == 0 and isinstance(e, reader.ShardError) and _without_json(url, open_kwargs):
-            policy.bad_shard(
-                url,
-                f"shard without boxes: {shown} (no KEY.{schema.META_EXT} members: a plain image tar, not a prep shard)",
-                e,
-            )
-        else:
-            detail = str(e) if shown in str(e) else f"{shown}: {e}"  # the reader's errors name the URL already
-            policy.bad_shard(url, f"cannot read shard: {type(e).__name__}: {detail}", e)
-
-
-def _image_intact(url: str, sample: dict, policy: BadShardPolicy) -> bool:
-    """Whether the JPEG bytes have the SHA-256 that KEY.json records; a mismatch is a bad sample."""
-    want = sample["meta"]["image_sha256"]
-    if want is None:
-        policy.warn(
-            url, f"{storage.redact(url)}: format version 1 records no image hashes; its images are not verified"
-        )
-        return True
-    if schema.image_sha256(sample[schema.IMAGE_EXT]) == want:
-        return True
-    key = sample["__key__"]
-    policy.bad_sample(
-        url,
-        key,
-        f"{storage.redact(url)}: sample {key!r}: {key}.{schema.IMAGE_EXT} does not have the "
-        f"SHA-256 recorded in {key}.{schema.META_EXT} (damaged in storage)",
-    )
-    return False
+    except Exception as e:  # open / tar / network errors
+        detail = str(e) if shown in str(e) else f"{shown}: {e}"  # the reader's errors name the URL already
+        policy.bad_shard(url, f"cannot read shard: {type(e).__name__}: {detail}", e)
 
 
 def _without_json(url: str, open_kwargs: Mapping[str, Any]) -> bool:
-    """Whether the first members of a shard hold no metadata at all (read again only on this error path)."""
+    """Whether the first members of a shard hold no metadata at all (read again only on this path)."""
     try:
         with storage.open_stream(url, **open_kwargs) as stream:
-            names = [name for name, _ in itertools.islice(reader.tar_members(stream), 4)]
+            names = [m.name or "" for m in itertools.islice(reader.tar_members(stream), 4)]
     except Exception:
         return False
     return bool(names) and not any(n.endswith("." + schema.META_EXT) for n in names)
@@ -206,7 +204,7 @@ def transform_rng(seed: int, epoch: int, rank: int, slot: int, index: int) -> np
 class ShardStream(IterableDataset):
     """Samples of the shards for one rank, transformed; see the module docstring and ``train.plan`` for the rules.
 
-    urls: shard tar URLs (any order; sorted here). sizes: {url: sample count} (``reader.shard_sizes``); None or
+    urls: shard tar URLs (any order; sorted here). sizes: {url: sample count} (``reader.resolve``'s); None or
     missing URLs are counted by reading (``count_samples``: a full read per rank). transform(sample, rng) -> dict
     (e.g. ``UniVIPTransform``: view1/view2 uint8 [3,S,S], boxes1/boxes2 float32 [K,4], fallback bool); None yields
     the decoded sample itself. Every output also gets ``__key__`` (str) and ``stats`` (skip/borrow counts since the
@@ -468,7 +466,7 @@ def worker_init(storage_settings: Mapping[str, Any], worker_id: int) -> None:
 
 
 def make_loader(
-    spec: str | Sequence[str],
+    spec: str | reader.Shards | Sequence[str],
     transform: Transform | None = None,
     *,
     batch_size: int,
@@ -486,7 +484,8 @@ def make_loader(
 ) -> tuple[DataLoader, int]:
     """(DataLoader over this rank's batches, steps_per_epoch). ``batch_size`` is per rank.
 
-    spec: directory, brace pattern, glob, manifest.json (local or URL), or a list of tar URLs. Iterate the loader
+    spec: a spec ``reader.resolve`` resolved (its URLs and sample counts), a spec to resolve here (directory, brace
+    pattern, glob, manifest.json, local or URL), or a list of tar URLs (counted by reading). Iterate the loader
     once per epoch; each ``iter()`` is the next epoch (workers are persistent). ``streams`` (default: ``workers`` or
     1) fixes the sample order independently of ``workers``; keep it when resuming with another worker count.
     ``open_kwargs`` go to ``storage.open_stream`` (retries, backoff, timeout, allow_pipe) in every worker, and so
@@ -494,13 +493,11 @@ def make_loader(
     streams = streams or max(1, workers)
     if streams % max(1, workers):
         raise ValueError(f"streams={streams} must be a multiple of workers={workers} (each slot lives in one worker)")
-    if isinstance(spec, str):
-        urls = reader.expand_spec(spec)
-        if not urls:
-            raise FileNotFoundError(f"no shards matched {spec!r}")
-        sizes = reader.shard_sizes(spec)
+    shards = reader.resolve(spec) if isinstance(spec, str) else spec
+    if isinstance(shards, reader.Shards):
+        urls, sizes = list(shards.urls), shards.sizes
     else:
-        urls, sizes = list(spec), None
+        urls, sizes = list(shards), None
         if not urls:
             raise FileNotFoundError("no shards given (empty list)")
     dataset = ShardStream(

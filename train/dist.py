@@ -5,6 +5,7 @@ Only ``torchrun`` is supported: it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADD
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 
@@ -70,11 +71,21 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> torch.device:
 
 
 def teardown() -> None:
-    """Call in ``finally:`` so a failed rank leaves the group instead of leaving it half torn down."""
+    """Call in ``finally:`` so a failed rank leaves the group instead of leaving it half torn down.
+
+    The groups are destroyed here, not at interpreter exit: ``destroy_process_group`` only unregisters a group, and
+    the gloo group's C++ object (with its worker threads) lives on while anything refers to it. A DDP module does
+    (its reducer), and after an exception the traceback's frames keep the model alive in a reference cycle; that
+    cycle was collected only while the interpreter shut down, when a gloo worker thread that still has to free a
+    tensor Python owns cannot take the GIL any more: it is made to exit mid-destructor and the process aborts with
+    "terminate called without an active exception" (exit -6, now and then, under load). Collecting first drops those
+    references while the interpreter is alive, so the last one goes inside ``destroy_process_group``, which joins the
+    group's threads."""
     global _CPU_GROUP
+    _CPU_GROUP = None
+    gc.collect()
     if is_dist():
         dist.destroy_process_group()
-    _CPU_GROUP = None
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

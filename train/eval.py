@@ -55,6 +55,7 @@ import functools
 import hashlib
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -70,6 +71,7 @@ from shards import reader, schema, storage
 from train import checkpoint as ckpt_io
 from train import data
 from train.augment import normalize
+from train.config import default_workers
 from train.model import ARCHS, ResNetEncoder
 from train.views import crop_view, decode_for_crops, image_tensor
 
@@ -165,7 +167,8 @@ class _View:
 
 
 def sample_items(sample: dict[str, Any], view: _View) -> list[tuple[torch.Tensor, int, str]]:
-    """A decoded sample (``reader.decode``) -> its (image uint8 [3, S, S], label, key) items: one, or one per box."""
+    """A valid sample (``shards.reader``: with ``meta``) -> its (image uint8 [3, S, S], label, key) items: one, or one
+    per box. ``schema.InvalidSample`` when its JPEG does not decode to its recorded size; EvalError without a label."""
     meta, key = sample["meta"], sample["__key__"]
     name = f"{storage.redact(sample['__url__'])}: sample {key}"
     label = meta.get("label")
@@ -175,17 +178,12 @@ def sample_items(sample: dict[str, Any], view: _View) -> list[tuple[torch.Tensor
             "writes the class index; prep coco and prep folder write none)"
         )
     width, height = int(meta["width"]), int(meta["height"])
-    try:
-        if not view.boxes:
-            return [
-                (centre_view(sample["jpg"], width, height, size=view.size, resize=view.resize, name=name), label, key)
-            ]
-        boxes = meta["boxes"][: view.max_boxes]
-        if len(boxes) == 0:
-            return []
-        crops = box_views(sample["jpg"], width, height, boxes, size=view.size, name=name)
-    except ValueError as e:  # a corrupt JPEG or one whose size is not the metadata's: the message names the sample
-        raise EvalError(str(e)) from e
+    if not view.boxes:
+        return [(centre_view(sample["jpg"], width, height, size=view.size, resize=view.resize, name=name), label, key)]
+    boxes = meta["boxes"][: view.max_boxes]
+    if len(boxes) == 0:
+        return []
+    crops = box_views(sample["jpg"], width, height, boxes, size=view.size, name=name)
     return [(c, label, f"{key}{_BOX_SEP}{i}") for i, c in enumerate(crops)]
 
 
@@ -197,10 +195,47 @@ class _Failure:
     message: str
 
 
+@dataclass
+class _Skip:
+    """A sample skipped in a worker (it breaks the format's rule), handed to the main process to count and report."""
+
+    url: str
+    reason: str
+    message: str
+
+
+@dataclass
+class _Batch:
+    images: torch.Tensor  # uint8 [B, 3, S, S]
+    labels: torch.Tensor  # int64 [B]
+    keys: list[str]
+    skips: list[_Skip]
+
+
+class Skipped:
+    """Samples an evaluation skipped, by reason (``schema.INVALID_REASONS``), each shard's first one warned about."""
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, int] = {}
+        self._warned: set[str] = set()
+
+    def add(self, skip: _Skip) -> None:
+        self.by_reason[skip.reason] = self.by_reason.get(skip.reason, 0) + 1
+        if skip.url not in self._warned:
+            self._warned.add(skip.url)
+            warnings.warn(
+                f"skipping a bad sample: {skip.message} (further bad samples of {storage.redact(skip.url)} are not "
+                "reported)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
 class _Items(IterableDataset):
-    """(image, label, key) of every sample of ``urls``. Worker w of W reads shards w, w + W, ...; with fewer shards
-    than workers, every worker reads every shard and decodes its samples w, w + W, ... (reading a tar is cheap next
-    to decoding it). The order differs with W; callers sort by key."""
+    """(image, label, key) of every valid sample of ``urls``, and a ``_Skip`` for each invalid one. Worker w of W
+    reads shards w, w + W, ...; with fewer shards than workers, every worker reads every shard and decodes its
+    samples w, w + W, ... (reading a tar is cheap next to decoding it). The order differs with W; callers sort by
+    key."""
 
     def __init__(self, urls: list[str], view: _View, open_kwargs: dict[str, Any]):
         self.urls, self.view, self.open_kwargs = urls, view, open_kwargs
@@ -212,11 +247,19 @@ class _Items(IterableDataset):
         index = 0
         for url in self.urls[w::n] if by_shard else self.urls:
             try:
-                for raw in reader.read_shard(url, **self.open_kwargs):
-                    mine = by_shard or index % n == w
-                    index += 1
-                    if mine:
-                        yield from sample_items(reader.decode(raw), self.view)
+                with storage.open_stream(url, **self.open_kwargs) as stream:
+                    for item in reader.shard_items(stream, url):
+                        mine = by_shard or index % n == w
+                        index += 1
+                        if not mine:
+                            continue
+                        if isinstance(item, reader.Rejected):
+                            yield _Skip(url, item.reason, item.message)
+                            continue
+                        try:
+                            yield from sample_items(item, self.view)
+                        except schema.InvalidSample as e:  # the JPEG: corrupt, or not its recorded size
+                            yield _Skip(url, e.reason, str(e))
             except (EvalError, reader.ShardError) as e:  # their messages name the shard
                 yield _Failure(str(e))
                 return
@@ -226,17 +269,24 @@ class _Items(IterableDataset):
                 return
 
 
-def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]] | _Failure:
+def _collate(items: list) -> _Batch | _Failure:
     for item in items:
         if isinstance(item, _Failure):
             return item
-    images, labels, keys = zip(*items, strict=True)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+    skips = [item for item in items if isinstance(item, _Skip)]
+    good = [item for item in items if not isinstance(item, _Skip)]
+    if not good:
+        return _Batch(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), [], skips)
+    images, labels, keys = zip(*good, strict=True)
+    return _Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys), skips)
 
 
-def _expand(spec: str) -> list[str]:
+def resolve(spec: str, allow_manifest_outside: bool = False) -> reader.Shards:
+    """``reader.resolve`` with its errors as EvalError; sample counts (for the progress bar) only where they cost no
+    request per shard."""
     try:
-        return reader.expand_spec(spec)
+        remote = storage.is_remote(spec) and storage.basename(spec.strip()) != schema.MANIFEST_NAME
+        return reader.resolve(spec, sizes=not remote, allow_manifest_outside=allow_manifest_outside)
     except (reader.SpecError, reader.ShardError) as e:
         raise EvalError(str(e)) from e
     except (OSError, NotImplementedError, ValueError) as e:  # a manifest or listing that cannot be read
@@ -244,24 +294,23 @@ def _expand(spec: str) -> list[str]:
         raise EvalError(str(e) if shown.rstrip("/") in str(e) else f"{shown}: {e}") from e
 
 
-def _known_samples(spec: str) -> int | None:
-    """Samples in the spec from the manifest or local stats files, for the progress bar; None when unknown."""
-    if storage.is_remote(spec) and storage.basename(spec.strip()) != schema.MANIFEST_NAME:
-        return None  # a GET per shard's stats file only for a progress bar's total: not worth the wait
-    try:
-        sizes = reader.shard_sizes(spec)
-    except Exception:  # only a progress bar's total: never fail for it
-        return None
-    return sum(sizes.values()) if sizes else None
-
-
 def _batches(
-    spec: str, view: _View, *, batch_size: int, workers: int, progress: bool, desc: str, pin_memory: bool = False
+    spec: str | reader.Shards,
+    view: _View,
+    *,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    desc: str,
+    pin_memory: bool = False,
+    skipped: Skipped | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """(images uint8 [B, 3, S, S], labels int64 [B], keys) of a spec's items, decoded in ``workers`` processes."""
-    urls = _expand(spec)
+    """(images uint8 [B, 3, S, S], labels int64 [B], keys) of a spec's items, decoded in ``workers`` processes;
+    invalid samples are skipped and go to ``skipped``."""
+    shards = resolve(spec) if isinstance(spec, str) else spec
+    skipped = skipped if skipped is not None else Skipped()
     loader = DataLoader(
-        _Items(urls, view, {"allow_pipe": storage.settings()["allow_pipe"]}),
+        _Items(list(shards.urls), view, {"allow_pipe": storage.settings()["allow_pipe"]}),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -269,7 +318,7 @@ def _batches(
         # one intra-op thread per worker, and the --s3-endpoint setting, whatever the start method
         worker_init_fn=functools.partial(data.worker_init, storage.settings()) if workers else None,
     )
-    total = None if view.boxes else _known_samples(spec)
+    total = None if view.boxes or shards.sizes is None else sum(shards.sizes.values())
     with tqdm(
         total=total,
         desc=desc,
@@ -282,12 +331,15 @@ def _batches(
         for batch in loader:
             if isinstance(batch, _Failure):
                 raise EvalError(batch.message)
-            bar.update(len(batch[2]))
-            yield batch
+            for skip in batch.skips:
+                skipped.add(skip)
+            bar.update(len(batch.keys) + len(batch.skips))
+            if batch.keys:
+                yield batch.images, batch.labels, batch.keys
 
 
 def _gather(
-    spec: str, view: _View, per_batch: Callable[[torch.Tensor], torch.Tensor], **loader_kw
+    spec: str | reader.Shards, view: _View, per_batch: Callable[[torch.Tensor], torch.Tensor], **loader_kw
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(per_batch(images) of every batch, labels, keys), concatenated and sorted by key, so the result does not
     depend on the number of workers. Raises EvalError when the spec holds no sample."""
@@ -297,7 +349,8 @@ def _gather(
         labels.append(y)
         keys += k
     if not keys:
-        raise EvalError(f"{storage.redact(spec)}: no samples" + (" with boxes" if view.boxes else ""))
+        shown = storage.redact(spec if isinstance(spec, str) else spec.spec)
+        raise EvalError(f"{shown}: no samples" + (" with boxes" if view.boxes else ""))
     order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))
     out = torch.cat(parts)
     del parts  # at most two copies of the features at once
@@ -305,7 +358,7 @@ def _gather(
 
 
 def load_labelled(
-    spec: str,
+    spec: str | reader.Shards,
     *,
     size: int,
     boxes: bool = False,
@@ -313,12 +366,14 @@ def load_labelled(
     workers: int = 0,
     progress: bool = False,
     resize: int | None = None,
+    skipped: Skipped | None = None,
 ) -> Labelled:
-    """Every item of a labelled shard spec (anything ``shards.reader.expand_spec`` takes) in memory, sorted by key.
-    For small sets: N x 3 x size x size bytes. ``resize`` defaults to ``default_resize(size)``."""
+    """Every item of a labelled shard spec (anything ``shards.reader.resolve`` takes, or its result) in memory, sorted
+    by key; invalid samples skipped (counted in ``skipped``). For small sets: N x 3 x size x size bytes. ``resize``
+    defaults to ``default_resize(size)``."""
     view = _View(size, resize or default_resize(size), boxes, max_boxes)
     images, labels, keys = _gather(
-        spec, view, lambda x: x, batch_size=64, workers=workers, progress=progress, desc="load"
+        spec, view, lambda x: x, batch_size=64, workers=workers, progress=progress, desc="load", skipped=skipped
     )
     return Labelled(images, labels, keys)
 
@@ -443,7 +498,7 @@ def recompute_bn(
 @torch.no_grad()
 def stream_features(
     encoder: torch.nn.Module,
-    spec: str,
+    spec: str | reader.Shards,
     *,
     device: torch.device,
     size: int,
@@ -454,9 +509,11 @@ def stream_features(
     workers: int = 0,
     progress: bool = False,
     desc: str = "features",
+    skipped: Skipped | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(features float32 [N, C], labels int64 [N], keys) of a labelled shard spec, sorted by key; the shards are
-    streamed and only the features are kept."""
+    """(features float32 [N, C], labels int64 [N], keys) of a labelled shard spec (or its ``reader.resolve``
+    result), sorted by key; the shards are streamed and only the features are kept. Invalid samples are skipped and
+    counted in ``skipped``."""
     view = _View(size, resize or default_resize(size), boxes, max_boxes)
     with _eval_mode(encoder):
         return _gather(
@@ -468,6 +525,7 @@ def stream_features(
             progress=progress,
             desc=desc,
             pin_memory=device.type == "cuda",
+            skipped=skipped,
         )
 
 
@@ -797,13 +855,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-boxes", type=int, metavar="N", help="with --boxes: the first N boxes of a sample (default: all)"
     )
-    g.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding images (default: 4)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(4),
+        help=f"DataLoader processes decoding images (default: 4, or the usable cores: {default_workers(4)} here)",
+    )
     g.add_argument(
         "--s3-endpoint",
         default="",
         help="S3 API endpoint for s3:// data (default: $S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL, else AWS)",
     )
     g.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run a shell command)")
+    g.add_argument(
+        "--allow-manifest-outside",
+        action="store_true",
+        help="follow manifest.json entries outside the manifest's own directory or prefix (absolute paths, '..', "
+        "other URLs); refused otherwise",
+    )
     g = p.add_argument_group("features (streamed: only N x C float32 features stay in memory)")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     g.add_argument(
@@ -911,11 +980,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     encoder: torch.nn.Module = net.to(device)
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
+    specs = [args.data] if args.data else [args.train_data, args.val_data]
+    shards = [resolve(spec, args.allow_manifest_outside) for spec in specs]  # each spec resolved once, both first
+    skipped = Skipped()
     if args.recompute_bn:  # one more pass over the train split's images, before any feature is taken
         est = BNEstimate(encoder, device)
         view = _View(args.size, args.resize, args.boxes, args.max_boxes)
         loader_kw = dict(batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
-        for images, _, keys in _batches(args.data or args.train_data, view, desc="BatchNorm statistics", **loader_kw):
+        # the BN pass's skips are the feature pass's too: count them there only
+        for images, _, keys in _batches(shards[0], view, desc="BatchNorm statistics", **loader_kw):
             est.add(images[~in_val(keys, args.val_fraction)] if args.data else images)
         encoder = est.result()
     features = functools.partial(
@@ -929,15 +1002,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         workers=args.workers,
         progress=not args.no_progress,
+        skipped=skipped,
     )
     if args.data:
-        f, y, keys = features(args.data)
+        f, y, keys = features(shards[0])
         val = in_val(keys, args.val_fraction)
         _check_split(int((~val).sum()), int(val.sum()), args.val_fraction)
         train_f, train_y, val_f, val_y = f[~val], y[~val], f[val], y[val]
     else:
-        train_f, train_y, _ = features(args.train_data, desc="train")
-        val_f, val_y, _ = features(args.val_data, desc="val")
+        train_f, train_y, _ = features(shards[0], desc="train")
+        val_f, val_y, _ = features(shards[1], desc="val")
     result = classify(
         train_f,
         train_y,
@@ -971,7 +1045,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     }
     settings.update(device=str(device), knn=not args.no_knn, linear=not args.no_linear)
-    return {**result, "model": loaded, "settings": settings}
+    return {**result, "model": loaded, "settings": settings, "samples_skipped": dict(sorted(skipped.by_reason.items()))}
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -985,8 +1059,11 @@ def summary(result: dict[str, Any]) -> str:
     else:
         model = f"{m['arch']} random-init seed {m['seed']}"
     boxes = " box crops" if result["settings"]["boxes"] else ""
+    skipped = result.get("samples_skipped") or {}
+    bad = f" | {sum(skipped.values())} bad samples skipped ({', '.join(f'{r} {n}' for r, n in skipped.items())})"
     return (
         f"{scores} | {model} | train {result['n_train']} val {result['n_val']}{boxes} | {result['n_classes']} classes"
+        + (bad if skipped else "")
     )
 
 

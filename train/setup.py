@@ -5,7 +5,6 @@ benchmark times the trainer's own model, optimizer and step."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,16 +44,11 @@ def build_loader(
     # process-wide storage settings; make_loader hands them to its worker processes
     storage.configure(endpoint_url=cfg.s3_endpoint or None, allow_pipe=cfg.allow_pipe)
     try:
-        urls = reader.expand_spec(cfg.data)
-        local = [u for u in urls if storage.scheme(u) == "file"]
-        if local and not any(os.path.exists(storage.local_path(u)) for u in local):
-            # a brace pattern expands without looking at the disk: none of its files exists
-            raise TrainError(f"no shards matched {cfg.data!r}: none of the {len(local)} paths it names exists")
-        if not cfg.allow_pipe and any(storage.scheme(u) == "pipe" for u in urls):
-            # refused here, not per shard: under the default 'skip' each would only be warned about and skipped
-            raise TrainError(f"{cfg.data!r}: pipe: URLs run a shell command; pass --allow-pipe to use them")
+        shards = reader.resolve(
+            cfg.data, allow_manifest_outside=cfg.allow_manifest_outside, allow_pipe=cfg.allow_pipe
+        )  # the manifest read, or the prefix listed, once: the loader takes its URLs and counts
         return data.make_loader(
-            cfg.data,
+            shards,
             UniVIPTransform(view_config(cfg)),
             batch_size=cfg.per_rank_batch(world),
             workers=cfg.workers,
@@ -69,7 +63,7 @@ def build_loader(
             open_kwargs={"allow_pipe": cfg.allow_pipe},
             verify_images=cfg.verify_images,
         )
-    except (reader.SpecError, data.BadShardError) as e:
+    except (reader.SpecError, reader.ShardError, data.BadShardError) as e:
         raise TrainError(str(e)) from e
     except (OSError, NotImplementedError) as e:
         # the manifest, listing or stats files could not be read (missing, access denied, retries exhausted) or the

@@ -262,14 +262,17 @@ def draft_factor(width: int, height: int, targets: list[tuple[np.ndarray, int]])
 
 
 def open_image(jpeg: bytes, width: int, height: int, name: str = "sample") -> Image.Image:
-    """PIL's lazy open (header only, nothing decoded yet). Raises ValueError naming ``name`` when the bytes are not
-    an image or the image's size differs from the metadata's (the crops would then be wrong)."""
+    """PIL's lazy open (header only, nothing decoded yet). Raises ``schema.InvalidSample`` (``bad_image``, a
+    ValueError) naming ``name`` when the bytes are not an image or the image's size differs from the metadata's (the
+    crops would then be wrong): a sample every reader skips."""
     try:
         img = Image.open(io.BytesIO(jpeg))
     except Exception as e:  # PIL raises several types for bad data
-        raise ValueError(f"{name}: cannot open the JPEG ({e})") from e
-    if img.size != (width, height):
-        raise ValueError(f"{name}: JPEG is {img.size[0]}x{img.size[1]} but its metadata says {width}x{height}")
+        raise schema.InvalidSample("bad_image", f"{name}: cannot open the JPEG ({e})") from e
+    try:
+        schema.check_image_size({"width": width, "height": height}, img.size)
+    except schema.InvalidSample as e:
+        raise schema.InvalidSample(e.reason, f"{name}: {e}") from None
     return img
 
 
@@ -282,9 +285,9 @@ def decode_for_crops(
     name: str = "sample",
 ) -> tuple[Image.Image, int]:
     """Decode ``jpeg`` with PIL as RGB, at 1/d scale when ``draft_factor`` allows it for every ``(box, output
-    side)`` target -> ``(image, d)``; image-pixel coordinates divide by d. Raises ValueError naming ``name`` when the
-    JPEG's size differs from the metadata's or its data is corrupt. (``train.eval``'s decoder, and ``decode_array``'s
-    for what OpenCV is not given.)"""
+    side)`` target -> ``(image, d)``; image-pixel coordinates divide by d. Raises ``schema.InvalidSample`` naming
+    ``name`` when the JPEG's size differs from the metadata's or its data is corrupt. (``train.eval``'s decoder, and
+    ``decode_array``'s for what OpenCV is not given.)"""
     img = open_image(jpeg, width, height, name)
     d = draft_factor(width, height, targets) if draft else 1
     if d > 1 and img.format == "JPEG":
@@ -296,7 +299,7 @@ def decode_for_crops(
     try:
         img.load()
     except Exception as e:
-        raise ValueError(f"{name}: JPEG data is corrupt ({e})") from e
+        raise schema.InvalidSample("bad_image", f"{name}: JPEG data is corrupt ({e})") from e
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img, d
@@ -335,7 +338,9 @@ def decode_array(
     if img.format == "JPEG" and img.mode in _DEVICE_MODES and jpeg.endswith(_JPEG_EOI):
         arr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), _IMREAD_RGB | _IMREAD_SCALE[d])
         if arr is None or arr.shape != (-(-height // d), -(-width // d), 3):
-            raise ValueError(f"{name}: JPEG data is corrupt (OpenCV could not decode it at 1/{d} scale)")
+            raise schema.InvalidSample(
+                "bad_image", f"{name}: JPEG data is corrupt (OpenCV could not decode it at 1/{d} scale)"
+            )
         return arr, d
     pil, d = decode_for_crops(jpeg, width, height, targets, draft, name)
     return np.array(pil), d  # a writable copy: torch's resize wraps it without a read-only warning
@@ -591,7 +596,7 @@ def device_jpeg(jpeg: bytes, width: int, height: int, name: str = "sample") -> t
         try:
             rgb = img.convert("RGB")
         except Exception as e:
-            raise ValueError(f"{name}: image data is corrupt ({e})") from e
+            raise schema.InvalidSample("bad_image", f"{name}: image data is corrupt ({e})") from e
         buf = io.BytesIO()
         rgb.save(buf, "JPEG", quality=95)
         jpeg = buf.getvalue()

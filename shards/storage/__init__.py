@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from shards.storage import http, local, pipe, s3
-from shards.storage.config import ALLOW_PIPE_ENV, configure, endpoint_url, settings
+from shards.storage.config import ALLOW_PIPE_ENV, configure, endpoint_url, pipe_allowed, settings
 from shards.storage.local import atomic_file, sync, temp_file, temp_target
 from shards.storage.streams import STREAM_BUFFER, StreamError, open_resuming
 from shards.storage.urls import basename, is_remote, join, local_path, parent, redact, scheme
@@ -48,6 +48,7 @@ __all__ = [
     "makedirs",
     "open_stream",
     "parent",
+    "pipe_allowed",
     "put_file",
     "read_bytes",
     "redact",
