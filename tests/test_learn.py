@@ -17,6 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import learn  # noqa: E402  (bench/learn.py)
 import probes  # noqa: E402  (bench/probes.py)
 import scenes  # noqa: E402  (bench/scenes.py)
 
@@ -73,6 +74,30 @@ def test_retrieval_top1_counts_partners_found_first():
 
 
 @pytest.mark.slow
+def test_targets_compare_means_with_the_larger_seed_spread():
+    def row(method, seed, knn, linear, curve=()):
+        return dict(method=method, seed=seed, knn_top1=knn, linear_top1=linear, knn_curve=list(curve))
+
+    results = [
+        row("random-init", 0, 0.50, 0.40),
+        row("random-init", 1, 0.52, 0.42),
+        row("reference", 0, 0.60, 0.50, [(250, 0.55), (500, 0.60)]),
+        row("reference", 1, 0.62, 0.52, [(250, 0.57), (500, 0.62)]),
+        row("byol", 0, 0.605, 0.56, [(250, 0.50), (500, 0.61)]),
+        row("byol", 1, 0.625, 0.58, [(250, 0.50)]),  # no point at 500: the mean there is of seed 0 alone
+        row("univip", 0, 0.63, 0.62),
+        row("univip", 1, 0.66, 0.60),
+    ]
+    lines = learn.targets(results, ["reference", "byol", "univip"])
+    assert "BYOL - random-init, knn: +10.5 points (target >= +5)" in lines
+    assert "ours (byol) - reference, knn: +0.5 points, seed spread ±1.0: within" in lines
+    assert "ours (byol) - reference, linear: +6.0 points, seed spread ±1.0: OUTSIDE" in lines
+    assert "univip - BYOL, knn: +3.0 points, seed spread ±1.5: ahead by more than the spread" in lines
+    assert "univip - BYOL, linear: +4.0 points, seed spread ±1.0: ahead by more than the spread" in lines
+    assert "ours (byol) - reference, kNN at step 250: -6.0 points, seed spread ±1.0: OUTSIDE" in lines
+    assert "ours (byol) - reference, kNN at step 500: +0.0 points, seed spread ±1.0: within" in lines
+
+
 def test_quick_learning_benchmark(tmp_path):
     work = tmp_path / "learn"
     methods = ["reference", "byol", "univip", "univip-no-ot"]
