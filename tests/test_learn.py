@@ -96,6 +96,8 @@ def test_targets_compare_means_with_the_larger_seed_spread():
     assert "univip - BYOL, linear: +4.0 points, seed spread ±1.0: ahead by more than the spread" in lines
     assert "ours (byol) - reference, kNN at step 250: -6.0 points, seed spread ±1.0: OUTSIDE" in lines
     assert "ours (byol) - reference, kNN at step 500: +0.0 points, seed spread ±1.0: within" in lines
+    one = learn.targets([r for r in results if r["seed"] == 0], ["reference", "byol"])
+    assert "ours (byol) - reference, knn: +0.5 points, seed spread ±0.0: one seed each: no spread to judge by" in one
 
 
 def test_quick_learning_benchmark(tmp_path):
