@@ -28,9 +28,9 @@ discrimination on purpose). Modes (``--mode``):
   calibrated so that the whole run fits ``--budget-s``.
 
     python bench/learn.py --quick                                          # CPU pipeline check, a few minutes
-    python bench/learn.py --mode cpu --seeds 0 1 --work learn_cpu          # the CPU table (~85 min, 2 cores)
+    python bench/learn.py --mode cpu --seeds 0 1 --work learn_cpu          # the CPU table (~65 min, 2 cores)
     python bench/learn.py --mode cpu --set shape --seeds 0 --methods reference byol univip univip-no-ot \\
-        --work learn_cpu_shape                                              # the second command (~50 min)
+        --work learn_cpu_shape                                              # the second command (~46 min)
     python bench/learn.py --mode gpu --prepare-only --work learn_data      # here: data for the GPU run
     bash bench/gpu_learn.sh learn_data                                     # there
 
