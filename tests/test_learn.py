@@ -73,7 +73,6 @@ def test_retrieval_top1_counts_partners_found_first():
     assert probes.parse_encoder("x=runs/a/backbone.pth")[1] == {"export": "runs/a/backbone.pth"}
 
 
-@pytest.mark.slow
 def test_targets_compare_means_with_the_larger_seed_spread():
     def row(method, seed, knn, linear, curve=()):
         return dict(method=method, seed=seed, knn_top1=knn, linear_top1=linear, knn_curve=list(curve))
@@ -100,6 +99,7 @@ def test_targets_compare_means_with_the_larger_seed_spread():
     assert "ours (byol) - reference, knn: +0.5 points, seed spread ±0.0: one seed each: no spread to judge by" in one
 
 
+@pytest.mark.slow
 def test_quick_learning_benchmark(tmp_path):
     work = tmp_path / "learn"
     methods = ["reference", "byol", "univip", "univip-no-ot"]
